@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny image folders and checkpoints made on the fly."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from zipcli.bn import reset_batchnorm
+from zipcli.calibration import calibration_stream
+from zipcli.merged import build_model
+from zipcli.specs import Preprocess, load_spec
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+ZOO = SHARED / "zoo"
+CIFAR = SHARED / "datasets" / "cifar10"
+needs_shared = pytest.mark.skipif(not ZOO.is_dir() or not CIFAR.is_dir(), reason="../shared (zoo, CIFAR-10) absent")
+
+
+def make_images(folder: Path, n: int, size: int = 32, seed: int = 0, classes: list[str] | None = None) -> Path:
+    """Random RGB PNGs (smooth noise, so features are correlated and not dead)."""
+    rng = np.random.default_rng(seed)
+    classes = classes or ["img"]
+    for i in range(n):
+        sub = folder / classes[i % len(classes)]
+        sub.mkdir(parents=True, exist_ok=True)
+        low = rng.uniform(0, 255, (4, 4, 3))
+        img = Image.fromarray(low.astype(np.uint8)).resize((size, size), Image.BILINEAR)
+        arr = np.clip(np.asarray(img, dtype=np.float64) + rng.normal(0, 20, (size, size, 3)), 0, 255)
+        Image.fromarray(arr.astype(np.uint8)).save(sub / f"{i:04d}.png")
+    return folder
+
+
+def small_spec(name: str, size: int | None = None):
+    """A built-in spec with a smaller input (fast tests of the big torchvision models)."""
+    spec = load_spec(name)
+    if size is None:
+        return spec
+    return dataclasses.replace(spec, input=Preprocess(size, None, spec.input.mean, spec.input.std))
+
+
+def save_checkpoint(path: Path, state: dict, classes: list[str] | None = None) -> Path:
+    torch.save(state, path)
+    if classes is not None:
+        path.with_suffix(".json").write_text(json.dumps({"classes": classes}))
+    return path
+
+
+def random_model(spec, num_classes: int, seed: int, calib: Path | None = None):
+    """A model with random weights and, like a trained one, BatchNorm statistics measured on data.
+
+    (With statistics unrelated to the data, many channels are dead on it, and
+    dead channels carry no information to match them by.)
+    """
+    torch.manual_seed(seed)
+    model = build_model(spec, num_classes)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    if calib is not None:
+        reset_batchnorm(model, calibration_stream(calib, spec.input, 64, 0, 16).batches())
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def calib32(tmp_path_factory) -> Path:
+    return make_images(tmp_path_factory.mktemp("calib32"), 24, 32)
+
+
+@pytest.fixture(scope="session")
+def calib64(tmp_path_factory) -> Path:
+    return make_images(tmp_path_factory.mktemp("calib64"), 12, 64)

@@ -1,0 +1,172 @@
+"""The CLI end to end: merge, inspect, eval; exit codes, stdout vs stderr, files."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from zipcli import load_merged
+from zipcli.cli import app
+from zipcli.inspection import count_macs
+from zipcli.merged import build_model, read_metadata
+
+from conftest import CIFAR, ZOO, make_images, needs_shared, random_model, save_checkpoint, small_spec
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Two random ResNet-20s on disjoint 'tasks', labelled images, calibration images."""
+    root = tmp_path_factory.mktemp("tiny")
+    spec = small_spec("resnet20")
+    data = make_images(root / "data", 40, 32, seed=4, classes=["a0", "a1", "b0", "b1", "b2", "zz"])
+    calib = make_images(root / "calib", 16, 32, seed=5)
+    a = save_checkpoint(root / "A.pt", random_model(spec, 2, 1, calib).state_dict(), ["a0", "a1"])
+    b = save_checkpoint(root / "B.pt", random_model(spec, 3, 2, calib).state_dict(), ["b0", "b1", "b2"])
+    return {"root": root, "a": a, "b": b, "calib": calib, "data": data}
+
+
+def _merge(tiny, out, *extra):
+    return runner.invoke(app, ["merge", str(tiny["a"]), str(tiny["b"]), "--arch", "resnet20", "--calib",
+                               str(tiny["calib"]), "-o", str(out), "--quiet", *extra])
+
+
+def test_merge_writes_a_loadable_file_with_metadata(tiny, tmp_path):
+    out = tmp_path / "m.safetensors"
+    r = _merge(tiny, out, "--stop", "layer2", "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["stop"] == "layer2" and [h["name"] for h in summary["heads"]] == ["A", "B"]
+    meta = read_metadata(out)
+    for key in ("format", "zipit_version", "spec", "spec_name", "stop", "method", "params", "calibration",
+                "sources", "heads", "spaces"):
+        assert key in meta, key
+    sources = json.loads(meta["sources"])
+    assert sources[0]["classes"] == ["a0", "a1"] and len(sources[0]["sha256"]) == 64
+    tensors = load_file(str(out))
+    assert any(k.startswith("trunk.") for k in tensors) and any(k.startswith("heads.1.") for k in tensors)
+    model = load_merged(out)
+    logits = model(torch.randn(3, 3, 32, 32))
+    assert [t.shape for t in logits] == [(3, 2), (3, 3)]
+    assert [h.classes for h in model.heads] == [["a0", "a1"], ["b0", "b1", "b2"]]
+    assert not model.training
+
+
+def test_merge_refuses_to_overwrite_and_leaves_no_temporary(tiny, tmp_path):
+    out = tmp_path / "m.safetensors"
+    out.write_bytes(b"previous")
+    r = _merge(tiny, out)
+    assert r.exit_code == 2 and "--force" in r.output
+    assert out.read_bytes() == b"previous"
+    assert _merge(tiny, out, "--force").exit_code == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def test_merge_is_deterministic(tiny, tmp_path):
+    first, second = tmp_path / "1.safetensors", tmp_path / "2.safetensors"
+    assert _merge(tiny, first, "--seed", "3", "--num-calib", "10").exit_code == 0
+    assert _merge(tiny, second, "--seed", "3", "--num-calib", "10").exit_code == 0
+    assert first.read_bytes() == second.read_bytes()
+
+
+@pytest.mark.parametrize("args, culprit", [
+    (["--method", "nope"], "--method"),
+    (["--stop", "layer9"], "layer9"),
+    (["--alpha", "2"], "--alpha"),
+    (["--classes", "x,y"], "--classes"),
+])
+def test_bad_options_give_one_line_and_exit_2(tiny, tmp_path, args, culprit):
+    out = tmp_path / "m.safetensors"
+    r = _merge(tiny, out, *args)
+    assert r.exit_code == 2 and culprit in r.output and "Traceback" not in r.output
+    assert not out.exists()
+
+
+def test_inspect_counts_parameters_and_macs(tiny, tmp_path):
+    out = tmp_path / "m.safetensors"
+    assert _merge(tiny, out, "--stop", "layer1").exit_code == 0
+    r = runner.invoke(app, ["inspect", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    facts = json.loads(r.stdout)
+    model = load_merged(out)
+    trunk = sum(p.numel() for p in model.trunk.parameters())
+    assert facts["parameters"]["trunk"] == trunk
+    assert facts["parameters"]["total"] == sum(p.numel() for p in model.parameters())
+    spec = small_spec("resnet20")
+    sources = [build_model(spec, 2), build_model(spec, 3)]
+    assert facts["parameters"]["sources_total"] == sum(p.numel() for m in sources for p in m.parameters())
+    assert facts["macs"]["sources_total"] == sum(count_macs(m, 32) for m in sources)
+    assert facts["macs"]["merged"] < facts["macs"]["sources_total"]
+    assert [s["space"] for s in facts["spaces"]][:1] == ["layer1.stream"]
+    human = runner.invoke(app, ["inspect", str(out)])
+    assert human.exit_code == 0 and "layer1.stream" in human.stdout
+
+
+def test_count_macs_by_hand():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 5))
+    # conv: 4*8*8 outputs x 3*3*3 taps; linear: 5 outputs x 256 inputs
+    assert count_macs(net, 8) == 4 * 64 * 27 + 5 * 256
+
+
+def test_inspect_plain_checkpoint_names_its_spec(tiny):
+    r = runner.invoke(app, ["inspect", str(tiny["a"]), "--json"])
+    assert r.exit_code == 0
+    facts = json.loads(r.stdout)
+    assert facts["matching_specs"] == ["resnet20"] and facts["kind"] == "checkpoint"
+
+
+def test_eval_matches_an_independent_computation(tiny, tmp_path):
+    out = tmp_path / "m.safetensors"
+    assert _merge(tiny, out, "--stop", "layer2").exit_code == 0
+    r = runner.invoke(app, ["eval", str(out), "--data", str(tiny["data"]), "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)["results"][0]
+    from zipcli.calibration import decode
+    model = load_merged(out)
+    heads = [(["a0", "a1"]), (["b0", "b1", "b2"])]
+    correct, seen, joint_ok, joint_n = [0, 0], [0, 0], 0, 0
+    for folder in sorted(tiny["data"].iterdir()):
+        for f in sorted(folder.iterdir()):
+            with torch.no_grad():
+                logits = model(decode(f, model.spec.input)[None])
+            label = folder.name
+            for h, classes in enumerate(heads):
+                if label in classes:
+                    seen[h] += 1
+                    correct[h] += int(logits[h][0].argmax()) == classes.index(label)
+            if label != "zz":
+                joint_n += 1
+                probs = torch.cat([l.softmax(1) for l in logits], 1)[0]
+                joint_ok += (heads[0] + heads[1])[int(probs.argmax())] == label
+    assert [h["accuracy"] for h in res["heads"]] == [c / s for c, s in zip(correct, seen)]
+    assert res["joint"] == joint_ok / joint_n and res["unknown_class_images"] == 40 // 6 + (40 % 6 > 5)
+
+
+def test_eval_exit_codes(tiny, tmp_path):
+    out = tmp_path / "m.safetensors"
+    assert _merge(tiny, out).exit_code == 0
+    ok = runner.invoke(app, ["eval", str(out), "--data", str(tiny["data"]), "--min-avg", "0"])
+    assert ok.exit_code == 0
+    low = runner.invoke(app, ["eval", str(out), "--data", str(tiny["data"]), "--min-joint", "1.0", "--json"])
+    assert low.exit_code == 1 and json.loads(low.stdout)["passed"] is False
+    bad = runner.invoke(app, ["eval", str(out), "--data", str(tmp_path / "nowhere")])
+    assert bad.exit_code == 2 and "nowhere" in bad.output
+    other = make_images(tmp_path / "other", 3, 32, classes=["cats"])
+    none = runner.invoke(app, ["eval", str(out), "--data", str(other)])
+    assert none.exit_code == 2 and "no class folder" in none.output
+
+
+@needs_shared
+def test_zoo_pair_end_to_end(tmp_path):
+    out = tmp_path / "zoo.safetensors"
+    r = runner.invoke(app, ["merge", str(ZOO / "r20x1_c10a_s1.pt"), str(ZOO / "r20x1_c10b_s2.pt"), "--arch",
+                            "resnet20", "--calib", str(CIFAR / "train"), "--num-calib", "256", "--stop", "layer2",
+                            "-o", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    e = runner.invoke(app, ["eval", str(out), "--data", str(CIFAR / "test"), "--limit", "40", "--json"])
+    res = json.loads(e.stdout)["results"][0]
+    assert res["heads"][0]["name"] == "r20x1_c10a_s1" and res["avg_task"] > 0.7 and res["joint"] > 0.5

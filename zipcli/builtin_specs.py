@@ -1,0 +1,47 @@
+"""The recipes of the built-in specs: how each YAML in ``specs/`` is generated.
+
+``python -m zipcli.builtin_specs`` rewrites them; a test checks the files on disk
+are exactly what the tracer produces now.
+"""
+from __future__ import annotations
+
+CIFAR = {"size": 32, "resize": None, "mean": [0.4914, 0.4822, 0.4465], "std": [0.247, 0.2435, 0.2616]}
+IMAGENET = {"size": 224, "resize": 256, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+RECIPES = {
+    **{
+        f"resnet20{'' if w == 1 else f'x{w}'}": dict(
+            builder="zipcli.models:cifar_resnet20", kwargs={"width": w}, preprocess=CIFAR,
+            stops=["layer1", "layer2", "layer3"],
+            description=f"CIFAR ResNet-20, width x{w} (16w/32w/64w channels, 3x3 projection shortcuts)",
+        )
+        for w in (1, 2, 4, 8)
+    },
+    **{
+        name: dict(builder=f"torchvision.models:{name}", kwargs={}, preprocess=IMAGENET,
+                   stops=["layer1", "layer2", "layer3", "layer4"], description=f"torchvision {name}")
+        for name in ("resnet18", "resnet50")
+    },
+}
+
+
+def generate(name: str) -> str:
+    from .tracing import dump_spec, spec_document
+
+    r = RECIPES[name]
+    doc = spec_document(name, r["builder"], r["kwargs"], r["preprocess"], description=r["description"],
+                        stops=r["stops"])
+    return dump_spec(doc)
+
+
+def main() -> None:
+    from .specs import SPECS_DIR
+
+    SPECS_DIR.mkdir(exist_ok=True)
+    for name in RECIPES:
+        (SPECS_DIR / f"{name}.yaml").write_text(generate(name), encoding="utf-8")
+        print(f"wrote {SPECS_DIR / (name + '.yaml')}")
+
+
+if __name__ == "__main__":
+    main()

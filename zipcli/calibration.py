@@ -1,0 +1,136 @@
+"""Image folders -> a deterministic stream of preprocessed batches.
+
+Files are listed (recursively, sorted) and sampled with a seed; images are
+decoded one batch at a time, so a folder is never held in memory.
+"""
+from __future__ import annotations
+
+import random
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .errors import CalibrationError
+from .specs import Preprocess
+
+Image.MAX_IMAGE_PIXELS = 20000 * 20000  # large but bounded: bigger files are refused as bombs
+IMAGE_SUFFIXES = {s.lower() for s, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+def list_images(root: str | Path) -> list[Path]:
+    root = Path(root)
+    if not root.is_dir():
+        raise CalibrationError(f"image folder {str(root)!r} does not exist or is not a folder", "check the path")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise CalibrationError(f"image folder {str(root)!r} holds no images",
+                               f"put images ({', '.join(sorted(IMAGE_SUFFIXES)[:6])}, ...) in it, in any sub-folders")
+    return files
+
+
+def sample_images(files: list[Path], n: int, seed: int) -> list[Path]:
+    """``n`` files drawn at random with ``seed`` (all of them, in order, if fewer)."""
+    if n >= len(files):
+        return list(files)
+    picked = random.Random(seed).sample(range(len(files)), n)
+    return [files[i] for i in sorted(picked)]
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any mode PIL reads -> 8-bit RGB (16-bit and float images are rescaled, alpha dropped)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
+        img = Image.fromarray(arr.round().astype(np.uint8), mode="L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("RGB")
+
+
+def decode(path: Path, pre: Preprocess) -> torch.Tensor:
+    """Read one image as a normalised ``[3, size, size]`` float tensor."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            img.draft("RGB", (pre.size * 2, pre.size * 2)) if pre.resize else None
+            img = _to_rgb(img)
+            img.load()
+    if pre.resize is not None:
+        w, h = img.size
+        scale = pre.resize / min(w, h)
+        if scale != 1:
+            img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+    w, h = img.size
+    if w < pre.size or h < pre.size:
+        img = img.resize((max(w, pre.size), max(h, pre.size)), Image.BILINEAR)
+        w, h = img.size
+    left, top = (w - pre.size) // 2, (h - pre.size) // 2
+    img = img.crop((left, top, left + pre.size, top + pre.size))
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+    mean = torch.tensor(pre.mean).view(3, 1, 1)
+    std = torch.tensor(pre.std).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random crop with zero padding of size/8 and a random horizontal flip (the training recipe)."""
+    _, h, w = x.shape
+    pad = max(1, h // 8)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    i, j = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,), generator=gen))
+    out = padded[:, i:i + h, j:j + w]
+    if torch.rand((), generator=gen) < 0.5:
+        out = out.flip(2)
+    return out
+
+
+@dataclass
+class ImageStream:
+    """The calibration set: which files, how to read them, and what was skipped."""
+
+    files: list[Path]
+    preprocess: Preprocess
+    batch_size: int = 64
+    augment: bool = False
+    seed: int = 0
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def batches(self) -> Iterator[torch.Tensor]:
+        """Yield ``[B, 3, S, S]`` batches; unreadable images are skipped and recorded once."""
+        gen = torch.Generator().manual_seed(self.seed)
+        known_bad = {p for p, _ in self.skipped}
+        batch = []
+        for path in self.files:
+            if path in known_bad:
+                continue
+            try:
+                x = decode(path, self.preprocess)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+                    Image.DecompressionBombWarning) as exc:
+                self.skipped.append((path, f"{exc.__class__.__name__}: {exc}"[:200]))
+                known_bad.add(path)
+                continue
+            batch.append(augment(x, gen) if self.augment else x)
+            if len(batch) == self.batch_size:
+                yield torch.stack(batch)
+                batch = []
+        if batch:
+            yield torch.stack(batch)
+
+
+def calibration_stream(folder: str | Path, preprocess: Preprocess, num: int, seed: int,
+                       batch_size: int, augment: bool = False) -> ImageStream:
+    files = sample_images(list_images(folder), num, seed)
+    return ImageStream(files, preprocess, batch_size=batch_size, augment=augment, seed=seed)

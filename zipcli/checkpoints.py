@@ -1,0 +1,142 @@
+"""Checkpoint files -> checked state dicts with a name, a sha256 and class names.
+
+Pickles are only ever read with ``weights_only=True``: a checkpoint that would
+run code is refused, never loaded unsafely.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .errors import CheckpointError
+
+PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    state_dict: dict[str, torch.Tensor]
+    sha256: str
+    classes: list[str] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise CheckpointError(f"{path}: not a state dict of tensors",
+                              "save the model with torch.save(model.state_dict(), path)")
+    out = {}
+    for key, value in obj.items():
+        for prefix in PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file", "check the path")
+    if path.suffix == ".safetensors":
+        try:
+            return _unwrap(load_file(str(path)), path)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})",
+                                  "the file may be truncated or corrupt; download or export it again") from None
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise CheckpointError(
+                f"{path}: refused, the pickle would import or run code ({str(exc).splitlines()[0][:160]})",
+                "zipit never loads such files; convert it where you trust it: "
+                "safetensors.torch.save_file(model.state_dict(), 'model.safetensors')") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({exc})",
+                              "the file may be truncated or corrupt") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError,
+            IndexError, UnicodeDecodeError, MemoryError, OverflowError) as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({exc.__class__.__name__}: {str(exc)[:160]})",
+                              "the file may be truncated or corrupt; save it again with torch.save") from None
+    return _unwrap(obj, path)
+
+
+def sidecar_classes(path: Path) -> list[str] | None:
+    """Classes from a JSON sidecar with the checkpoint's stem (``a.pt`` -> ``a.json``)."""
+    side = path.with_suffix(".json")
+    if not side.is_file():
+        return None
+    try:
+        data = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{side}: sidecar is not valid JSON ({exc})", "fix or remove the sidecar") from None
+    classes = data.get("classes") if isinstance(data, dict) else None
+    if classes is None:
+        return None
+    if not isinstance(classes, list) or not all(isinstance(c, str) and c for c in classes):
+        raise CheckpointError(f"{side}: 'classes' must be a list of names", "fix or remove the sidecar")
+    return classes
+
+
+def parse_classes(value: str) -> list[str]:
+    """``--classes``: a comma-separated list, or a text file with one class per line."""
+    path = Path(value)
+    if path.is_file():
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        names = [c.strip() for c in value.split(",") if c.strip()]
+    if not names:
+        raise CheckpointError(f"--classes {value!r} holds no class names",
+                              "give a comma-separated list or a file with one class per line")
+    return names
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    sd = read_state_dict(path)
+    for key, t in sd.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{path}: tensor {key!r} contains NaN or Inf", "the checkpoint is damaged")
+    return Checkpoint(path=path, state_dict=sd, sha256=sha256_of(path), classes=sidecar_classes(path))
+
+
+def check_against(ckpt: Checkpoint, expected: dict[str, torch.Tensor]) -> None:
+    """Report every missing, unexpected and mis-shaped tensor at once."""
+    sd = ckpt.state_dict
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    shapes = [f"{k} {list(sd[k].shape)} (expected {list(expected[k].shape)})"
+              for k in expected if k in sd and sd[k].shape != expected[k].shape]
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
+        if items:
+            more = f" and {len(items) - 5} more" if len(items) > 5 else ""
+            problems.append(f"{label}: {', '.join(items[:5])}{more}")
+    if problems:
+        raise CheckpointError(f"{ckpt.path}: does not match the architecture; " + "; ".join(problems),
+                              "check --arch/--spec (width, depth) against the checkpoint")

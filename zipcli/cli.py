@@ -1,0 +1,264 @@
+"""The ``zipit`` command: parse, call the library, render. No merging logic lives here."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from . import __version__
+from .checkpoints import parse_classes
+from .console import RichReporter, err, print_json, user_errors
+from .errors import ZipitError
+from .matching import METHODS
+from .pipeline import MergeOptions, merge
+from .specs import builtin_spec_names, load_spec
+
+app = typer.Typer(
+    help="Merge models trained on different tasks into one multi-head model, without training (ZipIt!).",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+DEBUG = typer.Option(False, "--debug", help="Show Python tracebacks for errors.")
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr.")
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"zipit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the version and exit.")):
+    """zipit merges checkpoints of one architecture, trained on different tasks from different
+    initialisations, into one model with a shared trunk and one head per task.
+
+    Exit codes: 0 success, 1 internal error (or an eval below its bar), 2 bad invocation or input.
+    """
+
+
+@app.command("merge")
+def merge_cmd(
+    checkpoints: List[Path] = typer.Argument(..., help="Two or more checkpoints (.pt, .pth, .safetensors).",
+                                              show_default=False),
+    calib: Path = typer.Option(..., "--calib", help="Folder of calibration images, read recursively "
+                               "(labels are not used; the train split of the tasks is ideal)."),
+    output: Path = typer.Option(Path("merged.safetensors"), "--output", "-o", help="Merged file to write."),
+    arch: Optional[str] = typer.Option(None, "--arch", help=f"Built-in architecture: {', '.join(builtin_spec_names())}."),
+    spec: Optional[Path] = typer.Option(None, "--spec", help="Your own architecture spec (YAML) instead of --arch."),
+    stop: Optional[str] = typer.Option(None, "--stop", help="Share layers up to and including this stage; later "
+                                       "layers become one head per model. Default: all but the classifiers. "
+                                       "'output' also merges the classifiers (identical classes only)."),
+    method: str = typer.Option("zipit", "--method", help=f"Matching: {', '.join(METHODS)}."),
+    alpha: float = typer.Option(0.3, "--alpha", help="zipit: weight of an already merged feature's correlations "
+                                "(repeated matching), in [0, 1]."),
+    beta: float = typer.Option(0.125, "--beta", help="zipit: share of merges allowed within one model, in [0, 1]."),
+    num_calib: int = typer.Option(512, "--num-calib", help="Calibration images to sample (all if fewer)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for sampling and augmentation."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
+    augment: bool = typer.Option(False, "--augment", help="Random crop and flip on calibration images."),
+    reset_bn: bool = typer.Option(True, "--reset-bn/--no-reset-bn", help="Recompute BatchNorm statistics after merging."),
+    classes: Optional[List[str]] = typer.Option(None, "--classes", help="Class names, once per checkpoint in order: "
+                                                "'a,b,c' or a file with one per line. Default: the checkpoint's "
+                                                "JSON sidecar, else class_0, class_1, ..."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype (float32, float16, bfloat16); "
+                                        "default: the first checkpoint's."),
+    force: bool = typer.Option(False, "--force", "-f", help="Overwrite the output file if it exists."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+    quiet: bool = QUIET,
+    debug: bool = DEBUG,
+):
+    """Merge checkpoints into one multi-head model and write it as safetensors.
+
+    Example: zipit merge a.pt b.pt --arch resnet20 --calib ./imgs --stop layer2 -o merged.safetensors
+    """
+    with user_errors(debug):
+        if output.exists() and not force:
+            raise ZipitError(f"output {str(output)!r} already exists", "pass --force to overwrite it")
+        if output.suffix != ".safetensors":
+            raise ZipitError(f"output {str(output)!r} must end in .safetensors", "e.g. -o merged.safetensors")
+        arch_spec = load_spec(arch=arch, path=spec)
+        options = MergeOptions(method=method, alpha=alpha, beta=beta, stop=stop, num_calib=num_calib, seed=seed,
+                               batch_size=batch_size, augment=augment, reset_bn=reset_bn, device=device,
+                               dtype=dtype, classes=[parse_classes(c) for c in classes] if classes else None)
+        t0 = time.perf_counter()
+        result = merge(checkpoints, arch_spec, calib, options, RichReporter(quiet))
+        result.save(output, force=force)
+        total = time.perf_counter() - t0
+        summary = {"output": str(output), "spec": arch_spec.name, "stop": result.metadata["stop"],
+                   "method": method, "params": result.metadata["params"],
+                   "heads": result.metadata["heads"], "calibration": result.metadata["calibration"],
+                   "timings": {k: round(v, 3) for k, v in result.timings.items()} | {"total": round(total, 3)},
+                   "spaces": result.space_stats}
+        if not quiet:
+            _render_merge_summary(summary)
+        if json_out:
+            print_json(summary)
+
+
+def _render_merge_summary(s: dict) -> None:
+    table = Table(title=None, show_edge=False, pad_edge=False)
+    table.add_column("head")
+    table.add_column("classes", justify="right")
+    table.add_column("first classes")
+    for h in s["heads"]:
+        table.add_row(escape(h["name"]), str(len(h["classes"])), escape(", ".join(h["classes"][:4])
+                                                                         + (", ..." if len(h["classes"]) > 4 else "")))
+    err.print(table)
+    t = s["timings"]
+    phases = ", ".join(f"{k} {v:.1f}s" for k, v in t.items() if k != "total")
+    err.print(f"[green]wrote[/] {escape(s['output'])}: {s['method']} merge of {len(s['heads'])} heads "
+              f"at stop {s['stop']} on {s['calibration']['num_images']} images in {t['total']:.1f}s ({phases})")
+
+
+def _short(classes: list[str], n: int = 4) -> str:
+    return ", ".join(classes[:n]) + (", ..." if len(classes) > n else "")
+
+
+def _human(n: float) -> str:
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.3g}{unit}"
+        n /= 1000
+    return f"{n:.3g}P"
+
+
+@app.command("inspect")
+def inspect_cmd(
+    file: Path = typer.Argument(..., help="A merged .safetensors, or a plain checkpoint (.pt, .pth, .safetensors).",
+                                show_default=False),
+    json_out: bool = typer.Option(False, "--json", help="Print the facts as one JSON document on stdout."),
+    debug: bool = DEBUG,
+):
+    """Show what a file holds: heads, sources, parameters, cost and per-space statistics of a merge;
+    tensors and the matching built-in architecture of a plain checkpoint. Reads no image data."""
+    from .inspection import inspect_file
+
+    with user_errors(debug):
+        facts = inspect_file(file)
+        if json_out:
+            print_json(facts)
+        elif facts["kind"] == "merged":
+            _render_merged(facts)
+        else:
+            _render_checkpoint(facts)
+
+
+def _render_merged(f: dict) -> None:
+    from .console import out
+    cal, p, m = f["calibration"], f["parameters"], f["macs"]
+    params = ", ".join(f"{k} {v}" for k, v in f["params"].items()) or "none"
+    out.print(f"[bold]{escape(f['file'])}[/]  ({f['format']}, written by zipit {f['zipit_version']})")
+    out.print(f"  architecture  {escape(str(f['spec']))}, shared up to [bold]{f['stop']}[/]")
+    out.print(f"  method        {f['method']} ({params})")
+    out.print(f"  calibration   {cal['num_images']} images from {escape(cal['folder'])}, seed {cal['seed']}, "
+              f"augment {'on' if cal['augment'] else 'off'}, BN reset {'on' if cal['reset_bn'] else 'off'}")
+    for s in f["sources"]:
+        out.print(f"  source        {escape(s['file'])}  sha256 {s['sha256'][:16]}...")
+    out.print(f"  parameters    trunk {_human(p['trunk'])} + heads {_human(p['heads'])} = {_human(p['total'])} "
+              f"(sources together: {_human(p['sources_total'])}, {p['total'] / p['sources_total']:.0%})")
+    out.print(f"  cost          {_human(m['merged'])} MACs per {m['input_size']}px image "
+              f"(sources together: {_human(m['sources_total'])}, {m['merged'] / m['sources_total']:.0%})")
+    heads = Table(title="heads", title_justify="left", show_edge=False)
+    for col, just in (("head", "left"), ("classes", "right"), ("first classes", "left"), ("parameters", "right")):
+        heads.add_column(col, justify=just)
+    for h in f["heads"]:
+        heads.add_row(escape(h["name"]), str(h["num_classes"]), escape(_short(h["classes"])), _human(h["params"]))
+    out.print(heads)
+    spaces = Table(title="feature spaces (where the models agree)", title_justify="left", show_edge=False)
+    for col in ("space", "size", "mean corr. of merged pairs", "within-model merges"):
+        spaces.add_column(col, justify="left" if col == "space" else "right")
+    for s in f["spaces"]:
+        corr = "–" if s["mean_corr"] is None else f"{s['mean_corr']:.3f}"
+        spaces.add_row(escape(s["space"]), str(s["size"]), corr, f"{s['within_share']:.1%}")
+    out.print(spaces)
+
+
+def _render_checkpoint(f: dict) -> None:
+    from .console import out
+    out.print(f"[bold]{escape(f['file'])}[/]  plain checkpoint, sha256 {f['sha256'][:16]}...")
+    out.print(f"  {len(f['tensors'])} tensors, {_human(f['parameters'])} parameters; matches built-in: "
+              f"{', '.join(f['matching_specs']) or 'none'}")
+    table = Table(show_edge=False)
+    for col in ("tensor", "shape", "dtype"):
+        table.add_column(col)
+    for t in f["tensors"]:
+        table.add_row(escape(t["name"]), escape(str(t["shape"])), t["dtype"])
+    out.print(table)
+
+
+@app.command("eval")
+def eval_cmd(
+    files: List[Path] = typer.Argument(..., help="One merged .safetensors, or plain checkpoints.", show_default=False),
+    data: Path = typer.Option(..., "--data", help="Labelled image folder: DIR/<class name>/<images>."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Architecture of plain checkpoints (built-in name)."),
+    spec: Optional[Path] = typer.Option(None, "--spec", help="Architecture spec file of plain checkpoints."),
+    classes: Optional[List[str]] = typer.Option(None, "--classes", help="Plain checkpoints: class names, as in merge."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="At most N images per class, for a quick look."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Images per forward pass."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    min_avg: Optional[float] = typer.Option(None, "--min-avg", help="Exit 1 if the average per-task accuracy "
+                                            "(a fraction) is below this."),
+    min_joint: Optional[float] = typer.Option(None, "--min-joint", help="Exit 1 if joint accuracy is below this."),
+    json_out: bool = typer.Option(False, "--json", help="Print results as JSON on stdout (nothing else there)."),
+    quiet: bool = QUIET,
+    debug: bool = DEBUG,
+):
+    """Accuracy per task (each head on its own classes), their average, and joint accuracy (softmax per
+    head, argmax over all classes). Plain checkpoints are scored alone and as an ensemble.
+
+    Exit codes: 0 results meet --min-avg/--min-joint; 1 below a bar (after printing); 2 bad invocation or
+    unusable input. Preprocessing of a merged file comes from the spec stored in it.
+    """
+    from .evaluate import evaluate_files
+
+    with user_errors(debug):
+        for name, bar in (("--min-avg", min_avg), ("--min-joint", min_joint)):
+            if bar is not None and not 0 <= bar <= 1:
+                raise ZipitError(f"{name} {bar} is not a fraction", "give a value in [0, 1], e.g. 0.8")
+        if limit is not None and limit < 1:
+            raise ZipitError(f"--limit {limit} must be at least 1")
+        arch_spec = load_spec(arch=arch, path=spec) if (arch or spec) else None
+        report = evaluate_files(files, data, arch_spec, [parse_classes(c) for c in classes] if classes else None,
+                                limit, batch_size, device, RichReporter(quiet or json_out))
+        final = report["results"][-1]
+        failures = [f"{label} {value:.4f} < {bar}" for label, value, bar in
+                    (("avg task", final["avg_task"], min_avg), ("joint", final["joint"], min_joint))
+                    if bar is not None and (value is None or value < bar)]
+        report["passed"] = not failures
+        if json_out:
+            print_json(report)
+        else:
+            _render_eval(report)
+        if failures:
+            err.print(f"[bold red]below the bar:[/] {'; '.join(failures)}")
+            raise SystemExit(1)
+
+
+def _render_eval(r: dict) -> None:
+    from .console import out
+    table = Table(show_edge=False)
+    for col in ("model", "head", "images", "accuracy"):
+        table.add_column(col, justify="left" if col in ("model", "head") else "right")
+    for res in r["results"]:
+        for h in res["heads"]:
+            acc = "–" if h["accuracy"] is None else f"{h['accuracy']:.4f}"
+            table.add_row(escape(res["model"]), escape(h["name"]), str(h["images"]), acc)
+        if len(res["heads"]) > 1:
+            table.add_row(escape(res["model"]), "[bold]average per task[/]", "", f"[bold]{res['avg_task']:.4f}[/]")
+            joint = "–" if res["joint"] is None else f"{res['joint']:.4f}"
+            table.add_row(escape(res["model"]), "[bold]joint[/]", str(res["joint_images"]), f"[bold]{joint}[/]")
+        table.rows[-1].end_section = True
+    out.print(table)
+    if r["unknown_class_folders"]:
+        out.print(f"[yellow]note:[/] {sum(x['unknown_class_images'] for x in r['results'][-1:])} images in "
+                  f"folders no head knows: {escape(', '.join(r['unknown_class_folders']))}")
+    if r["skipped_images"]:
+        out.print(f"[yellow]note:[/] {r['skipped_images']} unreadable images skipped")

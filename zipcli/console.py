@@ -1,0 +1,88 @@
+"""Terminal output: a stderr console, Rich progress, error rendering.
+
+stdout is kept for machine-readable output (``--json``); everything for people
+goes to stderr.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .errors import ZipitError
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+
+
+class RichReporter:
+    """Progress bars on stderr for each phase of a long job; silent with ``quiet``."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.progress = None
+        self.task = None
+
+    def start(self, phase: str, total: int | None = None) -> None:
+        if self.quiet:
+            return
+        self.progress = Progress(TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=err, transient=False)
+        self.progress.start()
+        self.task = self.progress.add_task(phase, total=total)
+
+    def advance(self, n: int = 1) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.task, n)
+
+    def done(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def warn(self, message: str) -> None:
+        err.print(f"[yellow]warning:[/] {escape(message)}")
+
+
+def print_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    sys.stdout.flush()
+
+
+def _raise_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+@contextmanager
+def user_errors(debug: bool):
+    """Turn zipit's errors into one-line messages and exit code 2; tracebacks only with --debug."""
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+        yield
+    except ZipitError as exc:
+        if debug:
+            raise
+        err.print(f"[bold red]error:[/] {escape(exc.message)}")
+        if exc.hint:
+            err.print(f"  [dim]hint:[/] {escape(exc.hint)}")
+        raise SystemExit(exc.exit_code)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        err.print("[bold red]interrupted[/]: nothing was written")
+        raise SystemExit(130)
+    except (SystemExit, MemoryError):
+        raise
+    except Exception as exc:  # a bug in zipit: say so, briefly
+        if debug:
+            raise
+        err.print(f"[bold red]internal error:[/] {escape(exc.__class__.__name__)}: {escape(str(exc)[:300])}")
+        err.print("  [dim]hint:[/] rerun with --debug for the traceback, and please report it")
+        raise SystemExit(1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

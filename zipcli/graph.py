@@ -1,0 +1,169 @@
+"""Spec + built model -> checked structure: who reads and writes each feature space,
+where the model is cut for a stop point, and the trunk/head split of the graph.
+
+The model is traced once with torch.fx; stop points and the split into a shared
+trunk and per-task heads are computed on that graph, so any traceable CNN works.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import SpecError
+from .specs import OUTPUT_STOP, Spec
+
+CONV_LIKE = (nn.Conv2d, nn.Linear)
+NORM_LIKE = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def trace(model: nn.Module, origin: str = "model") -> fx.GraphModule:
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as exc:  # fx raises many types for untraceable code
+        raise SpecError(f"{origin} cannot be traced with torch.fx: {exc.__class__.__name__}: {exc}",
+                        "zipit needs a model whose forward has no data-dependent control flow") from None
+
+
+def is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def out_channels(m: nn.Module) -> int:
+    if isinstance(m, nn.Conv2d):
+        return m.out_channels
+    if isinstance(m, nn.Linear):
+        return m.out_features
+    return m.num_features
+
+
+def in_channels(m: nn.Module) -> int:
+    return m.in_channels if isinstance(m, nn.Conv2d) else m.in_features
+
+
+@dataclass(frozen=True)
+class StopPlan:
+    """What is shared for one stop point, and what becomes per-task heads."""
+
+    stop: str
+    trunk_nodes: frozenset[str]      # fx node names computed once, in the trunk
+    merged_spaces: tuple[str, ...]   # spaces whose writers are all in the trunk
+    trunk_modules: frozenset[str]    # modules with parameters in the trunk
+
+
+class ModelGraph:
+    """A spec checked against one built model."""
+
+    def __init__(self, spec: Spec, model: nn.Module):
+        self.spec = spec
+        self.model = model
+        self.gm = trace(model, f"model of spec {spec.name!r}")
+        self.modules = dict(model.named_modules())
+        self.calls = {}  # module name -> the single fx node that calls it
+        for node in self.gm.graph.nodes:
+            if node.op == "call_module":
+                if node.target in self.calls and any(True for _ in self.modules[node.target].parameters()):
+                    raise SpecError(f"module {node.target!r} is called more than once in the forward pass",
+                                    "zipit cannot merge layers whose weights are shared")
+                self.calls.setdefault(node.target, node)
+        self.out_space, self.in_space, self.space_size = {}, {}, {}
+        self._check_spaces()
+
+    def _module(self, name: str, where: str, types=None) -> nn.Module:
+        m = self.modules.get(name)
+        if m is None or name == "":
+            raise SpecError(f"spec {self.spec.name!r}: {where} names module {name!r}, which the model does not have",
+                            "module names are those of model.named_modules()")
+        if types is not None and not isinstance(m, types):
+            raise SpecError(f"spec {self.spec.name!r}: {where} module {name!r} is a {type(m).__name__}",
+                            f"expected one of {', '.join(t.__name__ for t in types)}")
+        if name not in self.calls:
+            raise SpecError(f"spec {self.spec.name!r}: {where} module {name!r} is never called in the forward pass")
+        return m
+
+    def _check_spaces(self) -> None:
+        for i, space in enumerate(self.spec.spaces):
+            sizes = {}
+            for w in space.writers:
+                m = self._module(w, f"spaces[{i}] ({space.name}) writer", CONV_LIKE + NORM_LIKE)
+                if isinstance(m, nn.Conv2d) and m.groups != 1 and not is_depthwise(m):
+                    raise SpecError(f"writer {w!r} is a grouped convolution (groups={m.groups})",
+                                    "grouped convolutions are not supported; see specs/README.md")
+                sizes[w] = out_channels(m)
+                self.out_space[w] = space.name
+            for r in space.readers:
+                m = self._module(r, f"spaces[{i}] ({space.name}) reader", CONV_LIKE)
+                if isinstance(m, nn.Conv2d) and m.groups != 1:
+                    raise SpecError(f"reader {r!r} is a grouped or depthwise convolution",
+                                    "list a depthwise convolution as a writer of the space it reads")
+                sizes[r] = in_channels(m)
+                self.in_space[r] = space.name
+            self._module(space.observe, f"spaces[{i}] ({space.name}) observe")
+            if len(set(sizes.values())) != 1:
+                detail = ", ".join(f"{k}={v}" for k, v in sizes.items())
+                raise SpecError(f"spec {self.spec.name!r}: space {space.name!r} has members of different widths: {detail}",
+                                "every writer and reader of a space must have the same number of channels")
+            self.space_size[space.name] = next(iter(sizes.values()))
+        for c in self.spec.classifiers:
+            self._module(c, "classifiers", CONV_LIKE)
+        for s in self.spec.stops:
+            if s not in self.modules:
+                raise SpecError(f"spec {self.spec.name!r}: stop {s!r} is not a module of the model")
+
+    def node_in_module(self, node: fx.Node, module: str) -> bool:
+        return module in (node.meta.get("nn_module_stack") or {})
+
+    def plan(self, stop: str) -> StopPlan:
+        """Cut the graph after module ``stop`` (or nowhere, for ``output``)."""
+        valid = list(self.spec.stops) + [OUTPUT_STOP]
+        if stop not in valid:
+            raise SpecError(f"unknown stop {stop!r} for architecture {self.spec.name!r}", f"valid: {', '.join(valid)}")
+        nodes = list(self.gm.graph.nodes)
+        if stop == OUTPUT_STOP:
+            trunk = {n for n in nodes if n.op != "output"}
+        else:
+            seeds = [n for n in nodes if self.node_in_module(n, stop)]
+            trunk, todo = set(), list(seeds)
+            while todo:
+                n = todo.pop()
+                if n not in trunk:
+                    trunk.add(n)
+                    todo.extend(n.all_input_nodes)
+        trunk_modules = {n.target for n in trunk if n.op == "call_module"}
+        if stop != OUTPUT_STOP:
+            for c in self.spec.classifiers:
+                if c in trunk_modules:
+                    raise SpecError(f"stop {stop!r} would share classifier {c!r}",
+                                    f"use --stop {OUTPUT_STOP} to merge classifiers of models with identical classes")
+        merged = []
+        for space in self.spec.spaces:
+            inside = [w for w in space.writers if w in trunk_modules]
+            if inside and len(inside) != len(space.writers):
+                outside = [w for w in space.writers if w not in trunk_modules]
+                raise SpecError(f"stop {stop!r} cuts through feature space {space.name!r} "
+                                f"({inside[0]} is shared, {outside[0]} is not)",
+                                "stops must lie on stage boundaries; fix the spec's stops")
+            if inside:
+                merged.append(space.name)
+        with_params = {m for m in trunk_modules if any(True for _ in self.modules[m].parameters(recurse=False))}
+        return StopPlan(stop, frozenset(n.name for n in trunk), tuple(merged), frozenset(with_params))
+
+
+def split(gm: fx.GraphModule, trunk_nodes: frozenset[str]) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Split a traced model into a trunk (input -> boundary tuple) and a head (boundary -> output)."""
+    graph = gm.graph
+    in_trunk = {n for n in graph.nodes if n.name in trunk_nodes}
+    boundary = [n for n in graph.nodes if n in in_trunk and any(u not in in_trunk for u in n.users)]
+    trunk_graph, env = fx.Graph(), {}
+    for n in graph.nodes:
+        if n in in_trunk:
+            env[n] = trunk_graph.node_copy(n, lambda a: env[a])
+    trunk_graph.output(tuple(env[b] for b in boundary))
+    head_graph, env = fx.Graph(), {}
+    for b in boundary:
+        env[b] = head_graph.placeholder(b.name)
+    for n in graph.nodes:
+        if n not in in_trunk:
+            env[n] = head_graph.node_copy(n, lambda a: env[a])
+    return fx.GraphModule(gm, trunk_graph, "Trunk"), fx.GraphModule(gm, head_graph, "Head")

@@ -1,0 +1,175 @@
+"""Feature matching: correlation of n models' features -> groups of features to average.
+
+Every method here yields a grouping: each of the n*O features goes to one of O
+merged features. The merge matrix M averages each group's members and the
+unmerge matrix U copies a merged feature back to every member, so M U = I.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from .errors import ZipitError
+
+METHODS = ("zipit", "permute", "average")
+
+
+@dataclass(frozen=True)
+class Match:
+    """``assign[i, k]`` is the merged feature that feature k of model i goes to."""
+
+    assign: np.ndarray          # (n_models, O) int64
+    within_merges: int = 0      # merges of two groups drawn from one and the same model
+    total_merges: int = 0
+
+    @property
+    def n_models(self) -> int:
+        return self.assign.shape[0]
+
+    @property
+    def size(self) -> int:
+        return self.assign.shape[1]
+
+    def counts(self) -> np.ndarray:
+        """Members per merged feature."""
+        return np.bincount(self.assign.ravel(), minlength=self.size)
+
+    def merge_matrix(self) -> np.ndarray:
+        """M, shape (O, n*O): row u averages the features of group u."""
+        n, o = self.assign.shape
+        m = np.zeros((o, n * o))
+        m[self.assign.ravel(), np.arange(n * o)] = 1.0
+        return m / self.counts()[:, None]
+
+    def unmerge_matrix(self) -> np.ndarray:
+        """U, shape (n*O, O): feature k is read back from its group's merged feature."""
+        n, o = self.assign.shape
+        u = np.zeros((n * o, o))
+        u[np.arange(n * o), self.assign.ravel()] = 1.0
+        return u
+
+    def mean_merged_correlation(self, corr: np.ndarray) -> float:
+        """Mean correlation between members of the same group (pairs only)."""
+        flat = self.assign.ravel()
+        same = flat[:, None] == flat[None, :]
+        np.fill_diagonal(same, False)
+        return float(corr[same].mean()) if same.any() else float("nan")
+
+
+def _check(corr: np.ndarray, n_models: int) -> int:
+    if corr.ndim != 2 or corr.shape[0] != corr.shape[1] or corr.shape[0] % n_models:
+        raise ValueError(f"correlation of shape {corr.shape} does not split into {n_models} models")
+    return corr.shape[0] // n_models
+
+
+def match_average(corr: np.ndarray, n_models: int) -> Match:
+    """Plain weight averaging: feature k of every model goes to merged feature k."""
+    o = _check(corr, n_models)
+    return Match(np.tile(np.arange(o), (n_models, 1)), 0, (n_models - 1) * o)
+
+
+def match_permute(corr: np.ndarray, n_models: int) -> Match:
+    """Optimal one-to-one matching of every model onto the first (linear sum assignment)."""
+    o = _check(corr, n_models)
+    assign = np.empty((n_models, o), dtype=np.int64)
+    assign[0] = np.arange(o)
+    for i in range(1, n_models):
+        block = np.nan_to_num(corr[:o, i * o:(i + 1) * o], nan=0.0)
+        rows, cols = linear_sum_assignment(block, maximize=True)
+        assign[i, cols] = rows
+    return Match(assign, 0, (n_models - 1) * o)
+
+
+def same_model_budget(beta: float, n_models: int, o: int) -> int:
+    """Within-model merges each model may make: an equal share of beta of all merges."""
+    return int(math.floor(beta * (n_models - 1) * o / n_models + 1e-9))
+
+
+def match_zipit(corr: np.ndarray, n_models: int, alpha: float = 0.3, beta: float = 0.125) -> Match:
+    """ZipIt! greedy matching over the concatenated features of all models.
+
+    Repeatedly merges the most correlated pair of groups (within or across
+    models) until O groups remain. A merged group correlates with others as
+    the minimum of its members' correlations, scaled by ``alpha`` (repeated
+    matching); ``alpha`` 0 forbids merging a group twice. Each model may make
+    ``same_model_budget(beta)`` merges of two groups drawn only from itself.
+
+    Each row's best column is cached and only rows whose best pair was touched
+    are searched again, so a step costs O(N) instead of O(N^2).
+    """
+    o = _check(corr, n_models)
+    if not 0 <= alpha <= 1:
+        raise ZipitError(f"--alpha {alpha} is out of range", "alpha must lie in [0, 1]")
+    if not 0 <= beta <= 1:
+        raise ZipitError(f"--beta {beta} is out of range", "beta must lie in [0, 1]")
+    if alpha == 0 and n_models > 2:
+        raise ZipitError("--alpha 0 cannot merge more than two models (groups must grow past pairs)",
+                         "use an alpha in (0, 1], e.g. 0.3")
+    big_n = n_models * o
+    sim = np.array(corr, dtype=np.float64, copy=True)
+    sim[~np.isfinite(sim)] = 0.0
+    np.fill_diagonal(sim, -np.inf)
+    owner = np.repeat(np.arange(n_models), o)       # model of a pure group; -1 mixed; -2 merged away
+    budget = np.full(n_models, same_model_budget(beta, n_models, o))
+    group = np.arange(big_n)                         # current group (its surviving row) of each feature
+    best_col = np.zeros(big_n, dtype=np.int64)
+    best_val = np.full(big_n, -np.inf)
+
+    def refresh(rows: np.ndarray) -> None:
+        """Best allowed partner of each row; pure groups of a model out of budget may not pair."""
+        row_owner = owner[rows]
+        blocked = (row_owner >= 0) & (budget[np.maximum(row_owner, 0)] == 0)
+        cand = sim[rows]
+        if blocked.any():
+            cand = cand.copy()
+            cand[(row_owner[:, None] == owner[None, :]) & blocked[:, None]] = -np.inf
+        best_col[rows] = cand.argmax(1)
+        best_val[rows] = cand[np.arange(len(rows)), best_col[rows]]
+
+    refresh(np.arange(big_n))
+    within = 0
+    for _ in range(big_n - o):
+        i = int(best_val.argmax())
+        if not np.isfinite(best_val[i]):
+            raise ZipitError("zipit matching ran out of allowed pairs",
+                             "raise --beta or --alpha, or use --method permute")
+        j = int(best_col[i])
+        i, j = min(i, j), max(i, j)
+        is_within = owner[i] >= 0 and owner[i] == owner[j]
+        group[group == j] = i
+        merged = np.minimum(sim[i], sim[j])
+        merged = np.where(merged > 0, alpha * merged, merged) if alpha > 0 else np.full_like(merged, -np.inf)
+        sim[i, :] = merged
+        sim[:, i] = merged
+        sim[i, i] = -np.inf
+        sim[j, :] = -np.inf
+        sim[:, j] = -np.inf
+        stale = (best_col == i) | (best_col == j)
+        stale[i] = True
+        if is_within:
+            within += 1
+            budget[owner[i]] -= 1
+            if budget[owner[i]] == 0:
+                stale |= owner == owner[i]
+        else:
+            owner[i] = -1
+        owner[j] = -2
+        best_val[j] = -np.inf
+        stale[j] = False
+        refresh(np.flatnonzero(stale))
+    survivors = np.unique(group)
+    index = np.searchsorted(survivors, group)
+    return Match(index.reshape(n_models, o).astype(np.int64), within, big_n - o)
+
+
+def match(method: str, corr: np.ndarray, n_models: int, alpha: float = 0.3, beta: float = 0.125) -> Match:
+    if method == "zipit":
+        return match_zipit(corr, n_models, alpha, beta)
+    if method == "permute":
+        return match_permute(corr, n_models)
+    if method == "average":
+        return match_average(corr, n_models)
+    raise ZipitError(f"unknown method {method!r}", f"valid: {', '.join(METHODS)}")

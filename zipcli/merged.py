@@ -1,0 +1,171 @@
+"""The merged multi-head model, and its safetensors file (tensors + JSON metadata).
+
+The model is rebuilt from the spec text stored in the file, traced, and split at
+the stop point into a shared trunk and one head per task, so a merged file is
+self-describing: ``load_merged(path)`` needs nothing else.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+
+from .errors import MergedFileError, OutputError, ZipitError
+from .graph import ModelGraph, StopPlan, split, trace
+from .models import resolve_builder
+from .safetensors_io import save_deterministic
+from .specs import OUTPUT_STOP, Spec, parse_spec
+
+FORMAT = "zipit-merged/1"
+
+
+@dataclass(frozen=True)
+class HeadInfo:
+    name: str
+    classes: list[str]
+    source: str
+
+
+def build_model(spec: Spec, num_classes: int) -> nn.Module:
+    try:
+        model = resolve_builder(spec.builder)(**{**spec.kwargs, spec.num_classes_arg: num_classes})
+    except ZipitError:
+        raise
+    except Exception as exc:
+        raise ZipitError(f"spec {spec.name!r}: builder {spec.builder} failed: {exc.__class__.__name__}: {exc}",
+                         "check the spec's kwargs") from None
+    return model.eval()
+
+
+class MergedModel(nn.Module):
+    """Shared trunk computed once, then one head per task; forward returns a list of logits."""
+
+    def __init__(self, spec: Spec, plan: StopPlan, heads: list[HeadInfo]):
+        super().__init__()
+        self.spec, self.plan, self.heads = spec, plan, list(heads)
+        trunk = None
+        modules = []
+        for info in ([heads[0]] if plan.stop == OUTPUT_STOP else heads):
+            gm = trace(build_model(spec, len(info.classes)))
+            t, h = split(gm, plan.trunk_nodes)
+            trunk = trunk or t
+            modules.append(h)
+        self.trunk = trunk
+        self.head_modules = nn.ModuleList(modules)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        shared = self.trunk(x)
+        return [head(*shared) for head in self.head_modules]
+
+
+def skeleton(spec: Spec, stop: str, heads: list[HeadInfo]) -> MergedModel:
+    graph = ModelGraph(spec, build_model(spec, len(heads[0].classes)))
+    return MergedModel(spec, graph.plan(stop), heads).eval()
+
+
+def flat_state(model: MergedModel) -> dict[str, torch.Tensor]:
+    out = {f"trunk.{k}": v for k, v in model.trunk.state_dict().items()}
+    for i, head in enumerate(model.head_modules):
+        out.update({f"heads.{i}.{k}": v for k, v in head.state_dict().items()})
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+
+def write_atomic(path: Path, write, force: bool) -> None:
+    """Write via a temporary file in the destination folder, renamed into place when complete."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise OutputError(f"output {str(path)!r} already exists", "pass --force to overwrite it")
+    if path.is_dir():
+        raise OutputError(f"output {str(path)!r} is a folder", "give a file name ending in .safetensors")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputError(f"output folder {str(folder)!r} does not exist", "create it first")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise OutputError(f"cannot write in {str(folder)!r}: {exc.strerror}", "choose a writable folder") from None
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def save_merged(model: MergedModel, metadata: dict[str, object], path: Path, force: bool = False) -> None:
+    meta = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()}
+    tensors = flat_state(model)
+    write_atomic(path, lambda tmp: save_deterministic(tensors, tmp, meta), force)
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    path = Path(path)
+    if not path.is_file():
+        raise MergedFileError(f"{str(path)!r} does not exist or is not a file", "check the path")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise MergedFileError(f"{path}: not a readable safetensors file ({exc})",
+                              "the file may be truncated or is not a safetensors file") from None
+
+
+def _json(meta: dict, key: str, path: Path):
+    try:
+        return json.loads(meta[key])
+    except KeyError:
+        raise MergedFileError(f"{path}: metadata key {key!r} is missing", "the file was not written by zipit merge") from None
+    except (ValueError, TypeError):
+        raise MergedFileError(f"{path}: metadata key {key!r} is not valid JSON", "the file is damaged") from None
+
+
+def parse_heads(meta: dict, path: Path) -> list[HeadInfo]:
+    heads = _json(meta, "heads", path)
+    ok = isinstance(heads, list) and heads and all(
+        isinstance(h, dict) and isinstance(h.get("name"), str) and isinstance(h.get("classes"), list)
+        and h["classes"] and all(isinstance(c, str) for c in h["classes"]) for h in heads)
+    if not ok:
+        raise MergedFileError(f"{path}: metadata 'heads' is malformed", "the file is damaged")
+    return [HeadInfo(h["name"], list(h["classes"]), str(h.get("source", ""))) for h in heads]
+
+
+def is_merged_file(meta: dict) -> bool:
+    return meta.get("format") == FORMAT
+
+
+def load_merged(path: str | Path, device: str | torch.device = "cpu") -> MergedModel:
+    """Load a merged file as a multi-head model in eval mode."""
+    path = Path(path)
+    meta = read_metadata(path)
+    if not is_merged_file(meta):
+        raise MergedFileError(f"{path}: not a zipit merge (metadata 'format' is {meta.get('format')!r})",
+                              "use 'zipit inspect' to look at a plain checkpoint")
+    if "spec" not in meta or "stop" not in meta:
+        raise MergedFileError(f"{path}: metadata 'spec' or 'stop' is missing", "the file is damaged")
+    spec = parse_spec(meta["spec"], origin=f"{path} (stored spec)")
+    model = skeleton(spec, meta["stop"], parse_heads(meta, path))
+    from safetensors.torch import load_file
+    tensors = load_file(str(path))
+    expected = flat_state(model)
+    bad = sorted(set(expected) ^ set(tensors)) + sorted(
+        k for k in expected if k in tensors and expected[k].shape != tensors[k].shape)
+    if bad:
+        raise MergedFileError(f"{path}: tensors do not match the stored spec ({', '.join(bad[:4])})",
+                              "the file is damaged")
+    model.trunk.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("trunk.")})
+    for i, head in enumerate(model.head_modules):
+        prefix = f"heads.{i}."
+        head.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    model.metadata = meta
+    return model.to(device).eval()

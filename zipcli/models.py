@@ -1,0 +1,88 @@
+"""Model builders that specs refer to, and how a spec's builder string is resolved.
+
+A builder string is ``module:function`` (``zipcli.models:cifar_resnet20``,
+``torchvision.models:resnet50``). Only importable, installed modules are used;
+nothing is evaluated.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import SpecError
+
+
+class BasicBlock(nn.Module):
+    """ResNet-20 block with a 3x3 projection shortcut (the zoo's layout)."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet20(nn.Module):
+    """CIFAR ResNet-20 with width multiplier ``width`` (16w, 32w, 64w channels)."""
+
+    def __init__(self, width: int = 1, num_classes: int = 10):
+        super().__init__()
+        widths = [16 * width, 32 * width, 64 * width]
+        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        cin = widths[0]
+        for i, c in enumerate(widths):
+            blocks = []
+            for j in range(3):
+                blocks.append(BasicBlock(cin, c, 2 if (i > 0 and j == 0) else 1))
+                cin = c
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.linear = nn.Linear(widths[2], num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.linear(self.avgpool(x).flatten(1))
+
+
+def cifar_resnet20(width: int = 1, num_classes: int = 10) -> nn.Module:
+    return CifarResNet20(width=width, num_classes=num_classes)
+
+
+def resolve_builder(name: str) -> Callable[..., nn.Module]:
+    """Turn ``module:function`` into the callable, with errors that say what to write."""
+    if not isinstance(name, str) or name.count(":") != 1:
+        raise SpecError(
+            f"builder {name!r} is not of the form 'module:function'",
+            "write e.g. 'torchvision.models:resnet50' or 'mypkg.models:build'",
+        )
+    module_name, func_name = name.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SpecError(
+            f"builder module {module_name!r} cannot be imported: {exc}",
+            "install the package that provides it or fix the builder name",
+        ) from None
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise SpecError(
+            f"builder {name!r}: {module_name} has no callable {func_name!r}",
+            "check the function name",
+        )
+    return func

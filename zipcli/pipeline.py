@@ -1,0 +1,300 @@
+"""merge(): every stage of ZipIt! in order, as the paper describes it.
+
+check inputs (before any image is read) -> stream calibration images through all
+models and collect correlations -> match each feature space -> zip weights and
+build heads -> reset BatchNorm -> metadata. Nothing here prints: progress goes
+to an optional reporter, so the CLI and library users share one code path.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from . import __version__
+from .bn import reset_batchnorm
+from .calibration import ImageStream, calibration_stream
+from .checkpoints import Checkpoint, check_against, load_checkpoint
+from .correlation import CorrelationAccumulator
+from .errors import CalibrationError, MergeError, ZipitError
+from .graph import ModelGraph, StopPlan
+from .matching import METHODS, Match, match
+from .merged import FORMAT, HeadInfo, MergedModel, build_model, save_merged, skeleton
+from .specs import OUTPUT_STOP, Spec
+from .zip import Zipper
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+class Reporter(Protocol):
+    def start(self, phase: str, total: int | None = None) -> None: ...
+    def advance(self, n: int = 1) -> None: ...
+    def done(self) -> None: ...
+    def warn(self, message: str) -> None: ...
+
+
+class SilentReporter:
+    def start(self, phase, total=None): pass
+    def advance(self, n=1): pass
+    def done(self): pass
+    def warn(self, message): pass
+
+
+@dataclass
+class MergeOptions:
+    """How to merge; defaults follow the paper and its data-usage appendix."""
+
+    method: str = "zipit"
+    alpha: float = 0.3           # zipit: weight of a merged feature's correlations (repeated matching)
+    beta: float = 0.125          # zipit: share of merges allowed within one model
+    stop: str | None = None      # None: the spec's default (everything but the classifiers)
+    num_calib: int = 512         # calibration images (the paper: a few hundred suffice)
+    seed: int = 0
+    batch_size: int = 64
+    augment: bool = False
+    reset_bn: bool = True
+    device: str = "cpu"
+    dtype: str | None = None     # output dtype; None keeps the first checkpoint's
+    classes: list[list[str]] | None = None  # per checkpoint, overrides sidecars
+
+    def validate(self, n_models: int) -> None:
+        if self.method not in METHODS:
+            raise ZipitError(f"unknown --method {self.method!r}", f"valid: {', '.join(METHODS)}")
+        if not 0 <= self.alpha <= 1:
+            raise ZipitError(f"--alpha {self.alpha} is out of range", "alpha must lie in [0, 1]")
+        if not 0 <= self.beta <= 1:
+            raise ZipitError(f"--beta {self.beta} is out of range", "beta must lie in [0, 1]")
+        if self.method == "zipit" and self.alpha == 0 and n_models > 2:
+            raise ZipitError("--alpha 0 cannot merge more than two models", "use an alpha in (0, 1], e.g. 0.3")
+        if self.num_calib < 1:
+            raise ZipitError(f"--num-calib {self.num_calib} must be at least 1")
+        if self.batch_size < 1:
+            raise ZipitError(f"--batch-size {self.batch_size} must be at least 1")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ZipitError(f"unknown --dtype {self.dtype!r}", f"valid: {', '.join(DTYPES)}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ZipitError("--device cuda was asked for but no CUDA device is available", "use --device cpu")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ZipitError(f"unknown --device {self.device!r}", "valid: cpu, cuda, cuda:N")
+        if self.classes is not None and len(self.classes) != n_models:
+            raise ZipitError(f"--classes was given {len(self.classes)} times for {n_models} checkpoints",
+                             "give it once per checkpoint, in order, or not at all")
+
+
+@dataclass
+class MergeResult:
+    model: MergedModel
+    metadata: dict[str, object]
+    timings: dict[str, float] = field(default_factory=dict)
+    space_stats: list[dict] = field(default_factory=list)
+    skipped_images: list[tuple[str, str]] = field(default_factory=list)
+
+    def save(self, path: str | Path, force: bool = False) -> None:
+        dtype = DTYPES[self.metadata["dtype"]]
+        save_merged(self.model.to("cpu").to(dtype), self.metadata, Path(path), force=force)
+
+
+@dataclass
+class Source:
+    checkpoint: Checkpoint
+    classes: list[str]
+    model: torch.nn.Module
+
+
+def load_sources(paths: list[str | Path], spec: Spec, options: MergeOptions, min_models: int = 2) -> list[Source]:
+    """Read every checkpoint and check it against the architecture before any image is read."""
+    if len(paths) < min_models:
+        raise ZipitError(f"merging needs at least two checkpoints, got {len(paths)}", "pass two or more files")
+    if options.classes is not None and len(options.classes) != len(paths):
+        raise ZipitError(f"--classes was given {len(options.classes)} times for {len(paths)} checkpoints",
+                         "give it once per checkpoint, in order, or not at all")
+    sources = []
+    for i, path in enumerate(paths):
+        ckpt = load_checkpoint(path)
+        key = f"{spec.classifiers[0]}.weight"
+        if key not in ckpt.state_dict or ckpt.state_dict[key].dim() < 2:
+            raise ZipitError(f"{ckpt.path}: has no classifier weight {key!r}",
+                             f"check --arch/--spec; this checkpoint does not look like {spec.name}")
+        k = ckpt.state_dict[key].shape[0]
+        model = build_model(spec, k)
+        check_against(ckpt, model.state_dict())
+        classes = (options.classes[i] if options.classes else None) or ckpt.classes or [f"class_{c}" for c in range(k)]
+        if len(classes) != k:
+            raise ZipitError(f"{ckpt.path}: {len(classes)} class names for a classifier with {k} outputs",
+                             "fix --classes or the JSON sidecar")
+        model.load_state_dict({n: t.float() if t.is_floating_point() else t for n, t in ckpt.state_dict.items()})
+        sources.append(Source(ckpt, list(classes), model.float().eval().to(options.device)))
+    names = [s.checkpoint.name for s in sources]
+    if len(set(names)) != len(names):
+        raise ZipitError("two checkpoints have the same file name", "rename them: heads are named after files")
+    return sources
+
+
+class _Enough(Exception):
+    """Raised from a hook once every observed activation of a forward pass is in hand."""
+
+
+@torch.no_grad()
+def collect_correlations(sources: list[Source], spec: Spec, plan: StopPlan, stream: ImageStream,
+                         device: str, report: Reporter) -> dict[str, CorrelationAccumulator]:
+    """Stream the images once through all models; one accumulator per merged space."""
+    spaces = [spec.space(s) for s in plan.merged_spaces]
+    observe = {}
+    for s in spaces:
+        observe.setdefault(s.observe, []).append(s.name)
+    feats: dict[str, list] = {}
+    captured = []
+
+    def hook_for(module_name):
+        def hook(_module, args):
+            for space in observe[module_name]:
+                feats[space].append(args[0])
+            captured.append(module_name)
+            if len(captured) == len(observe):
+                raise _Enough
+        return hook
+
+    handles = []
+    for src in sources:
+        modules = dict(src.model.named_modules())
+        handles += [modules[m].register_forward_pre_hook(hook_for(m)) for m in observe]
+    acc = {}
+    report.start("calibration", len(stream))
+    try:
+        for x in stream.batches():
+            x = x.to(device)
+            for s in spaces:
+                feats[s.name] = []
+            for src in sources:
+                captured.clear()
+                try:
+                    src.model(x)
+                except _Enough:
+                    pass
+            for s in spaces:
+                batch = feats[s.name]
+                if not all(torch.isfinite(f).all() for f in batch):
+                    raise MergeError(f"activations of feature space {s.name!r} became NaN or Inf during calibration",
+                                     "the checkpoints or images produce non-finite values; check their dtype and range")
+                if s.name not in acc:
+                    acc[s.name] = CorrelationAccumulator(sum(f.shape[1] for f in batch), device=device)
+                acc[s.name].update(batch)
+            report.advance(x.shape[0])
+    finally:
+        for h in handles:
+            h.remove()
+        report.done()
+    if not acc and spaces:
+        raise CalibrationError(f"none of the {len(stream)} calibration images could be read",
+                               "check the image files (see the warnings above)")
+    return acc
+
+
+def merge(checkpoints: list[str | Path], spec: Spec, calib: str | Path, options: MergeOptions | None = None,
+          report: Reporter | None = None) -> MergeResult:
+    """Merge two or more checkpoints of one architecture into a multi-head model (no printing)."""
+    options = options or MergeOptions()
+    report = report or SilentReporter()
+    options.validate(len(checkpoints))
+    timings, t0 = {}, time.perf_counter()
+
+    sources = load_sources(list(checkpoints), spec, options)
+    graph = ModelGraph(spec, sources[0].model)
+    stop = options.stop or spec.default_stop
+    plan = graph.plan(stop)
+    if stop == OUTPUT_STOP and any(s.classes != sources[0].classes for s in sources):
+        raise ZipitError("--stop output merges the classifiers, which needs identical classes in every model",
+                         f"use a stage stop ({', '.join(spec.stops)}) for models with different classes")
+    stream = calibration_stream(calib, spec.input, options.num_calib, options.seed, options.batch_size,
+                                options.augment)
+    if len(stream) < options.num_calib:
+        report.warn(f"{calib} holds {len(stream)} images, fewer than --num-calib {options.num_calib}: using all of them")
+    timings["load"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    needs_activations = options.method != "average"
+    accumulators = collect_correlations(sources, spec, plan, stream, options.device, report) if needs_activations else {}
+    if stream.skipped:
+        report.warn(f"skipped {len(stream.skipped)} unreadable image(s), e.g. {stream.skipped[0][0]}: {stream.skipped[0][1]}")
+    timings["calibration"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    n = len(sources)
+    matches: dict[str, Match] = {}
+    stats = []
+    report.start("matching", len(plan.merged_spaces))
+    for name in plan.merged_spaces:
+        size = graph.space_size[name]
+        corr = accumulators[name].correlation().cpu().numpy() if needs_activations else None
+        m = match(options.method, corr if corr is not None else _identity_corr(n * size), n,
+                  options.alpha, options.beta)
+        matches[name] = m
+        stats.append({"space": name, "size": size,
+                      "mean_corr": None if corr is None else round(m.mean_merged_correlation(corr), 6),
+                      "within_share": round(m.within_merges / m.total_merges, 6) if m.total_merges else 0.0})
+        report.advance()
+    report.done()
+    timings["matching"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    heads = ([HeadInfo("merged", sources[0].classes, ",".join(s.checkpoint.name for s in sources))]
+             if stop == OUTPUT_STOP else
+             [HeadInfo(s.checkpoint.name, s.classes, s.checkpoint.path.name) for s in sources])
+    model = skeleton(spec, stop, heads)
+    zipper = Zipper(graph, plan, matches)
+    cpu_states = [{k: v.detach().cpu() for k, v in s.model.state_dict().items()} for s in sources]
+    model.trunk.load_state_dict(zipper.trunk(list(model.trunk.state_dict()), cpu_states))
+    for i, head in enumerate(model.head_modules):
+        head.load_state_dict(zipper.head(list(head.state_dict()), cpu_states[i], i))
+    model = model.to(options.device)
+    timings["zip"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    if options.reset_bn:
+        report.start("batchnorm reset", len(stream) - len(stream.skipped))
+        try:
+            reset_batchnorm(model, _augment_free(stream).batches(), options.device, on_batch=report.advance)
+        except ValueError:
+            raise CalibrationError("no calibration image could be read for the BatchNorm reset",
+                                   "check the image files") from None
+        finally:
+            report.done()
+    timings["batchnorm"] = time.perf_counter() - t
+
+    first_dtype = next(v.dtype for v in sources[0].checkpoint.state_dict.values() if v.is_floating_point())
+    dtype = options.dtype or next(k for k, v in DTYPES.items() if v == first_dtype)
+    metadata = {
+        "format": FORMAT,
+        "zipit_version": __version__,
+        "spec_name": spec.name,
+        "spec": spec.text,
+        "stop": stop,
+        "method": options.method,
+        "params": {"alpha": options.alpha, "beta": options.beta} if options.method == "zipit" else {},
+        "calibration": {"folder": str(calib), "num_images": len(stream) - len(stream.skipped),
+                        "requested": options.num_calib, "seed": options.seed, "augment": options.augment,
+                        "batch_size": options.batch_size, "reset_bn": options.reset_bn,
+                        "skipped": len(stream.skipped)},
+        "sources": [{"file": s.checkpoint.path.name, "sha256": s.checkpoint.sha256, "classes": s.classes}
+                    for s in sources],
+        "heads": [asdict(h) for h in heads],
+        "spaces": stats,
+        "dtype": dtype,
+    }
+    model.metadata = metadata
+    return MergeResult(model.eval(), metadata, timings, stats,
+                       [(str(p), why) for p, why in stream.skipped])
+
+
+def _identity_corr(size: int):
+    import numpy as np
+    return np.eye(size)
+
+
+def _augment_free(stream: ImageStream) -> ImageStream:
+    """BN statistics are measured on the same images, augmented the same way as calibration."""
+    return ImageStream(stream.files, stream.preprocess, stream.batch_size, stream.augment, stream.seed,
+                       list(stream.skipped))

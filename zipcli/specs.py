@@ -1,0 +1,225 @@
+"""Architecture specs: YAML text -> validated ``Spec`` objects.
+
+A spec is data, not code: how to build the model, how to preprocess its input,
+where it may be cut for partial zipping, which layers are the per-task
+classifiers, and its feature spaces (see ``specs/README.md``). Validation is
+strict: unknown keys are errors, and every message names the YAML path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import SpecError
+
+FORMAT_VERSION = 1
+
+def _specs_dir() -> Path:
+    """Built-in specs: installed inside the package, or ``specs/`` beside it in a checkout."""
+    here = Path(__file__).resolve().parent
+    installed = here / "specs"
+    return installed if installed.is_dir() else here.parent / "specs"
+
+
+SPECS_DIR = _specs_dir()
+OUTPUT_STOP = "output"
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Input preprocessing: resize shorter side, centre crop, scale to [0,1], normalise."""
+
+    size: int
+    resize: int | None
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class Space:
+    """A group of channel-coupled tensors that is permuted or merged as one.
+
+    ``writers`` produce the channels (their output axis and per-channel
+    parameters), ``readers`` consume them (their input axis), and the space's
+    activations are observed at the input of module ``observe``.
+    """
+
+    name: str
+    observe: str
+    writers: tuple[str, ...]
+    readers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    description: str
+    builder: str
+    kwargs: dict
+    num_classes_arg: str
+    input: Preprocess
+    classifiers: tuple[str, ...]
+    stops: tuple[str, ...]
+    default_stop: str
+    spaces: tuple[Space, ...]
+    text: str = field(repr=False, compare=False, default="")
+
+    def space(self, name: str) -> Space:
+        for s in self.spaces:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+_TOP_KEYS = {
+    "format": True, "name": True, "description": False, "builder": True, "kwargs": False,
+    "num_classes_arg": False, "input": True, "classifiers": True, "stops": True,
+    "default_stop": False, "spaces": True,
+}
+_INPUT_KEYS = {"size": True, "resize": False, "mean": True, "std": True}
+_SPACE_KEYS = {"name": True, "observe": True, "writers": True, "readers": False}
+
+
+def _check_keys(obj, allowed: dict, where: str, origin: str) -> None:
+    if not isinstance(obj, dict):
+        raise SpecError(f"{origin}: {where or 'the document'} must be a mapping, got {type(obj).__name__}",
+                        "see specs/README.md for the format")
+    unknown = sorted(str(k) for k in obj if k not in allowed)
+    if unknown:
+        raise SpecError(f"{origin}: unknown key(s) {', '.join(unknown)} at {where or 'top level'}",
+                        f"valid keys: {', '.join(allowed)}")
+    missing = [k for k, required in allowed.items() if required and k not in obj]
+    if missing:
+        raise SpecError(f"{origin}: missing key(s) {', '.join(missing)} at {where or 'top level'}",
+                        "see specs/README.md for the format")
+
+
+def _str(value, where: str, origin: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise SpecError(f"{origin}: {where} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _str_list(value, where: str, origin: str, allow_empty: bool = False) -> tuple[str, ...]:
+    if not isinstance(value, list) or (not value and not allow_empty):
+        raise SpecError(f"{origin}: {where} must be a {'' if allow_empty else 'non-empty '}list of strings")
+    return tuple(_str(v, f"{where}[{i}]", origin) for i, v in enumerate(value))
+
+
+def _number_triple(value, where: str, origin: str, positive: bool) -> tuple[float, float, float]:
+    ok = isinstance(value, list) and len(value) == 3 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    if not ok or (positive and min(value) <= 0):
+        raise SpecError(f"{origin}: {where} must be a list of 3 {'positive ' if positive else ''}numbers, got {value!r}")
+    return tuple(float(v) for v in value)
+
+
+def _int(value, where: str, origin: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise SpecError(f"{origin}: {where} must be a positive integer, got {value!r}")
+    return value
+
+
+def parse_spec(text: str, origin: str = "<spec>") -> Spec:
+    """Parse and validate spec YAML; raise ``SpecError`` naming the YAML path."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError(f"{origin}: not valid YAML{where}", "fix the YAML syntax") from None
+    except (ValueError, RecursionError, TypeError) as exc:  # pathological documents
+        raise SpecError(f"{origin}: cannot be read as YAML ({exc.__class__.__name__})") from None
+    _check_keys(doc, _TOP_KEYS, "", origin)
+    if doc["format"] != FORMAT_VERSION:
+        raise SpecError(f"{origin}: format is {doc['format']!r}; this zipit reads format {FORMAT_VERSION}",
+                        "regenerate the spec with 'zipit specs trace' or upgrade zipit")
+    kwargs = doc.get("kwargs") or {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise SpecError(f"{origin}: kwargs must be a mapping of argument names to values")
+    inp = doc["input"]
+    _check_keys(inp, _INPUT_KEYS, "input", origin)
+    resize = inp.get("resize")
+    preprocess = Preprocess(
+        size=_int(inp["size"], "input.size", origin),
+        resize=None if resize is None else _int(resize, "input.resize", origin),
+        mean=_number_triple(inp["mean"], "input.mean", origin, positive=False),
+        std=_number_triple(inp["std"], "input.std", origin, positive=True),
+    )
+    spaces_doc = doc["spaces"]
+    if not isinstance(spaces_doc, list) or not spaces_doc:
+        raise SpecError(f"{origin}: spaces must be a non-empty list")
+    spaces, seen, writer_of = [], set(), {}
+    for i, s in enumerate(spaces_doc):
+        where = f"spaces[{i}]"
+        _check_keys(s, _SPACE_KEYS, where, origin)
+        space = Space(
+            name=_str(s["name"], f"{where}.name", origin),
+            observe=_str(s["observe"], f"{where}.observe", origin),
+            writers=_str_list(s["writers"], f"{where}.writers", origin),
+            readers=_str_list(s.get("readers", []), f"{where}.readers", origin, allow_empty=True),
+        )
+        if space.name in seen or space.name == OUTPUT_STOP:
+            raise SpecError(f"{origin}: {where}.name {space.name!r} is used twice or reserved",
+                            "give each space a unique name")
+        seen.add(space.name)
+        for w in space.writers:
+            if w in writer_of:
+                raise SpecError(f"{origin}: module {w!r} writes to two spaces ({writer_of[w]} and {space.name})",
+                                "a module's output channels belong to exactly one space")
+            writer_of[w] = space.name
+        spaces.append(space)
+    reader_of = {}
+    for space in spaces:
+        for r in space.readers:
+            if r in reader_of:
+                raise SpecError(f"{origin}: module {r!r} reads from two spaces ({reader_of[r]} and {space.name})",
+                                "a module's input channels belong to exactly one space")
+            reader_of[r] = space.name
+    stops = _str_list(doc["stops"], "stops", origin)
+    if OUTPUT_STOP in stops or len(set(stops)) != len(stops):
+        raise SpecError(f"{origin}: stops must be unique and must not name {OUTPUT_STOP!r} (it is implicit)")
+    default_stop = doc.get("default_stop", stops[-1])
+    if default_stop not in stops:
+        raise SpecError(f"{origin}: default_stop {default_stop!r} is not one of the stops",
+                        f"valid: {', '.join(stops)}")
+    return Spec(
+        name=_str(doc["name"], "name", origin),
+        description=str(doc.get("description") or ""),
+        builder=_str(doc["builder"], "builder", origin),
+        kwargs=dict(kwargs),
+        num_classes_arg=_str(doc.get("num_classes_arg", "num_classes"), "num_classes_arg", origin),
+        input=preprocess,
+        classifiers=_str_list(doc["classifiers"], "classifiers", origin),
+        stops=stops,
+        default_stop=default_stop,
+        spaces=tuple(spaces),
+        text=text,
+    )
+
+
+def builtin_spec_names() -> list[str]:
+    return sorted(p.stem for p in SPECS_DIR.glob("*.yaml"))
+
+
+def load_spec(arch: str | None = None, path: str | Path | None = None) -> Spec:
+    """Load a built-in spec by name (``arch``) or a user's spec file (``path``)."""
+    if (arch is None) == (path is None):
+        raise SpecError("give exactly one of --arch NAME or --spec FILE",
+                        f"built-in architectures: {', '.join(builtin_spec_names())}")
+    if arch is not None:
+        file = SPECS_DIR / f"{arch}.yaml"
+        if arch not in builtin_spec_names():
+            raise SpecError(f"unknown architecture {arch!r}",
+                            f"valid: {', '.join(builtin_spec_names())}; or pass --spec FILE")
+    else:
+        file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"spec file {str(file)!r} does not exist", "check the path") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"spec file {str(file)!r} cannot be read: {exc}") from None
+    return parse_spec(text, origin=str(file) if path is not None else f"spec {arch}")
