@@ -46,7 +46,7 @@ class RichReporter:
             self.progress = None
 
     def warn(self, message: str) -> None:
-        err.print(f"[yellow]warning:[/] {escape(message)}")
+        err.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
 
 def print_json(data) -> None:
@@ -67,9 +67,9 @@ def user_errors(debug: bool):
     except ZipitError as exc:
         if debug:
             raise
-        err.print(f"[bold red]error:[/] {escape(exc.message)}")
+        err.print(f"[bold red]error:[/] {escape(exc.message)}", soft_wrap=True)
         if exc.hint:
-            err.print(f"  [dim]hint:[/] {escape(exc.hint)}")
+            err.print(f"  [dim]hint:[/] {escape(exc.hint)}", soft_wrap=True)
         raise SystemExit(exc.exit_code)
     except KeyboardInterrupt:
         if debug:
