@@ -4,14 +4,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from zipcli.correlation import CorrelationAccumulator
+from zipcli.correlation import CorrelationAccumulator, symmetric_gram
 
 
 def test_streaming_equals_one_shot():
     torch.manual_seed(0)
     a = torch.relu(torch.randn(20, 6, 5, 5) + 0.5) * 3 + 10   # large mean: cancellation would show
     b = torch.randn(20, 6, 5, 5) + a * 0.5
-    acc = CorrelationAccumulator(12)
+    acc = CorrelationAccumulator([6, 6])
     for k in range(0, 20, 3):                                   # uneven batches
         acc.update([a[k:k + 3], b[k:k + 3]])
     samples = torch.cat([a, b], 1).movedim(1, -1).reshape(-1, 12).double().numpy()
@@ -24,7 +24,7 @@ def test_dead_and_constant_features_have_no_nans():
     x = torch.randn(8, 4, 3, 3)
     x[:, 1] = 0.0          # dead ReLU
     x[:, 2] = 7.25         # constant
-    acc = CorrelationAccumulator(8)
+    acc = CorrelationAccumulator([4, 4])
     acc.update([x, x.clone()])
     corr = acc.correlation()
     assert torch.isfinite(corr).all()
@@ -33,8 +33,19 @@ def test_dead_and_constant_features_have_no_nans():
 
 
 def test_linear_features_are_samples():
-    acc = CorrelationAccumulator(4)
+    acc = CorrelationAccumulator([2, 2])
     x = torch.randn(50, 2)
     acc.update([x, -x])
     corr = acc.correlation()
     assert corr[0, 2] < -0.999
+
+
+def test_symmetric_gram_equals_full_product():
+    x = torch.randn(1300, 77, dtype=torch.float64)
+    torch.testing.assert_close(symmetric_gram(x, block=256), x @ x.T)
+
+
+def test_non_finite_chunks_are_reported():
+    x = torch.randn(4, 3, 2, 2)
+    x[1, 2, 0, 0] = float("inf")
+    assert CorrelationAccumulator([3, 3]).update([x, x]) is False

@@ -15,8 +15,9 @@ BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 @torch.no_grad()
 def reset_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], device="cpu",
-                    on_batch: Callable[[int], None] | None = None) -> int:
-    """Exact averages over all batches (momentum None); returns the number of BN layers reset."""
+                    on_batch: Callable[[int], None] | None = None, chunk: int = 16) -> int:
+    """Cumulative averages over chunks of at most ``chunk`` images (momentum None), which bounds
+    memory; returns the number of BN layers reset."""
     layers = [m for m in model.modules() if isinstance(m, BN_TYPES)]
     if not layers:
         return 0
@@ -27,11 +28,12 @@ def reset_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], device="c
     model.train()
     try:
         seen = 0
-        for x in batches:
-            model(x.to(device))
-            seen += 1
-            if on_batch:
-                on_batch(x.shape[0])
+        for batch in batches:
+            for x in batch.split(chunk):
+                model(x.to(device))
+                seen += 1
+                if on_batch:
+                    on_batch(x.shape[0])
         if seen == 0:
             raise ValueError("no calibration batches for BatchNorm reset")
     finally:

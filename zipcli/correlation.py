@@ -1,50 +1,101 @@
-"""Streaming correlation of features across all models, in float64.
+"""Streaming correlation of features across all models: float64 sums of float32 Gram blocks.
 
-Every image and spatial position is one sample. Per batch the Gram matrix is
-computed in the features' dtype and added to float64 running sums; data are
-shifted by the first batch's mean so that E[xx] - E[x]E[x] does not cancel.
+Every image and spatial position is one sample. Each observed activation is
+written once, transposed and shifted (by the first chunk's mean, so that
+E[xx] - E[x]E[x] does not cancel), into a ``[features + 1, samples]`` buffer
+whose last row is all ones; one symmetric product of that buffer then gives the
+sums of x x^T, of x and the sample count together. Only the upper block
+triangle is multiplied (about half the work of a full product), and NaN or Inf
+anywhere shows up in the small Gram matrix, so the large activations are read
+exactly once.
 """
 from __future__ import annotations
 
 import torch
 
+GRAM_BLOCK = 512
 
-def as_samples(x: torch.Tensor) -> torch.Tensor:
-    """``[B, C, H, W]`` or ``[B, C]`` -> ``[samples, C]``."""
-    if x.dim() == 2:
-        return x
-    return x.movedim(1, -1).reshape(-1, x.shape[1])
+
+def symmetric_gram(x: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
+    """``x @ x.T`` for ``x`` of shape (F, P), computing each off-diagonal block once."""
+    f = x.shape[0]
+    if f <= block:
+        return x @ x.T
+    gram = torch.empty(f, f, dtype=x.dtype, device=x.device)
+    for start in range(0, f, block):
+        stop = min(start + block, f)
+        gram[start:stop, start:] = x[start:stop] @ x[start:].T
+        gram[stop:, start:stop] = gram[start:stop, stop:].T
+    return gram
 
 
 class CorrelationAccumulator:
-    """Running sums of x and x x^T over the concatenated features of all models."""
+    """Running float64 sums over the concatenated features of n models for one feature space."""
 
-    def __init__(self, num_features: int, device="cpu"):
-        self.n = 0
-        self.shift: torch.Tensor | None = None
-        self.sum = torch.zeros(num_features, dtype=torch.float64, device=device)
-        self.gram = torch.zeros(num_features, num_features, dtype=torch.float64, device=device)
+    def __init__(self, sizes: list[int], device="cpu"):
+        self.sizes = list(sizes)
+        self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        self.num_features = sum(self.sizes)
+        self.device = device
+        self.shift: torch.Tensor | None = None           # (F,) float32
+        self.moments = torch.zeros(self.num_features + 1, self.num_features + 1, dtype=torch.float64, device=device)
+        self.buffer: torch.Tensor | None = None
+        self.filled: set[int] = set()
 
-    def update(self, features: list[torch.Tensor]) -> None:
-        """Add one batch: ``features[i]`` is model i's ``[B, C, ...]`` activation."""
-        x = torch.cat([as_samples(f.detach()) for f in features], dim=1).float()  # (P, n*C)
-        if self.shift is None:
-            self.shift = x.mean(0)
-        x = x - self.shift
-        self.n += x.shape[0]
-        self.sum += x.sum(0, dtype=torch.float64)
-        self.gram += (x.T @ x).double()
+    @property
+    def n(self) -> int:
+        return int(self.moments[-1, -1])
+
+    def begin(self, samples_per_channel: int) -> None:
+        """Prepare a buffer for one chunk of ``samples_per_channel`` samples."""
+        shape = (self.num_features + 1, samples_per_channel)
+        if self.buffer is None or self.buffer.shape != shape:
+            self.buffer = torch.empty(shape, dtype=torch.float32, device=self.device)
+            self.buffer[-1] = 1.0
+        self.filled.clear()
+
+    def add_model(self, i: int, feature: torch.Tensor) -> None:
+        """Write model i's activation ``[B, C, ...]`` into its rows, transposed and shifted."""
+        c, lo = self.sizes[i], self.offsets[i]
+        rows = self.buffer[lo:lo + c]
+        src = feature.detach().transpose(0, 1)                  # (C, B, ...) view
+        if self.shift is None or len(self.shift) < self.num_features:
+            mean = src.float().reshape(c, -1).mean(1)
+            self.shift = mean if self.shift is None else torch.cat([self.shift, mean])
+        shift = self.shift[lo:lo + c].view(c, *([1] * (src.dim() - 1)))
+        torch.sub(src, shift, out=rows.view(src.shape))
+        self.filled.add(i)
+
+    def end(self) -> bool:
+        """Fold the chunk into the running sums; False if it held NaN or Inf."""
+        assert len(self.filled) == len(self.sizes), "every model must add its features"
+        gram = symmetric_gram(self.buffer)
+        if not torch.isfinite(gram).all():
+            return False
+        self.moments += gram.double()
+        return True
+
+    def update(self, features: list[torch.Tensor]) -> bool:
+        """One chunk in one call: ``features[i]`` is model i's ``[B, C, ...]`` activation."""
+        self.begin(features[0].numel() // features[0].shape[1])
+        for i, f in enumerate(features):
+            self.add_model(i, f)
+        return self.end()
 
     def covariance(self) -> torch.Tensor:
-        if self.n == 0:
+        n = self.moments[-1, -1]
+        if n == 0:
             raise ValueError("no samples were accumulated")
-        mean = self.sum / self.n
-        return self.gram / self.n - torch.outer(mean, mean)
+        mean = self.moments[:-1, -1] / n
+        return self.moments[:-1, :-1] / n - torch.outer(mean, mean)
 
     def correlation(self) -> torch.Tensor:
         cov = self.covariance()
-        raw_mean = self.sum / self.n + self.shift.double()
+        raw_mean = self.moments[:-1, -1] / self.moments[-1, -1] + self.shift.double()
         return correlation_from_covariance(cov, cov.diagonal() + raw_mean ** 2)
+
+    def nbytes_per_sample(self) -> int:
+        return (self.num_features + 1) * 4
 
 
 def correlation_from_covariance(cov: torch.Tensor, second_moment: torch.Tensor | None = None) -> torch.Tensor:

@@ -60,9 +60,11 @@ class ModelGraph:
         self.model = model
         self.gm = trace(model, f"model of spec {spec.name!r}")
         self.modules = dict(model.named_modules())
-        self.calls = {}  # module name -> the single fx node that calls it
+        self.calls = {}  # module name -> the first fx node that calls it
+        self.call_count: dict[str, int] = {}
         for node in self.gm.graph.nodes:
             if node.op == "call_module":
+                self.call_count[node.target] = self.call_count.get(node.target, 0) + 1
                 if node.target in self.calls and any(True for _ in self.modules[node.target].parameters()):
                     raise SpecError(f"module {node.target!r} is called more than once in the forward pass",
                                     "zipit cannot merge layers whose weights are shared")
@@ -100,6 +102,10 @@ class ModelGraph:
                 sizes[r] = in_channels(m)
                 self.in_space[r] = space.name
             self._module(space.observe, f"spaces[{i}] ({space.name}) observe")
+            if self.call_count[space.observe] != 1:
+                raise SpecError(f"spec {self.spec.name!r}: spaces[{i}] ({space.name}) observes module "
+                                f"{space.observe!r}, which runs {self.call_count[space.observe]} times per forward",
+                                "observe the input of a module that runs once (e.g. the next convolution)")
             if len(set(sizes.values())) != 1:
                 detail = ", ".join(f"{k}={v}" for k, v in sizes.items())
                 raise SpecError(f"spec {self.spec.name!r}: space {space.name!r} has members of different widths: {detail}",

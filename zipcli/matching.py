@@ -22,8 +22,9 @@ class Match:
     """``assign[i, k]`` is the merged feature that feature k of model i goes to."""
 
     assign: np.ndarray          # (n_models, O) int64
-    within_merges: int = 0      # merges of two groups drawn from one and the same model
+    within_merges: int = 0      # merges of two groups drawn only from one and the same model
     total_merges: int = 0
+    budget_lifted: bool = False # zipit got stuck under the beta budget and finished without it
 
     @property
     def n_models(self) -> int:
@@ -94,8 +95,12 @@ def match_zipit(corr: np.ndarray, n_models: int, alpha: float = 0.3, beta: float
     Repeatedly merges the most correlated pair of groups (within or across
     models) until O groups remain. A merged group correlates with others as
     the minimum of its members' correlations, scaled by ``alpha`` (repeated
-    matching); ``alpha`` 0 forbids merging a group twice. Each model may make
-    ``same_model_budget(beta)`` merges of two groups drawn only from itself.
+    matching); ``alpha`` 0 forbids merging a group twice. Merging two groups
+    drawn only from model m is a within-model merge; each model may make
+    ``same_model_budget(beta)`` of them. Pairs the budget rules out are
+    forbidden, and a group inherits its members' forbidden pairs, just as it
+    inherits their minimum similarity. If only forbidden pairs remain (possible
+    with three or more models) the budget is lifted and ``budget_lifted`` says so.
 
     Each row's best column is cached and only rows whose best pair was touched
     are searched again, so a step costs O(N) instead of O(N^2).
@@ -114,28 +119,33 @@ def match_zipit(corr: np.ndarray, n_models: int, alpha: float = 0.3, beta: float
     np.fill_diagonal(sim, -np.inf)
     owner = np.repeat(np.arange(n_models), o)       # model of a pure group; -1 mixed; -2 merged away
     budget = np.full(n_models, same_model_budget(beta, n_models, o))
+    forbidden = np.zeros((big_n, big_n), dtype=bool)  # pairs the budget rules out (inherited like -inf)
+    for m in range(n_models):
+        if budget[m] == 0:
+            forbidden[m * o:(m + 1) * o, m * o:(m + 1) * o] = True
+    forbidden_any = [bool(forbidden.any())]
     group = np.arange(big_n)                         # current group (its surviving row) of each feature
     best_col = np.zeros(big_n, dtype=np.int64)
     best_val = np.full(big_n, -np.inf)
+    relaxed = False                                  # set if the budget ever had to be lifted
 
     def refresh(rows: np.ndarray) -> None:
-        """Best allowed partner of each row; pure groups of a model out of budget may not pair."""
-        row_owner = owner[rows]
-        blocked = (row_owner >= 0) & (budget[np.maximum(row_owner, 0)] == 0)
-        cand = sim[rows]
-        if blocked.any():
-            cand = cand.copy()
-            cand[(row_owner[:, None] == owner[None, :]) & blocked[:, None]] = -np.inf
+        mask = None if relaxed or not forbidden_any[0] else forbidden[rows]
+        cand = sim[rows] if mask is None or not mask.any() else np.where(mask, -np.inf, sim[rows])
         best_col[rows] = cand.argmax(1)
         best_val[rows] = cand[np.arange(len(rows)), best_col[rows]]
+        best_val[rows[owner[rows] == -2]] = -np.inf
 
     refresh(np.arange(big_n))
     within = 0
     for _ in range(big_n - o):
         i = int(best_val.argmax())
         if not np.isfinite(best_val[i]):
-            raise ZipitError("zipit matching ran out of allowed pairs",
-                             "raise --beta or --alpha, or use --method permute")
+            if relaxed:
+                raise ZipitError("zipit matching ran out of pairs", "use --method permute")
+            relaxed = True                           # only budget-forbidden pairs remain: lift the budget
+            refresh(np.flatnonzero(owner != -2))
+            i = int(best_val.argmax())
         j = int(best_col[i])
         i, j = min(i, j), max(i, j)
         is_within = owner[i] >= 0 and owner[i] == owner[j]
@@ -144,16 +154,21 @@ def match_zipit(corr: np.ndarray, n_models: int, alpha: float = 0.3, beta: float
         merged = np.where(merged > 0, alpha * merged, merged) if alpha > 0 else np.full_like(merged, -np.inf)
         sim[i, :] = merged
         sim[:, i] = merged
-        sim[i, i] = -np.inf
-        sim[j, :] = -np.inf
-        sim[:, j] = -np.inf
+        sim[i, i] = sim[j, :] = sim[:, j] = -np.inf
+        if forbidden_any[0]:
+            forbidden[i, :] |= forbidden[j, :]
+            forbidden[:, i] = forbidden[i, :]
         stale = (best_col == i) | (best_col == j)
         stale[i] = True
         if is_within:
             within += 1
-            budget[owner[i]] -= 1
-            if budget[owner[i]] == 0:
-                stale |= owner == owner[i]
+            m = owner[i]
+            budget[m] -= 1
+            if budget[m] == 0:
+                pure = np.flatnonzero(owner == m)
+                forbidden[np.ix_(pure, pure)] = True
+                forbidden_any[0] = True
+                stale[pure] = True
         else:
             owner[i] = -1
         owner[j] = -2
@@ -162,7 +177,7 @@ def match_zipit(corr: np.ndarray, n_models: int, alpha: float = 0.3, beta: float
         refresh(np.flatnonzero(stale))
     survivors = np.unique(group)
     index = np.searchsorted(survivors, group)
-    return Match(index.reshape(n_models, o).astype(np.int64), within, big_n - o)
+    return Match(index.reshape(n_models, o).astype(np.int64), within, big_n - o, relaxed)
 
 
 def match(method: str, corr: np.ndarray, n_models: int, alpha: float = 0.3, beta: float = 0.125) -> Match:

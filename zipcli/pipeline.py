@@ -137,23 +137,37 @@ class _Enough(Exception):
     """Raised from a hook once every observed activation of a forward pass is in hand."""
 
 
+CHUNK_BYTES = 256 * 2**20   # bound on the activations held for one chunk of images (all spaces, all models)
+
+
 @torch.no_grad()
 def collect_correlations(sources: list[Source], spec: Spec, plan: StopPlan, stream: ImageStream,
                          device: str, report: Reporter) -> dict[str, CorrelationAccumulator]:
-    """Stream the images once through all models; one accumulator per merged space."""
+    """Stream the images once through all models; one accumulator per merged space.
+
+    Each batch is cut into chunks small enough that the observed activations of
+    every space fit in ``CHUNK_BYTES``, so memory does not grow with the batch
+    size or the number of images. Each model stops as soon as its last observed
+    activation is in hand.
+    """
     spaces = [spec.space(s) for s in plan.merged_spaces]
-    observe = {}
+    observe: dict[str, list[str]] = {}
     for s in spaces:
         observe.setdefault(s.observe, []).append(s.name)
-    feats: dict[str, list] = {}
-    captured = []
+    acc: dict[str, CorrelationAccumulator] = {}
+    state = {"model": 0, "captured": 0, "chunk": 0}
 
     def hook_for(module_name):
         def hook(_module, args):
+            x = args[0]
             for space in observe[module_name]:
-                feats[space].append(args[0])
-            captured.append(module_name)
-            if len(captured) == len(observe):
+                if space not in acc:
+                    acc[space] = CorrelationAccumulator([x.shape[1]] * len(sources), device=device)
+                if state["model"] == 0:
+                    acc[space].begin(x.numel() // x.shape[1])
+                acc[space].add_model(state["model"], x)
+            state["captured"] += 1
+            if state["captured"] == len(observe):
                 raise _Enough
         return hook
 
@@ -161,28 +175,31 @@ def collect_correlations(sources: list[Source], spec: Spec, plan: StopPlan, stre
     for src in sources:
         modules = dict(src.model.named_modules())
         handles += [modules[m].register_forward_pre_hook(hook_for(m)) for m in observe]
-    acc = {}
+    chunk = None
     report.start("calibration", len(stream))
     try:
-        for x in stream.batches():
-            x = x.to(device)
-            for s in spaces:
-                feats[s.name] = []
-            for src in sources:
-                captured.clear()
-                try:
-                    src.model(x)
-                except _Enough:
-                    pass
-            for s in spaces:
-                batch = feats[s.name]
-                if not all(torch.isfinite(f).all() for f in batch):
-                    raise MergeError(f"activations of feature space {s.name!r} became NaN or Inf during calibration",
-                                     "the checkpoints or images produce non-finite values; check their dtype and range")
-                if s.name not in acc:
-                    acc[s.name] = CorrelationAccumulator(sum(f.shape[1] for f in batch), device=device)
-                acc[s.name].update(batch)
-            report.advance(x.shape[0])
+        for batch in stream.batches():
+            batch = batch.to(device)
+            start = 0
+            while start < batch.shape[0]:
+                size = chunk or 1
+                x = batch[start:start + size]
+                for i, src in enumerate(sources):
+                    state["model"], state["captured"] = i, 0
+                    try:
+                        src.model(x)
+                    except _Enough:
+                        pass
+                for name, a in acc.items():
+                    if not a.end():
+                        raise MergeError(f"activations of feature space {name!r} became NaN or Inf during "
+                                         "calibration", "the checkpoints or images produce non-finite values; "
+                                         "check their dtype and range")
+                if chunk is None:  # size the chunks from what one image costs
+                    per_image = sum(a.buffer.numel() * 4 for a in acc.values())
+                    chunk = max(1, min(stream.batch_size, CHUNK_BYTES // max(per_image, 1)))
+                start += size
+                report.advance(size)
     finally:
         for h in handles:
             h.remove()
@@ -234,7 +251,10 @@ def merge(checkpoints: list[str | Path], spec: Spec, calib: str | Path, options:
         matches[name] = m
         stats.append({"space": name, "size": size,
                       "mean_corr": None if corr is None else round(m.mean_merged_correlation(corr), 6),
-                      "within_share": round(m.within_merges / m.total_merges, 6) if m.total_merges else 0.0})
+                      "within_share": round(m.within_merges / m.total_merges, 6) if m.total_merges else 0.0,
+                      "budget_lifted": m.budget_lifted})
+        if m.budget_lifted:
+            report.warn(f"space {name}: zipit could not finish within the beta budget and lifted it")
         report.advance()
     report.done()
     timings["matching"] = time.perf_counter() - t
