@@ -64,7 +64,7 @@ def main() -> None:
         common = ["--calib", a.calib, "--num-calib", str(a.num_calib), "--batch-size", str(a.batch_size)]
         floor_cmd = [sys.executable, str(HERE / "floor.py"), "--arch", a.arch, *common, *ckpts]
         merge_cmd = [sys.executable, "-m", "zipcli", "merge", *ckpts, "--arch", a.arch, *common, "--quiet",
-                     "--json", "-o", str(Path(d) / "out.safetensors"), "--force"]
+                     "--json", "--alpha", "0.3", "--beta", "0.125", "-o", str(Path(d) / "out.safetensors"), "--force"]
         if a.no_reset_bn:
             merge_cmd.append("--no-reset-bn")
         floor_wall, floor_mem, floor_out = timed(floor_cmd)

@@ -56,9 +56,10 @@ def merge_cmd(
                                        "layers become one head per model. Default: all but the classifiers. "
                                        "'output' also merges the classifiers (identical classes only)."),
     method: str = typer.Option("zipit", "--method", help=f"Matching: {', '.join(METHODS)}."),
-    alpha: float = typer.Option(0.3, "--alpha", help="zipit: weight of an already merged feature's correlations "
-                                "(repeated matching), in [0, 1]."),
-    beta: float = typer.Option(0.125, "--beta", help="zipit: share of merges allowed within one model, in [0, 1]."),
+    alpha: str = typer.Option("0.3", "--alpha", help="zipit: weight of an already merged feature's correlations "
+                              "(repeated matching), in [0, 1], or 'auto': chosen on held-out calibration images."),
+    beta: str = typer.Option("0.125", "--beta", help="zipit: share of merges allowed within one model, in [0, 1], or "
+                             "'auto' (see --alpha)."),
     num_calib: int = typer.Option(512, "--num-calib", help="Calibration images to sample (all if fewer)."),
     seed: int = typer.Option(0, "--seed", help="Seed for sampling and augmentation."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
@@ -85,7 +86,8 @@ def merge_cmd(
         if output.suffix != ".safetensors":
             raise ZipitError(f"output {str(output)!r} must end in .safetensors", "e.g. -o merged.safetensors")
         arch_spec = load_spec(arch=arch, path=spec)
-        options = MergeOptions(method=method, alpha=alpha, beta=beta, stop=stop, num_calib=num_calib, seed=seed,
+        options = MergeOptions(method=method, alpha=_auto_or_float(alpha, "--alpha"),
+                               beta=_auto_or_float(beta, "--beta"), stop=stop, num_calib=num_calib, seed=seed,
                                batch_size=batch_size, augment=augment, reset_bn=reset_bn, device=device,
                                dtype=dtype, classes=[parse_classes(c) for c in classes] if classes else None)
         t0 = time.perf_counter()
@@ -101,6 +103,17 @@ def merge_cmd(
             _render_merge_summary(summary)
         if json_out:
             print_json(summary)
+
+
+def _auto_or_float(value: str, option: str) -> float | None:
+    """'auto' -> None (tune it); otherwise a number."""
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise ZipitError(f"{option} {value!r} is neither a number nor 'auto'",
+                         f"e.g. {option} 0.3 or {option} auto") from None
 
 
 def _render_merge_summary(s: dict) -> None:
@@ -154,7 +167,13 @@ def inspect_cmd(
 def _render_merged(f: dict) -> None:
     from .console import out
     cal, p, m = f["calibration"], f["parameters"], f["macs"]
-    params = ", ".join(f"{k} {v}" for k, v in f["params"].items()) or "none"
+    tuning = f["params"].get("tuning")
+    params = ", ".join(f"{k} {v}" for k, v in f["params"].items() if k != "tuning") or "none"
+    if tuning and tuning["candidates"]:
+        params += f"; tuned: lowest divergence of {len(tuning['candidates'])} candidates on " \
+                  f"{tuning['held_out_images']} held-out images"
+    elif tuning:
+        params += f"; not tuned: {tuning['reason']}"
     out.print(f"[bold]{escape(f['file'])}[/]  ({f['format']}, written by zipit {f['zipit_version']})")
     out.print(f"  architecture  {escape(str(f['spec']))}, shared up to [bold]{f['stop']}[/]")
     out.print(f"  method        {f['method']} ({params})")
@@ -179,6 +198,24 @@ def _render_merged(f: dict) -> None:
         corr = "–" if s["mean_corr"] is None else f"{s['mean_corr']:.3f}"
         spaces.add_row(escape(s["space"]), str(s["size"]), corr, f"{s['within_share']:.1%}")
     out.print(spaces)
+    if tuning and tuning["candidates"]:
+        out.print(_tuning_grid(tuning))
+
+
+def _tuning_grid(tuning: dict) -> Table:
+    """Candidates' held-out agreement as a beta x alpha grid, the chosen one in bold."""
+    alphas = sorted({c["alpha"] for c in tuning["candidates"]})
+    grid = Table(title="alpha/beta tuning (divergence from the sources on held-out images; chosen in bold)", title_justify="left", show_edge=False)
+    grid.add_column("beta \\ alpha")
+    for a in alphas:
+        grid.add_column(f"{a:g}", justify="right")
+    chosen = (tuning["chosen"]["alpha"], tuning["chosen"]["beta"])
+    for b in sorted({c["beta"] for c in tuning["candidates"]}):
+        cells = {c["alpha"]: c["score"] for c in tuning["candidates"] if c["beta"] == b}
+        grid.add_row(f"{b:g}", *("–" if a not in cells else
+                                 (f"[bold]{cells[a]:.4f}[/]" if (a, b) == chosen else f"{cells[a]:.4f}")
+                                 for a in alphas))
+    return grid
 
 
 def _render_checkpoint(f: dict) -> None:

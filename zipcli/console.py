@@ -48,6 +48,10 @@ class RichReporter:
     def warn(self, message: str) -> None:
         err.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            (self.progress.console if self.progress is not None else err).print(escape(message), soft_wrap=True)
+
 
 def print_json(data) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")

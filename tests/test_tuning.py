@@ -1,0 +1,162 @@
+"""Label-free alpha/beta tuning: held-out split, no labels, determinism, fallback, metadata."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import zipcli.evaluate
+import zipcli.pipeline
+from zipcli import MergeOptions, merge
+from zipcli.cli import app
+from zipcli.merged import read_metadata
+from zipcli.tuning import (MIN_HOLDOUT, HeldOut, Setting, agreement, candidate_settings, claims, divergence, search,
+                           split_holdout)
+
+from conftest import make_images, random_model, save_checkpoint, small_spec
+from typer.testing import CliRunner
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tune")
+    spec = small_spec("resnet20")
+    calib = make_images(root / "calib", 72, 32, seed=7, classes=["c0", "c1", "c2"])
+    a = save_checkpoint(root / "A.pt", random_model(spec, 2, 1, calib).state_dict(), ["a0", "a1"])
+    b = save_checkpoint(root / "B.pt", random_model(spec, 3, 2, calib).state_dict(), ["b0", "b1", "b2"])
+    return {"spec": spec, "calib": calib, "paths": [a, b], "root": root}
+
+
+def test_held_out_images_are_spare_folder_images_when_there_are_any():
+    files = [f"f{i:04d}" for i in range(1000)]
+    sample = files[::4]
+    fit, held = split_holdout(files, sample, 0)
+    assert fit == sample and len(held) == 256 and not set(held) & set(sample) and set(held) <= set(files)
+    assert (fit, held) == split_holdout(files, sample, 0) and held != split_holdout(files, sample, 1)[1]
+
+
+def test_without_spare_images_a_seeded_share_of_the_sample_is_held_out():
+    files = [f"f{i}" for i in range(200)]
+    fit, held = split_holdout(files, files, 0)
+    assert len(held) == 50 and not set(fit) & set(held) and sorted(fit + held) == sorted(files)
+    assert (fit, held) == split_holdout(files, files, 0) and held != split_holdout(files, files, 1)[1]
+    small = files[: 4 * MIN_HOLDOUT - 1]
+    assert split_holdout(small, small, 0) == (small, [])
+
+
+def test_grid_holds_given_values_fixed_and_skips_alpha_at_beta_zero_for_two_models():
+    assert all(s.alpha == 0.5 for s in candidate_settings(3, alpha=0.5))
+    assert all(s.beta == 0.25 for s in candidate_settings(2, beta=0.25))
+    two = candidate_settings(2)
+    assert sum(s.beta == 0 for s in two) == 1 and len({(s.alpha, s.beta) for s in two}) == len(two)
+
+
+def test_claimed_agreement_scores_each_head_on_the_images_its_source_claims():
+    # source 0 is sure about images 0-1, source 1 about images 2-3
+    t0 = torch.tensor([[9.0, 0], [0, 9], [1, 0], [0, 1]])
+    t1 = torch.tensor([[1.0, 0, 0], [0, 1, 0], [9, 0, 0], [0, 0, 9]])
+    assert claims([t0, t1]).tolist() == [0, 0, 1, 1]
+    h0 = torch.tensor([[1.0, 0], [0, 1], [0, 1], [1, 0]])   # right on its claimed images, wrong elsewhere
+    h1 = torch.tensor([[0.0, 1, 0], [1, 0, 0], [1, 0, 0], [0, 1, 0]])  # half right on its own
+    assert agreement([h0, h1], [t0, t1]) == pytest.approx((1.0 + 0.5) / 2)
+    assert agreement([h0, h1], [t0, t1], claimed_only=False) == pytest.approx((0.5 + 0.25) / 2)
+
+
+def test_divergence_is_zero_for_the_source_itself_and_only_counts_claimed_images():
+    t0 = torch.tensor([[9.0, 0], [0, 9], [1, 0], [0, 1]])
+    t1 = torch.tensor([[1.0, 0, 0], [0, 1, 0], [9, 0, 0], [0, 0, 9]])
+    assert divergence([t0, t1], [t0, t1]) == pytest.approx(0.0, abs=1e-6)
+    off_task = t0.clone()
+    off_task[2:] = torch.tensor([[0.0, 5], [5, 0]])   # head 0 wrong only on images source 1 claims
+    assert divergence([off_task, t1], [t0, t1]) == pytest.approx(0.0, abs=1e-6)
+    assert divergence([off_task, t1], [t0, t1], claimed_only=False) > 0.1
+
+
+def test_search_takes_the_first_best_and_scores_each_distinct_matching_once():
+    held = HeldOut(torch.zeros(4, 1), [torch.eye(2)[[0, 1, 0, 1]]])
+    built = []
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, right):
+            super().__init__()
+            self.right = right
+
+        def forward(self, x):
+            n = x.shape[0]
+            good = torch.eye(2)[[0, 1, 0, 1]][:n]
+            return [good if self.right else 1 - good]
+
+    def prepare(s: Setting):
+        key = s.beta > 0.1
+        return key, lambda: built.append(s) or Fixed(key)
+
+    settings = [Setting(1.0, 0.0), Setting(0.3, 0.125), Setting(1.0, 0.125), Setting(0.3, 0.25)]
+    result = search(prepare, held, settings)
+    assert result.chosen == Setting(0.3, 0.125) and len(built) == 2
+    scores = [t.score for t in result.trials]
+    assert scores[0] > 0 and scores[1] == scores[2] == scores[3] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_auto_never_reads_labels_or_held_out_images_for_correlations(pair, monkeypatch):
+    def forbidden(*_a, **_k):
+        raise AssertionError("tuning touched labelled data")
+
+    monkeypatch.setattr(zipcli.evaluate, "labelled_images", forbidden)
+    monkeypatch.setattr(zipcli.evaluate, "labelled_batches", forbidden)
+    seen = {}
+    real = zipcli.pipeline.collect_correlations
+
+    def spy(sources, spec, plan, stream, device, report):
+        seen["files"] = list(stream.files)
+        return real(sources, spec, plan, stream, device, report)
+
+    monkeypatch.setattr(zipcli.pipeline, "collect_correlations", spy)
+    result = merge(pair["paths"], pair["spec"], pair["calib"], MergeOptions(stop="layer2", alpha=None, beta=None))
+    tuning = result.metadata["params"]["tuning"]
+    assert result.metadata["calibration"]["held_out"] == 18 and tuning["held_out_images"] == 18
+    assert len(seen["files"]) == 72 - 18 == result.metadata["calibration"]["num_images"]
+    assert len(tuning["candidates"]) == len(candidate_settings(2))
+    chosen = tuning["chosen"]
+    assert (chosen["alpha"], chosen["beta"]) == (result.metadata["params"]["alpha"], result.metadata["params"]["beta"])
+    best = min(c["score"] for c in tuning["candidates"])
+    first_best = next(c for c in tuning["candidates"] if c["score"] == best)
+    assert (first_best["alpha"], first_best["beta"]) == (chosen["alpha"], chosen["beta"])
+
+
+def test_auto_is_deterministic_for_a_seed_and_recorded_by_the_cli(pair, tmp_path):
+    outs = [tmp_path / f"{i}.safetensors" for i in range(2)]
+    for out in outs:
+        r = runner.invoke(app, ["merge", *map(str, pair["paths"]), "--arch", "resnet20", "--calib", str(pair["calib"]),
+                                "--stop", "layer1", "--alpha", "auto", "--beta", "auto", "-o", str(out)])
+        assert r.exit_code == 0, r.output
+        assert "chose alpha" in r.output and "divergence" in r.output
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    params = json.loads(read_metadata(outs[0])["params"])
+    assert params["tuning"]["candidates"] and params["tuning"]["reason"] == ""
+    shown = runner.invoke(app, ["inspect", str(outs[0])])
+    assert shown.exit_code == 0 and "tuned" in shown.output and "divergence" in shown.output
+    as_json = json.loads(runner.invoke(app, ["inspect", str(outs[0]), "--json"]).stdout)
+    assert as_json["params"]["tuning"]["chosen"] == params["tuning"]["chosen"]
+
+
+def test_too_few_images_fall_back_with_a_warning(pair, tmp_path):
+    calib = make_images(tmp_path / "few", 20, 32, seed=9)
+    out = tmp_path / "m.safetensors"
+    r = runner.invoke(app, ["merge", *map(str, pair["paths"]), "--arch", "resnet20", "--calib", str(calib),
+                            "--alpha", "auto", "--beta", "auto", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "too few to hold any out" in r.output
+    params = json.loads(read_metadata(out)["params"])
+    assert (params["alpha"], params["beta"]) == (0.3, 0.125)
+    assert params["tuning"]["candidates"] == [] and "too few" in params["tuning"]["reason"]
+
+
+def test_explicit_values_override_auto(pair, tmp_path):
+    result = merge(pair["paths"], pair["spec"], pair["calib"], MergeOptions(alpha=0.5, beta=0.25, stop="layer1"))
+    assert result.metadata["params"] == {"alpha": 0.5, "beta": 0.25}
+    r = runner.invoke(app, ["merge", *map(str, pair["paths"]), "--arch", "resnet20", "--calib", str(pair["calib"]),
+                            "--alpha", "x", "-o", str(tmp_path / "m.safetensors")])
+    assert r.exit_code == 2 and "--alpha 'x'" in r.output and "auto" in r.output

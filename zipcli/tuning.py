@@ -1,0 +1,169 @@
+"""Label-free choice of zipit's alpha and beta.
+
+A part of the calibration images is held out. Each candidate setting is merged
+(from correlations measured once on the rest), and scored by how closely each
+head of the merged model reproduces its own source model on the held-out
+images that source is most confident about (its own task's images, as far as
+can be told without labels). Nothing here can see labels: the held-out set is images and the source
+models' outputs, nothing else.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Hashable, Iterable, Sequence
+
+import torch
+import torch.nn as nn
+
+HOLDOUT = 256              # images that score candidates: enough to rank settings, bounded time
+HOLDOUT_FRACTION = 0.25     # share of the calibration sample held out when the folder has no spare images
+MIN_HOLDOUT = 16            # fewer held-out images than this cannot rank settings
+MAX_BN_IMAGES = 128         # images for each candidate's BatchNorm reset
+FALLBACK = (0.3, 0.125)     # the paper's defaults, used when nothing can be held out
+
+
+@dataclass(frozen=True)
+class Setting:
+    alpha: float
+    beta: float
+
+
+def candidate_settings(n_models: int, alpha: float | None = None, beta: float | None = None) -> list[Setting]:
+    """The grid searched; a given ``alpha`` or ``beta`` is held fixed.
+
+    With two models alpha only matters once beta allows within-model merges,
+    so beta 0 is tried once.
+    """
+    alphas = (0.1, 0.3, 0.5, 1.0) if alpha is None else (alpha,)
+    betas = (0.0, 0.0625, 0.125, 0.25, 0.5) if beta is None else (beta,)
+    grid = [Setting(a, b) for b in betas for a in alphas]
+    if n_models == 2:
+        grid = [s for s in grid if s.beta > 0 or s.alpha == alphas[-1]]
+    return grid
+
+
+def split_holdout(all_files: Sequence, sample: Sequence, seed: int) -> tuple[list, list]:
+    """(fit, held-out) files for tuning.
+
+    The held-out images are spare images of the folder, outside the calibration
+    sample, so correlations still use the whole sample and the tuned merge equals
+    a merge with the chosen values. A folder without ``MIN_HOLDOUT`` spare images
+    gives up a seeded share of the sample instead, and a sample too small to
+    spare ``MIN_HOLDOUT`` gives an empty held-out list.
+    """
+    gen = torch.Generator().manual_seed(seed + 1)
+    chosen = set(sample)
+    spare = [f for f in all_files if f not in chosen]
+    if len(spare) >= MIN_HOLDOUT:
+        order = torch.randperm(len(spare), generator=gen)[:HOLDOUT].sort().values.tolist()
+        return list(sample), [spare[i] for i in order]
+    n_held = min(HOLDOUT, int(len(sample) * HOLDOUT_FRACTION))
+    if n_held < MIN_HOLDOUT:
+        return list(sample), []
+    held = set(torch.randperm(len(sample), generator=gen)[:n_held].tolist())
+    return ([f for i, f in enumerate(sample) if i not in held],
+            [f for i, f in enumerate(sample) if i in held])
+
+
+@dataclass
+class HeldOut:
+    """Unlabelled images and what each source model outputs on them (its logits)."""
+
+    images: torch.Tensor
+    targets: list[torch.Tensor]
+
+    @classmethod
+    @torch.no_grad()
+    def from_sources(cls, images: torch.Tensor, models: Iterable[nn.Module], chunk: int = 32) -> "HeldOut":
+        targets = [torch.cat([m(x) for x in images.split(chunk)]) for m in models]
+        return cls(images, targets)
+
+
+@torch.no_grad()
+def head_outputs(model: nn.Module, images: torch.Tensor, n_heads: int, chunk: int = 32) -> list[torch.Tensor]:
+    outputs = [model(x) for x in images.split(chunk)]
+    return [torch.cat([o[i] for o in outputs]) for i in range(n_heads)]
+
+
+def claims(targets: list[torch.Tensor]) -> torch.Tensor:
+    """For each image, the source model most confident about it (max softmax): the label-free
+    stand-in for "an image of task i"."""
+    return torch.stack([t.softmax(1).amax(1) for t in targets]).argmax(0)
+
+
+def agreement(heads: list[torch.Tensor], targets: list[torch.Tensor], claimed_only: bool = True) -> float:
+    """Mean over heads of the share of images where head i predicts what source i predicts.
+
+    With ``claimed_only`` each head is scored on the images its source claims,
+    which mirrors per-task accuracy (each head judged on its own task's images)
+    with the sources' predictions standing in for labels.
+    """
+    owner = claims(targets) if claimed_only else None
+    shares = []
+    for i, (h, t) in enumerate(zip(heads, targets)):
+        same = h.argmax(1) == t.argmax(1)
+        if owner is not None:
+            same = same[owner == i]
+        shares.append(same.float().mean() if same.numel() else torch.tensor(1.0))
+    return float(sum(shares) / len(shares))
+
+
+def divergence(heads: list[torch.Tensor], targets: list[torch.Tensor], claimed_only: bool = True) -> float:
+    """Mean over heads of KL(source i || head i) on the images source i claims (or on all images)."""
+    owner = claims(targets) if claimed_only else None
+    kls = []
+    for i, (h, t) in enumerate(zip(heads, targets)):
+        if owner is not None:
+            h, t = h[owner == i], t[owner == i]
+        if len(t):
+            p = t.log_softmax(1)
+            kls.append(float((p.exp() * (p - h.log_softmax(1))).sum(1).mean()))
+    return sum(kls) / len(kls) if kls else 0.0
+
+
+def score(model: nn.Module, held: HeldOut) -> float:
+    """The tuning criterion (lower is better): how far each head's predicted distribution is from
+    its source's, on the images that source claims. Smoother than top-1 agreement, so a small
+    held-out set still ranks settings."""
+    return divergence(head_outputs(model, held.images, len(held.targets)), held.targets)
+
+
+@dataclass(frozen=True)
+class Trial:
+    setting: Setting
+    score: float
+
+
+@dataclass
+class TuningResult:
+    trials: list[Trial]
+    chosen: Setting
+    held_out: int
+    reason: str = ""            # why tuning fell back, if it did
+
+    def to_metadata(self) -> dict:
+        return {"criterion": "mean KL divergence of each head from its source on the held-out images that source "
+                             "claims (lower is better)",
+                "held_out_images": self.held_out, "reason": self.reason,
+                "chosen": {"alpha": self.chosen.alpha, "beta": self.chosen.beta},
+                "candidates": [{"alpha": t.setting.alpha, "beta": t.setting.beta, "score": round(t.score, 6)}
+                               for t in self.trials]}
+
+
+def search(prepare: Callable[[Setting], tuple[Hashable, Callable[[], nn.Module]]], held: HeldOut,
+           settings: Sequence[Setting], on_trial: Callable[[Trial], None] | None = None) -> TuningResult:
+    """Score every setting; the lowest score wins, ties go to the earlier setting.
+
+    ``prepare(setting)`` gives a key for the setting's matching and a function
+    that builds the model; settings that match alike share one score.
+    """
+    trials, scores = [], {}
+    for s in settings:
+        key, make = prepare(s)
+        if key not in scores:
+            scores[key] = score(make(), held)
+        trials.append(Trial(s, scores[key]))
+        if on_trial:
+            on_trial(trials[-1])
+    best = min(trials, key=lambda t: t.score)   # min keeps the first of equal scores
+    return TuningResult(trials, best.setting, len(held.images))
