@@ -152,7 +152,7 @@ def match_zipit(corr: np.ndarray, n_models: int, alpha: float = 0.3, beta: float
             row[:] = -np.inf                         # a merged pair never merges again
             penalty[i] = -np.inf
 
-    def refresh(rows: np.ndarray, chunk: int = 256) -> None:
+    def refresh(rows: np.ndarray, chunk: int = 32) -> None:
         """Best live column of each row; chunks bound the copies when many rows go stale at once."""
         for s in range(0, len(rows), chunk):
             r = rows[s:s + chunk]
