@@ -85,10 +85,13 @@ def match_permute(corr: np.ndarray, n_models: int) -> Match:
     assign[0] = np.arange(o)
     for i in range(1, n_models):
         block = np.nan_to_num(corr[:o, i * o:(i + 1) * o], nan=0.0)
-        cost = np.subtract(block.max(0), block, out=np.empty_like(block))
-        if np.isfinite(cost.sum()):
+        with np.errstate(over="ignore", invalid="ignore"):
+            cost = np.subtract(block.max(0), block, out=block)  # in place: the block is our copy
+            finite = np.isfinite(cost.sum())
+        if finite:
             rows, cols = linear_sum_assignment(cost)
         else:                                        # huge values overflow the shift: solve as given
+            block = np.nan_to_num(corr[:o, i * o:(i + 1) * o], nan=0.0)
             rows, cols = linear_sum_assignment(block, maximize=True)
         assign[i, cols] = rows
     return Match(assign, 0, (n_models - 1) * o)
