@@ -88,7 +88,8 @@ def main() -> None:
         merge([ZOO / "r20x1_c10a_s1.pt", ZOO / "r20x1_c10b_s2.pt"], "resnet20", 1024, a.calib, out, 1)
         if "images" in sweeps:
             pair = [ZOO / "r20x1_c10a_s1.pt", ZOO / "r20x1_c10b_s2.pt"]
-            rows = [(str(n), merge(pair, "resnet20", n, a.calib, out, a.repeat)) for n in (64, 128, 256, 512, 1024)]
+            rows = [(str(n), merge(pair, "resnet20", n, a.calib, out, a.repeat))
+                    for n in (64, 128, 256, 512, 1024)]
             table("(a) calibration images: zoo ResNet-20 x1 pair", "images", rows)
             n, wall = np.array([r["images"] for _, r in rows]), np.array([r["wall"] for _, r in rows])
             slope, intercept = np.polyfit(n, wall, 1)

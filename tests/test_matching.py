@@ -138,7 +138,8 @@ def test_zipit_matches_the_reference_implementation(n_models, kind):
         alpha, beta = float(rng.choice(alphas)), float(rng.choice([0.0, 0.1, 0.125, 0.3, 0.5, 1.0]))
         corr = _random_corr(rng, n_models, o, kind)
         before = corr.copy()
-        new, ref = match_zipit(corr, n_models, alpha, beta), _reference_match_zipit(corr, n_models, alpha, beta)
+        new = match_zipit(corr, n_models, alpha, beta)
+        ref = _reference_match_zipit(corr, n_models, alpha, beta)
         np.testing.assert_array_equal(corr, before)  # the input is left alone
         assert np.array_equal(new.assign, ref.assign), (o, alpha, beta)
         assert (new.within_merges, new.total_merges, new.budget_lifted) == \

@@ -197,7 +197,7 @@ def match_zipit(corr: np.ndarray, n_models: int, alpha: float = 0.3, beta: float
             m = owner[i]
             budget[m] -= 1
             if budget[m] == 0:
-                pure = owner == m                    # none is left once the budget was lifted
+                pure = owner == m                    # (never after a lift: such a group had a free pair)
                 sim[np.ix_(pure, pure)] = -np.inf
                 stale |= pure
         else:
