@@ -1,16 +1,19 @@
 """Benchmark 2: time of zipit greedy matching and of permute on correlations of real activations.
 
-Usage: python bench/matching.py [--calib DIR] [--images 64] [--size 128] [--repeat 3]
+Usage: python bench/matching.py [--calib DIR] [--images 64] [--size 128] [--repeat 3] [--compare]
 
 Correlations come from randomly initialised torchvision ResNet-50s run on calibration images:
 the layer4 residual stream (2 models x 2048 features) and the layer2 stream (4 models x 512).
-Prints the median of --repeat runs for each case.
+Prints a markdown table with the median (min-max) of --repeat runs for each case. --compare also
+times the implementations they replaced (tests/reference_matching.py) in the same run, as the
+machine is too noisy to compare seconds across runs.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,25 +47,40 @@ def correlation(n_models: int, space: str, calib: str, images: int, size: int):
     return collect_correlations(sources, spec, plan, stream, "cpu", SilentReporter())[space].correlation().numpy()
 
 
+def timed(fn, repeat: int) -> str:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return f"{statistics.median(times):.3f} s ({min(times):.3f}-{max(times):.3f})"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--calib", default=str(SHARED / "datasets/cifar10/train"))
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--compare", action="store_true", help="also time the replaced implementations")
     a = p.parse_args()
+    methods = [("zipit (α 0.3, β 0.125)", lambda c, n: match_zipit(c, n, 0.3, 0.125)),
+               ("permute", match_permute)]
+    if a.compare:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from reference_matching import _reference_match_permute, _reference_match_zipit
+        methods[1:1] = [("zipit before", lambda c, n: _reference_match_zipit(c, n, 0.3, 0.125))]
+        methods.append(("permute before", _reference_match_permute))
+    rows = []
     for n, space in ((2, "layer4.stream"), (4, "layer2.stream")):
         corr = correlation(n, space, a.calib, a.images, a.size)
         o = corr.shape[0] // n
-        for name, fn in (("zipit (α 0.3, β 0.125)", lambda: match_zipit(corr, n, 0.3, 0.125)),
-                         ("permute", lambda: match_permute(corr, n))):
-            times = []
-            for _ in range(a.repeat):
-                t = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t)
-            print(f"{n} models x {o} features ({space}): {name:<22} median {statistics.median(times):.3f} s "
-                  f"(min {min(times):.3f}, max {max(times):.3f})")
+        rows.append([f"{n} models × {o} features ({space})"] +
+                    [timed(lambda: fn(corr, n), a.repeat) for _, fn in methods])
+    print("| case | " + " | ".join(name for name, _ in methods) + " |")
+    print("|" + " --- |" * (len(methods) + 1))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
 
 
 if __name__ == "__main__":

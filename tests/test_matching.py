@@ -97,3 +97,69 @@ def test_out_of_range_hyperparameters_are_refused():
         match_zipit(np.eye(4), 2, beta=-0.1)
     with pytest.raises(ZipitError, match="unknown method"):
         match("nope", np.eye(4), 2)
+
+
+# --- the fast matchers against the implementations they replaced (tests/reference_matching.py) ---
+
+from reference_matching import _reference_match_permute, _reference_match_zipit  # noqa: E402
+
+
+def _random_corr(rng: np.random.Generator, n_models: int, o: int, kind: str) -> np.ndarray:
+    """Correlations of several flavours, ties and oddities included."""
+    big_n = n_models * o
+    x = rng.standard_normal((big_n, int(rng.integers(3, 60))))
+    if kind == "dead":                               # constant features: NaN rows, many ties at 0
+        x[rng.random(big_n) < 0.25] = 1.0
+    if kind == "shared":                             # models share features up to noise, as in practice
+        base = rng.standard_normal((o, x.shape[1]))
+        x = np.concatenate([base[rng.permutation(o)] + 0.5 * x[m * o:(m + 1) * o] for m in range(n_models)])
+    with np.errstate(all="ignore"):
+        corr = np.corrcoef(x)
+    if kind == "coarse":                             # few distinct values: ties everywhere
+        corr = np.round(corr, 1)
+    if kind == "asymmetric":                         # not a correlation, but both must agree anyway
+        corr = corr + 0.05 * rng.standard_normal(corr.shape)
+    if kind == "nonfinite":
+        corr[rng.random(corr.shape) < 0.02] = rng.choice([np.inf, -np.inf, np.nan])
+    return corr
+
+
+KINDS = ["plain", "dead", "shared", "coarse", "asymmetric", "nonfinite"]
+
+
+@pytest.mark.parametrize("n_models", [2, 3, 4])
+@pytest.mark.parametrize("kind", KINDS)
+def test_zipit_matches_the_reference_implementation(n_models, kind):
+    rng = np.random.default_rng([n_models, KINDS.index(kind)])
+    alphas = [0.0, 0.3, 0.5, 1.0] if n_models == 2 else [0.05, 0.3, 1.0]
+    lifted = 0
+    for _ in range(40):
+        o = int(rng.integers(1, 65 // n_models + 1))
+        alpha, beta = float(rng.choice(alphas)), float(rng.choice([0.0, 0.1, 0.125, 0.3, 0.5, 1.0]))
+        corr = _random_corr(rng, n_models, o, kind)
+        before = corr.copy()
+        new = match_zipit(corr, n_models, alpha, beta)
+        ref = _reference_match_zipit(corr, n_models, alpha, beta)
+        np.testing.assert_array_equal(corr, before)  # the input is left alone
+        assert np.array_equal(new.assign, ref.assign), (o, alpha, beta)
+        assert (new.within_merges, new.total_merges, new.budget_lifted) == \
+               (ref.within_merges, ref.total_merges, ref.budget_lifted)
+        lifted += ref.budget_lifted
+    if n_models > 2 and kind in ("plain", "coarse"):
+        assert lifted, "no case lifted the budget: that path went untested"
+
+
+@pytest.mark.parametrize("n_models", [2, 3, 4])
+def test_permute_matches_the_reference_implementation(n_models):
+    rng = np.random.default_rng(n_models)
+    for kind in KINDS:
+        for _ in range(5):
+            o = int(rng.integers(2, 65))
+            corr = _random_corr(rng, n_models, o, kind)
+            new, ref = match_permute(corr, n_models), _reference_match_permute(corr, n_models)
+            blocks = [np.nan_to_num(corr[:o, i * o:(i + 1) * o], nan=0.0) for i in range(n_models)]
+            for i in range(1, n_models):             # equally good; identical unless tied
+                got = blocks[i][new.assign[i], np.arange(o)].sum()
+                assert got == pytest.approx(blocks[i][ref.assign[i], np.arange(o)].sum(), rel=1e-12, abs=1e-9)
+            if kind in ("plain", "shared", "asymmetric"):
+                assert np.array_equal(new.assign, ref.assign), kind

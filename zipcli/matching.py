@@ -73,13 +73,26 @@ def match_average(corr: np.ndarray, n_models: int) -> Match:
 
 
 def match_permute(corr: np.ndarray, n_models: int) -> Match:
-    """Optimal one-to-one matching of every model onto the first (linear sum assignment)."""
+    """Optimal one-to-one matching of every model onto the first (linear sum assignment).
+
+    scipy's solver starts from zero dual variables. Handing it the cost "column
+    maximum minus correlation" (Jonker-Volgenant's column reduction: the same
+    optimum, every cost >= 0 and a zero in each column) lets its augmenting
+    paths end sooner: about twice as fast on real correlations.
+    """
     o = _check(corr, n_models)
     assign = np.empty((n_models, o), dtype=np.int64)
     assign[0] = np.arange(o)
     for i in range(1, n_models):
         block = np.nan_to_num(corr[:o, i * o:(i + 1) * o], nan=0.0)
-        rows, cols = linear_sum_assignment(block, maximize=True)
+        with np.errstate(over="ignore", invalid="ignore"):
+            cost = np.subtract(block.max(0), block, out=block)  # in place: the block is our copy
+            finite = np.isfinite(cost.sum())
+        if finite:
+            rows, cols = linear_sum_assignment(cost)
+        else:                                        # huge values overflow the shift: solve as given
+            block = np.nan_to_num(corr[:o, i * o:(i + 1) * o], nan=0.0)
+            rows, cols = linear_sum_assignment(block, maximize=True)
         assign[i, cols] = rows
     return Match(assign, 0, (n_models - 1) * o)
 
@@ -103,7 +116,11 @@ def match_zipit(corr: np.ndarray, n_models: int, alpha: float = 0.3, beta: float
     with three or more models) the budget is lifted and ``budget_lifted`` says so.
 
     Each row's best column is cached and only rows whose best pair was touched
-    are searched again, so a step costs O(N) instead of O(N^2).
+    are searched again. To keep a step to one row and one column write:
+    forbidden pairs are stored as -inf in the working matrix (the minimum then
+    passes them on to a merged group by itself), merged-away columns are masked
+    by a penalty vector instead of being overwritten, and lifting the budget
+    rebuilds the matrix by replaying the merges on the true correlations.
     """
     o = _check(corr, n_models)
     if not 0 <= alpha <= 1:
@@ -114,67 +131,85 @@ def match_zipit(corr: np.ndarray, n_models: int, alpha: float = 0.3, beta: float
         raise ZipitError("--alpha 0 cannot merge more than two models (groups must grow past pairs)",
                          "use an alpha in (0, 1], e.g. 0.3")
     big_n = n_models * o
-    sim = np.array(corr, dtype=np.float64, copy=True)
-    sim[~np.isfinite(sim)] = 0.0
-    np.fill_diagonal(sim, -np.inf)
+    sim = np.empty((big_n, big_n))
+    penalty = np.zeros(big_n)                        # -inf on columns no row may pick any more
+    merges: list[tuple[int, int]] = []
+
+    def load() -> None:
+        """The cleaned correlations, then the merges so far replayed on them (no budget)."""
+        sim[...] = corr
+        if not np.isfinite(sim.sum()):               # one cheap pass; the mask only when needed
+            sim[~np.isfinite(sim)] = 0.0
+        np.fill_diagonal(sim, -np.inf)
+        for i, j in merges:
+            combine(i, j)
+
+    def combine(i: int, j: int) -> None:
+        """Row and column i become the merged group's correlations (exact on live columns)."""
+        row = sim[i]
+        if alpha > 0:
+            np.minimum(row, sim[j], out=row)
+            np.multiply(row, alpha, out=row, where=row > 0)
+            sim[:, i] = row
+        else:
+            row[:] = -np.inf                         # a merged pair never merges again
+            penalty[i] = -np.inf
+
+    def refresh(rows: np.ndarray, chunk: int = 32) -> None:
+        """Best live column of each row; chunks bound the copies when many rows go stale at once."""
+        for s in range(0, len(rows), chunk):
+            r = rows[s:s + chunk]
+            cand = sim[r]
+            cand += penalty
+            col = cand.argmax(1)
+            best_col[r] = col
+            best_val[r] = cand[np.arange(len(r)), col]
+
+    relaxed = False                                  # set if the budget ever had to be lifted
+    load()
     owner = np.repeat(np.arange(n_models), o)       # model of a pure group; -1 mixed; -2 merged away
     budget = np.full(n_models, same_model_budget(beta, n_models, o))
-    forbidden = np.zeros((big_n, big_n), dtype=bool)  # pairs the budget rules out (inherited like -inf)
     for m in range(n_models):
         if budget[m] == 0:
-            forbidden[m * o:(m + 1) * o, m * o:(m + 1) * o] = True
-    forbidden_any = [bool(forbidden.any())]
-    group = np.arange(big_n)                         # current group (its surviving row) of each feature
+            sim[m * o:(m + 1) * o, m * o:(m + 1) * o] = -np.inf
     best_col = np.zeros(big_n, dtype=np.int64)
     best_val = np.full(big_n, -np.inf)
-    relaxed = False                                  # set if the budget ever had to be lifted
-
-    def refresh(rows: np.ndarray) -> None:
-        mask = None if relaxed or not forbidden_any[0] else forbidden[rows]
-        cand = sim[rows] if mask is None or not mask.any() else np.where(mask, -np.inf, sim[rows])
-        best_col[rows] = cand.argmax(1)
-        best_val[rows] = cand[np.arange(len(rows)), best_col[rows]]
-        best_val[rows[owner[rows] == -2]] = -np.inf
-
     refresh(np.arange(big_n))
     within = 0
     for _ in range(big_n - o):
         i = int(best_val.argmax())
-        if not np.isfinite(best_val[i]):
+        if best_val[i] == -np.inf:
             if relaxed:
                 raise ZipitError("zipit matching ran out of pairs", "use --method permute")
             relaxed = True                           # only budget-forbidden pairs remain: lift the budget
+            load()
             refresh(np.flatnonzero(owner != -2))
             i = int(best_val.argmax())
         j = int(best_col[i])
         i, j = min(i, j), max(i, j)
-        is_within = owner[i] >= 0 and owner[i] == owner[j]
-        group[group == j] = i
-        merged = np.minimum(sim[i], sim[j])
-        merged = np.where(merged > 0, alpha * merged, merged) if alpha > 0 else np.full_like(merged, -np.inf)
-        sim[i, :] = merged
-        sim[:, i] = merged
-        sim[i, i] = sim[j, :] = sim[:, j] = -np.inf
-        if forbidden_any[0]:
-            forbidden[i, :] |= forbidden[j, :]
-            forbidden[:, i] = forbidden[i, :]
+        merges.append((i, j))
+        combine(i, j)
+        penalty[j] = -np.inf
         stale = (best_col == i) | (best_col == j)
         stale[i] = True
-        if is_within:
+        if owner[i] >= 0 and owner[i] == owner[j]:   # within-model merge
             within += 1
             m = owner[i]
             budget[m] -= 1
             if budget[m] == 0:
-                pure = np.flatnonzero(owner == m)
-                forbidden[np.ix_(pure, pure)] = True
-                forbidden_any[0] = True
-                stale[pure] = True
+                pure = owner == m                    # (never after a lift: such a group had a free pair)
+                sim[np.ix_(pure, pure)] = -np.inf
+                stale |= pure
         else:
             owner[i] = -1
         owner[j] = -2
         best_val[j] = -np.inf
+        best_col[j] = -1                             # a dead row is never searched again
         stale[j] = False
         refresh(np.flatnonzero(stale))
+    group = np.arange(big_n)                         # replay merges backwards: j ends where i ends
+    for i, j in reversed(merges):
+        group[j] = group[i]
     survivors = np.unique(group)
     index = np.searchsorted(survivors, group)
     return Match(index.reshape(n_models, o).astype(np.int64), within, big_n - o, relaxed)
