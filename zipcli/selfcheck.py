@@ -16,7 +16,9 @@ from .graph import NORM_LIKE, ModelGraph, on_channels
 def permute_state_dict(graph: ModelGraph, state: dict[str, torch.Tensor],
                        perms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Apply ``perms[space]`` to every writer's output channels and every reader's input channels."""
-    out = dict(state)
+    out = state.copy()
+    if hasattr(state, "_metadata"):
+        out._metadata = state._metadata  # version numbers that some modules' loaders need (MNASNet)
     for key, t in state.items():
         module, _, attr = key.rpartition(".")
         if attr == "num_batches_tracked" or t.dim() == 0:
@@ -63,7 +65,9 @@ def self_check(graph: ModelGraph, example: torch.Tensor, seed: int = 0) -> float
     """Largest relative change of the outputs when every space is permuted (float32: about 1e-7)."""
     model = graph.model.eval()
     reference = model(example)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    for key, value in state.items():
+        state[key] = value.clone()
     try:
         model.load_state_dict(permute_state_dict(graph, state, random_permutations(graph, seed)))
         permuted = model(example)

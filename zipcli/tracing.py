@@ -33,7 +33,8 @@ SAME_CHANNEL_MODULES = (
     nn.Dropout, nn.Dropout2d, nn.Identity, nn.MaxPool2d, nn.AvgPool2d,
     nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
 )
-POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d)
+OBSERVE_THROUGH_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten,
+                           nn.Dropout, nn.Dropout2d, nn.Identity)
 SAME_CHANNEL_FUNCTIONS = {
     F.relu, torch.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.leaky_relu, F.elu, torch.tanh,
     torch.sigmoid, F.sigmoid, F.hardsigmoid, F.mish, F.softplus,
@@ -50,6 +51,8 @@ ATTENTION = {torch.matmul, operator.matmul, torch.bmm, torch.einsum, F.softmax, 
              "matmul", "bmm", F.scaled_dot_product_attention}
 ATTENTION_MODULES = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.Softmax)
 NO_TENSOR = {"size", "dim", operator.getitem, getattr}
+OBSERVE_THROUGH_FUNCTIONS = RESHAPES | {F.dropout, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
+                                        F.adaptive_max_pool2d}
 
 
 class _Vars:
@@ -165,6 +168,7 @@ class _Tracer:
         return a
 
     def run(self) -> None:
+        self.refuse_attention()
         for idx, node in enumerate(self.gm.graph.nodes):
             self.order.setdefault(node.target if node.op == "call_module" else node.name, idx)
             if node.op == "placeholder":
@@ -180,12 +184,19 @@ class _Tracer:
                 outs = node.args[0] if isinstance(node.args[0], (tuple, list)) else [node.args[0]]
                 self.outputs = [self.input(node, o) for o in outs]
 
+    def refuse_attention(self) -> None:
+        """Attention is refused up front: its reshapes would otherwise be reported first."""
+        for node in self.gm.graph.nodes:
+            if node.op == "call_module" and isinstance(self.modules[node.target], ATTENTION_MODULES):
+                raise _refuse(node, f"attention ({type(self.modules[node.target]).__name__}): its heads and "
+                                    "softmax mix channels, which zipit cannot merge")
+            if node.op in ("call_function", "call_method") and node.target in ATTENTION:
+                raise _refuse(node, f"{_name(node.target)!r}, which mixes channels (attention or a matrix product)")
+
     def module(self, node: fx.Node, m: nn.Module) -> Layout | None:
         name = node.target
         if any(True for _ in m.parameters()) and self.calls[name] > 1:
             raise _refuse(node, "a layer whose weights are used more than once")
-        if isinstance(m, ATTENTION_MODULES):
-            raise _refuse(node, f"attention ({type(m).__name__}): heads and softmax mix channels")
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             return self.weighted(node, m)
         x = self.input(node, node.args[0])
@@ -234,6 +245,8 @@ class _Tracer:
         return Layout(x.segments, x.block * math.prod(src[2:]))
 
     def function(self, node: fx.Node, t) -> Layout | None:
+        if _shape(node) is None and all(self.layout.get(a) is None for a in node.all_input_nodes):
+            return None  # arithmetic on sizes and other plain values
         tensors = [a for a in node.args if isinstance(a, fx.Node) and _shape(a) is not None]
         if t in ADDS:
             if not tensors:
@@ -251,8 +264,6 @@ class _Tracer:
             return self.input(node, tensors[0]) if tensors else None
         if t in CONCATS:
             return self.concat(node)
-        if t in ATTENTION:
-            raise _refuse(node, f"{_name(t)!r}, which mixes channels (attention or a matrix product)")
         if t in SAME_CHANNEL_FUNCTIONS or t in SAME_CHANNEL_METHODS:
             return self.input(node, node.args[0])
         if t in RESHAPES:
@@ -319,44 +330,60 @@ def trace_spaces(model: nn.Module, example: torch.Tensor) -> dict:
                             "layer", "zipit needs every feature space to end in a convolution or linear layer")
         for key in ("writers", "readers"):
             g[key].sort(key=lambda m: tr.order[m.module])
-        spaces.append({"writers": g["writers"], "readers": g["readers"], "observe": _observe_point(tr, g["readers"][-1])})
+        spaces.append({"writers": g["writers"], "readers": g["readers"], "root": root,
+                       "observe": _observe_point(tr, root, g["readers"][-1])})
     spaces.sort(key=lambda s: tr.order[s["writers"][0].module])
     _name_spaces(spaces, tr.modules)
-    return {"spaces": spaces, "classifiers": classifiers}
+    name_of = {s.pop("root"): s["name"] for s in spaces}
+    inputs = {}  # what each module's input holds: [(space name or None, member)]
+    for node in tr.gm.graph.nodes:
+        layout = tr.layout.get(node.args[0]) if node.op == "call_module" and node.args else None
+        if layout is not None and tr.calls[node.target] == 1:
+            inputs[node.target] = [(name_of.get(find(v)), m) for v, m in layout.members(node.target)]
+    return {"spaces": spaces, "classifiers": classifiers, "inputs": inputs}
 
 
 def _call_node(gm: fx.GraphModule, module: str) -> fx.Node:
     return next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == module)
 
 
-def _observe_point(tr: _Tracer, last_reader: Member) -> Member:
-    """The input of the space's last reader, or of a pooling module in front of it (more samples)."""
+def _observe_point(tr: _Tracer, root: int, last_reader: Member) -> Member:
+    """The input of the space's last reader, or of the earliest module in the chain of pooling,
+    dropout and flatten in front of it: the same channels, at more positions (more samples)."""
+    best = last_reader
     node = _call_node(tr.gm, last_reader.module).args[0]
-    while isinstance(node, fx.Node):
-        if node.op == "call_module" and isinstance(tr.modules[node.target], POOL_MODULES):
-            if tr.calls[node.target] > 1:
-                break
-            pooled = tr.layout[node.args[0]]
-            return Member(node.target, None if len(pooled.segments) == 1 else last_reader.start)
-        if node.op == "call_module" and isinstance(tr.modules[node.target], (nn.Flatten, nn.Dropout, nn.Identity)):
-            node = node.args[0]
-        elif node.op in ("call_function", "call_method") and node.target in RESHAPES | {F.dropout}:
-            node = node.args[0]
-        else:
-            break
-    return last_reader
+    while isinstance(node, fx.Node) and _passes_through(tr, node):
+        if node.op == "call_module" and tr.calls[node.target] == 1:
+            layout = tr.layout[node.args[0]]
+            best = next(m for v, m in layout.members(node.target) if tr.vars.find(v) == root)
+        node = node.args[0]
+    return best
+
+
+def _passes_through(tr: _Tracer, node: fx.Node) -> bool:
+    """Nodes that show each channel unchanged (at fewer positions, or flattened)."""
+    if node.op == "call_module":
+        return isinstance(tr.modules[node.target], OBSERVE_THROUGH_MODULES)
+    return node.op in ("call_function", "call_method") and node.target in OBSERVE_THROUGH_FUNCTIONS
 
 
 def _name_spaces(spaces: list[dict], modules: dict) -> None:
-    """Name single-writer spaces after their layer and residual streams after their stage."""
+    """Name single-writer spaces after their layer and residual streams after the blocks they span:
+    ``layer2.stream`` when it spans all of ``layer2``, ``features.2-3.stream`` when part of it."""
     used = Counter()
     for s in spaces:
-        convs = [w.module for w in s["writers"] if w.whole and isinstance(modules[w.module], CONV_LIKE)]
+        convs = [w.module for w in s["writers"] if w.whole and isinstance(modules[w.module], CONV_LIKE)
+                 and not is_depthwise(modules[w.module])]
         if len(convs) == 1:
             name = convs[0]
         else:
             stage = Counter(c.split(".")[0] for c in convs).most_common(1)[0][0]
-            name = f"{stage}.stream"
+            blocks = list(dict.fromkeys(c.split(".")[1] for c in convs if c.startswith(stage + ".")))
+            children = [n for n, _ in modules[stage].named_children()]
+            if not blocks or blocks == children:
+                name = f"{stage}.stream"
+            else:
+                name = f"{stage}.{blocks[0]}{'-' + blocks[-1] if len(blocks) > 1 else ''}.stream"
         used[name] += 1
         s["name"] = name if used[name] == 1 else f"{name}#{used[name]}"
 
@@ -402,16 +429,17 @@ def spec_document(name: str, builder: str, kwargs: dict, preprocess: dict, *, de
                   default_stop: str | None = None) -> dict:
     """Build the model, trace it and return a complete spec document (a YAML-ready dict).
 
-    Without ``stops``, the stage boundaries found by ``suggest_stops`` are used.
+    Without ``stops``, the stage boundaries found by ``suggest_stops`` are used. ``kwargs`` may
+    hold the number of classes for building; the spec leaves it out (merge sets it per checkpoint).
     """
     from .specs import FORMAT_VERSION, parse_spec
 
-    model, traced = _build_and_trace(builder, kwargs, preprocess["size"])
+    model, traced = build_and_trace(builder, kwargs, preprocess["size"])
     if not traced["classifiers"]:
         raise SpecError(f"cannot derive a spec for {name!r}: no convolution or linear layer writes the outputs",
                         "zipit needs a classifier layer at the end of the model")
     doc = {"format": FORMAT_VERSION, "name": name, "description": description, "builder": builder,
-           "kwargs": dict(kwargs), "num_classes_arg": num_classes_arg, "input": dict(preprocess),
+           "kwargs": {k: v for k, v in kwargs.items() if k != num_classes_arg}, "num_classes_arg": num_classes_arg, "input": dict(preprocess),
            "classifiers": traced["classifiers"], "stops": ["_"], "default_stop": "_",
            "spaces": [{"name": s["name"], "observe": str(s["observe"]), "writers": [str(m) for m in s["writers"]],
                        "readers": [str(m) for m in s["readers"]]} for s in traced["spaces"]]}
@@ -431,7 +459,7 @@ def spec_document(name: str, builder: str, kwargs: dict, preprocess: dict, *, de
     return doc
 
 
-def _build_and_trace(builder: str, kwargs: dict, size: int) -> tuple[nn.Module, dict]:
+def build_and_trace(builder: str, kwargs: dict, size: int) -> tuple[nn.Module, dict]:
     """Trace on the meta device (shapes without memory or compute), or on the CPU where the
     builder or model does not support it."""
     from .models import build
