@@ -71,18 +71,21 @@ def random_model(spec, num_classes: int, seed: int, calib: Path | None = None):
 
 @torch.no_grad()
 def _center_biases(model, x: torch.Tensor) -> None:
-    """Shift each biased layer's outputs to mean 0 on ``x``, layer by layer, so that models without
-    BatchNorm (VGG) have no channels that are dead on every image."""
-    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.bias is not None]
-    for layer in layers:
-        seen = []
-        handle = layer.register_forward_hook(lambda _m, _i, out: seen.append(out))
-        try:
-            model.train(False)(x)
-        finally:
-            handle.remove()
-        out = seen[0]
-        layer.bias -= out.mean([d for d in range(out.dim()) if d != 1])
+    """Shift each biased layer's outputs to mean 0 on ``x`` (one pass: each layer sees the centred
+    outputs of the layers before it), so that models without BatchNorm (VGG) have no channels that
+    are dead on every image."""
+    def center(layer, _inputs, out):
+        mean = out.mean([d for d in range(out.dim()) if d != 1])
+        layer.bias -= mean
+        return out - mean.view(-1, *([1] * (out.dim() - 2)))
+
+    handles = [m.register_forward_hook(center) for m in model.modules()
+               if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.bias is not None]
+    try:
+        model.train(False)(x)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @pytest.fixture(scope="session")

@@ -26,13 +26,17 @@ RECIPES = {
     **{name: dict(builder=f"torchvision.models:{name}", kwargs={}, preprocess=IMAGENET,
                   description=f"torchvision {name}") for name in TORCHVISION},
 }
+# DenseNet's stage boundaries lie one level deeper than the tracer looks: after each transition's
+# BatchNorm (its convolution then reads the merged features through U, in the heads).
+RECIPES["densenet121"]["stops"] = [f"features.transition{i}.norm" for i in (1, 2, 3)] + ["features"]
 
 
 def generate(name: str) -> str:
     from .tracing import dump_spec, spec_document
 
     r = RECIPES[name]
-    doc = spec_document(name, r["builder"], r["kwargs"], r["preprocess"], description=r["description"])
+    doc = spec_document(name, r["builder"], r["kwargs"], r["preprocess"], description=r["description"],
+                        stops=r.get("stops"))
     return dump_spec(doc)
 
 

@@ -134,14 +134,14 @@ class ModelGraph:
                 if isinstance(m, nn.GroupNorm) and m.num_groups not in (1, m.num_channels):
                     raise SpecError(f"writer {w.module!r} is a GroupNorm with {m.num_groups} groups",
                                     "channels may not move between groups: only 1 group or one per channel")
-                widths[w] = out_channels(m)
+                widths[("writer", w)] = out_channels(m)
                 self.writes.setdefault(w.module, []).append((space.name, w))
             for r in space.readers:
                 m = self._module(r.module, f"{where} reader", CONV_LIKE)
                 if isinstance(m, nn.Conv2d) and m.groups != 1:
                     raise SpecError(f"reader {r.module!r} is a grouped or depthwise convolution",
                                     "list a depthwise convolution as a writer of the space it reads")
-                widths[r] = in_channels(m)
+                widths[("reader", r)] = in_channels(m)
                 self.reads.setdefault(r.module, []).append((space.name, r))
             self._module(space.observe.module, f"{where} observe")
             if self.call_count[space.observe.module] != 1:
@@ -159,9 +159,9 @@ class ModelGraph:
             if s not in self.modules:
                 raise SpecError(f"spec {self.spec.name!r}: stop {s!r} is not a module of the model")
 
-    def _size_of(self, space, where: str, widths: dict[Member, int]) -> int:
+    def _size_of(self, space, where: str, widths: dict[tuple[str, Member], int]) -> int:
         """A space's width: that of its whole members; every slice must fit its module."""
-        whole = {str(m): w for m, w in widths.items() if m.whole}
+        whole = {f"{m} ({role})": w for (role, m), w in widths.items() if m.whole}
         if not whole:
             raise SpecError(f"spec {self.spec.name!r}: {where} has only slices (MODULE@OFFSET)",
                             "list at least one member whole, e.g. the convolution that writes the space")
@@ -170,7 +170,7 @@ class ModelGraph:
             raise SpecError(f"spec {self.spec.name!r}: space {space.name!r} has members of different widths: {detail}",
                             "every writer and reader of a space must have the same number of channels")
         size = next(iter(whole.values()))
-        for m, w in widths.items():
+        for (_, m), w in widths.items():
             if m.whole:
                 continue
             if w % m.block or m.start + size > w // m.block:

@@ -11,6 +11,8 @@ the layer named: a silently wrong spec would merge fine and give garbage.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import operator
 from collections import Counter
@@ -133,11 +135,12 @@ class _Tracer:
         model.eval()
         self.gm = trace(model)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints tracebacks
                 ShapeProp(self.gm).propagate(example)
         except Exception as exc:  # the user's model: any failure means this input does not fit it
+            cause = exc.__cause__ or exc
             raise ShapeError(f"the model fails on a {'x'.join(map(str, example.shape))} input: "
-                             f"{exc.__class__.__name__}: {str(exc)[:200]}",
+                             f"{cause.__class__.__name__}: {str(cause)[:200]}",
                              "check the input size (--size) and the builder's arguments") from None
         self.modules = dict(model.named_modules())
         self.vars = _Vars()
