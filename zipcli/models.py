@@ -94,7 +94,8 @@ def cifar_vgg11(width: int = 1, num_classes: int = 10) -> nn.Module:
 def canonical_builder(name: str) -> str:
     """``module:function`` for ``module:function``, ``package.module.function`` or a torchvision model name."""
     if not isinstance(name, str) or not name:
-        raise SpecError(f"builder {name!r} is not a name", "write e.g. torchvision.models.resnet50 or mypkg.models:build")
+        raise SpecError(f"builder {name!r} is not a name",
+                        "write e.g. torchvision.models.resnet50 or mypkg.models:build")
     if ":" in name:
         return name
     if "." in name:

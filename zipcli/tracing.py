@@ -302,7 +302,12 @@ class _Tracer:
 
 
 def trace_spaces(model: nn.Module, example: torch.Tensor) -> dict:
-    """Return ``{"spaces": [...], "classifiers": [...]}`` for ``model``, members as ``Member``s."""
+    """Trace ``model`` on ``example`` (any device, the meta device too) and derive its spaces.
+
+    Returns ``spaces`` (name, writers, readers, observe; members as ``Member``), ``classifiers``
+    and ``inputs``: for each module, which traced space each slice of its input holds (coverage
+    checks observe points with it).
+    """
     tr = _Tracer(model, example)
     tr.run()
     find = tr.vars.find
@@ -312,7 +317,8 @@ def trace_spaces(model: nn.Module, example: torch.Tensor) -> dict:
     groups: dict[int, dict] = {}
     for v, m in tr.writes:
         root = find(v)
-        if tr.vars.fixed[root] and isinstance(tr.modules[m.module], CONV_LIKE):
+        layer = tr.modules[m.module]
+        if tr.vars.fixed[root] and isinstance(layer, CONV_LIKE) and not is_depthwise(layer):
             raise SpecError(f"cannot derive feature spaces: the channels written by {m.module!r} are added to the "
                             "model input", "such channels cannot be permuted")
         if root not in class_vars and not tr.vars.fixed[root]:
@@ -340,7 +346,8 @@ def trace_spaces(model: nn.Module, example: torch.Tensor) -> dict:
     name_of = {s.pop("root"): s["name"] for s in spaces}
     inputs = {}  # what each module's input holds: [(space name or None, member)]
     for node in tr.gm.graph.nodes:
-        layout = tr.layout.get(node.args[0]) if node.op == "call_module" and node.args else None
+        arg = node.args[0] if node.op == "call_module" and node.args else None
+        layout = tr.layout.get(arg) if isinstance(arg, fx.Node) else None
         if layout is not None and tr.calls[node.target] == 1:
             inputs[node.target] = [(name_of.get(find(v)), m) for v, m in layout.members(node.target)]
     return {"spaces": spaces, "classifiers": classifiers, "inputs": inputs}
@@ -442,12 +449,13 @@ def spec_document(name: str, builder: str, kwargs: dict, preprocess: dict, *, de
         raise SpecError(f"cannot derive a spec for {name!r}: no convolution or linear layer writes the outputs",
                         "zipit needs a classifier layer at the end of the model")
     doc = {"format": FORMAT_VERSION, "name": name, "description": description, "builder": builder,
-           "kwargs": {k: v for k, v in kwargs.items() if k != num_classes_arg}, "num_classes_arg": num_classes_arg, "input": dict(preprocess),
-           "classifiers": traced["classifiers"], "stops": ["_"], "default_stop": "_",
+           "kwargs": {k: v for k, v in kwargs.items() if k != num_classes_arg}, "num_classes_arg": num_classes_arg,
+           "input": dict(preprocess),
+           "classifiers": traced["classifiers"], "stops": None, "default_stop": None,  # chosen on the graph below
            "spaces": [{"name": s["name"], "observe": str(s["observe"]), "writers": [str(m) for m in s["writers"]],
                        "readers": [str(m) for m in s["readers"]]} for s in traced["spaces"]]}
-    provisional = {**doc, "stops": traced["classifiers"][:1], "default_stop": traced["classifiers"][0]}  # stops: below
-    graph = ModelGraph(parse_spec(dump_spec(provisional), origin=name), model)
+    first = traced["classifiers"][0]  # a placeholder stop, to parse the spec before its stops are known
+    graph = ModelGraph(parse_spec(dump_spec({**doc, "stops": [first], "default_stop": first}), origin=name), model)
     if stops:
         for stop in stops:
             graph.cut(stop)
