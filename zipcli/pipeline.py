@@ -203,7 +203,7 @@ def collect_correlations(sources: list[Source], spec: Spec, plan: StopPlan, stre
                     per_image = sum(a.buffer.numel() * 4 for a in acc.values())
                     chunk = max(1, min(stream.batch_size, CHUNK_BYTES // max(per_image, 1)))
                 start += size
-                report.advance(size)
+                report.advance(x.shape[0])
     finally:
         for h in handles:
             h.remove()

@@ -390,7 +390,7 @@ def _name_spaces(spaces: list[dict], modules: dict) -> None:
             stage = Counter(c.split(".")[0] for c in convs).most_common(1)[0][0]
             blocks = list(dict.fromkeys(c.split(".")[1] for c in convs if c.startswith(stage + ".")))
             children = [n for n, _ in modules[stage].named_children()]
-            if not blocks or blocks == children:
+            if not blocks or blocks == children or not all(c.startswith(stage + ".") for c in convs):
                 name = f"{stage}.stream"
             else:
                 name = f"{stage}.{blocks[0]}{'-' + blocks[-1] if len(blocks) > 1 else ''}.stream"
