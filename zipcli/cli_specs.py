@@ -104,6 +104,8 @@ def trace_cmd(
     from .tracing import dump_spec, spec_document
 
     with user_errors(debug):
+        if output is not None and output.is_dir():
+            raise ZipitError(f"output {str(output)!r} is a folder", "give a file name, e.g. -o my_model.yaml")
         if output is not None and output.exists() and not force:
             raise ZipitError(f"output {str(output)!r} already exists", "pass --force to overwrite it")
         if preset not in PRESETS:
@@ -160,6 +162,8 @@ def check_cmd(
     from .speccheck import SELF_CHECK_TOLERANCE, check_spec
 
     with user_errors(debug):
+        if size is not None and size < 8:
+            raise ZipitError(f"--size {size} is too small", "give the input size in pixels, e.g. 64")
         loaded = _load(spec)
         result = check_spec(loaded, canonical_builder(builder) if builder else None, parse_kwargs(kw), size)
         facts = {"spec": result.spec, "builder": result.builder, "size": result.size, "spaces": result.spaces,
