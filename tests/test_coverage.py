@@ -6,6 +6,8 @@ them); every built-in still passes ``zipit specs check`` in ``test_specs.py``.
 """
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -33,6 +35,13 @@ STOP = {f"vgg{d}{bn}": "features" for d in (11, 13, 16, 19) for bn in ("", "_bn"
 
 def _params(names):
     return [pytest.param(n, marks=pytest.mark.heavy) if n in HEAVY else n for n in names]
+
+
+@pytest.fixture(autouse=True)
+def _release_memory():
+    """Merged models hold reference cycles; collect them so big models do not pile up across tests."""
+    yield
+    gc.collect()
 
 
 def test_every_architecture_of_the_list_is_built_in():
