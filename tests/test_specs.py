@@ -11,7 +11,6 @@ from zipcli.merged import build_model
 from zipcli.speccheck import check_spec
 from zipcli.specs import SPECS_DIR, builtin_spec_names, load_spec, parse_spec
 
-from conftest import small_spec
 
 
 @pytest.mark.parametrize("name", builtin_spec_names())
