@@ -51,7 +51,8 @@ def save_checkpoint(path: Path, state: dict, classes: list[str] | None = None) -
 
 
 def random_model(spec, num_classes: int, seed: int, calib: Path | None = None):
-    """A model with random weights and, like a trained one, BatchNorm statistics measured on data.
+    """A model with random weights and, like a trained one, features that are alive on data:
+    biases centred and BatchNorm statistics measured on the calibration images.
 
     (With statistics unrelated to the data, many channels are dead on it, and
     dead channels carry no information to match them by.)
@@ -63,8 +64,28 @@ def random_model(spec, num_classes: int, seed: int, calib: Path | None = None):
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.2, 0.2)
     if calib is not None:
+        _center_biases(model, torch.cat(list(calibration_stream(calib, spec.input, 64, 0, 16).batches())))
         reset_batchnorm(model, calibration_stream(calib, spec.input, 64, 0, 16).batches())
     return model.eval()
+
+
+@torch.no_grad()
+def _center_biases(model, x: torch.Tensor) -> None:
+    """Shift each biased layer's outputs to mean 0 on ``x`` (one pass: each layer sees the centred
+    outputs of the layers before it), so that models without BatchNorm (VGG) have no channels that
+    are dead on every image."""
+    def center(layer, _inputs, out):
+        mean = out.mean([d for d in range(out.dim()) if d != 1])
+        layer.bias -= mean
+        return out - mean.view(-1, *([1] * (out.dim() - 2)))
+
+    handles = [m.register_forward_hook(center) for m in model.modules()
+               if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.bias is not None]
+    try:
+        model.train(False)(x)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Specs: every built-in passes the permutation self-check and is what the tracer makes today."""
+"""Specs: every built-in passes `zipit specs check` and is what the tracer makes today; bad specs are named."""
 from __future__ import annotations
 
 import pytest
@@ -8,25 +8,17 @@ from zipcli.builtin_specs import RECIPES, generate
 from zipcli.errors import SpecError
 from zipcli.graph import ModelGraph
 from zipcli.merged import build_model
+from zipcli.speccheck import check_spec
 from zipcli.specs import SPECS_DIR, builtin_spec_names, load_spec, parse_spec
-
-from conftest import small_spec
 
 
 @pytest.mark.parametrize("name", builtin_spec_names())
-def test_self_check(name):
-    from zipcli.selfcheck import self_check
-    spec = small_spec(name, 64 if name.startswith("resnet") and "20" not in name else None)
-    torch.manual_seed(0)
-    model = build_model(spec, 6)
-    for m in model.modules():       # non-trivial BN so a wrong permutation shows
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-1, 1)
-            m.running_var.uniform_(0.5, 2)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.5, 0.5)
-    graph = ModelGraph(spec, model)
-    assert self_check(graph, torch.randn(2, 3, spec.input.size, spec.input.size)) < 1e-5
+def test_every_builtin_passes_specs_check(name):
+    """Self-check, coverage against tracing and observe points, at 32 px (the torchvision models too)."""
+    result = check_spec(load_spec(name), size=32)
+    assert result.passed, result.problems
+    assert result.self_check < 1e-5
+    assert result.in_spaces > 0 and not result.outside
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
@@ -63,3 +55,52 @@ def test_invalid_specs_name_the_culprit(edit, message):
 def test_unknown_arch_lists_builtins():
     with pytest.raises(SpecError, match="resnet20"):
         load_spec("vgg99")
+
+
+def _edited(edit) -> str:
+    import yaml
+    doc = yaml.safe_load((SPECS_DIR / "resnet20.yaml").read_text())
+    edit(doc)
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def _space(doc, name):
+    return next(s for s in doc["spaces"] if s["name"] == name)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["spaces"].remove(_space(d, "layer1.0.conv1")), "layer1.0.bn1 (writer) is in no space"),
+    (lambda d: (_space(d, "layer1.stream")["writers"].remove("layer1.1.bn2"),
+                d["spaces"].append({"name": "extra", "observe": "layer1.1.conv1", "writers": ["layer1.1.bn2"]})),
+     "splits one feature space"),
+    (lambda d: _space(d, "layer1.1.conv1").update(observe="layer1.2.conv2"), "observed at layer1.2.conv2"),
+])
+def test_specs_check_names_what_is_wrong(edit, message):
+    result = check_spec(parse_spec(_edited(edit)))
+    assert not result.passed
+    assert any(message in p for p in result.problems), result.problems
+
+
+@pytest.mark.parametrize("member, message", [
+    ("layer1.0.conv1@x", "is not a module name"),
+    ("layer1.0.conv1@0*0", "is not a module name"),
+    ("layer1.0.conv1@8", "does not fit"),
+])
+def test_member_syntax_and_slices_are_checked(member, message):
+    text = _edited(lambda d: _space(d, "layer1.stream")["readers"].__setitem__(0, member))
+    with pytest.raises(SpecError, match=message):
+        spec = parse_spec(text)
+        ModelGraph(spec, build_model(spec, 3))
+
+
+def test_a_member_of_another_width_is_refused():
+    text = _edited(lambda d: _space(d, "layer3.stream")["writers"].append("linear"))
+    with pytest.raises(SpecError, match=r"different widths: .*linear \(writer\)=3"):
+        spec = parse_spec(text)
+        ModelGraph(spec, build_model(spec, 3))
+
+
+def test_a_module_whole_in_two_spaces_is_refused():
+    text = _edited(lambda d: _space(d, "layer1.0.conv1")["writers"].append("layer1.1.bn1"))
+    with pytest.raises(SpecError, match="layer1.1.bn1"):
+        parse_spec(text)

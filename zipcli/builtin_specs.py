@@ -8,21 +8,27 @@ from __future__ import annotations
 CIFAR = {"size": 32, "resize": None, "mean": [0.4914, 0.4822, 0.4465], "std": [0.247, 0.2435, 0.2616]}
 IMAGENET = {"size": 224, "resize": 256, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
+TORCHVISION = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
+               "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
+               "mobilenet_v2", "densenet121")
+
 RECIPES = {
     **{
         f"resnet20{'' if w == 1 else f'x{w}'}": dict(
             builder="zipcli.models:cifar_resnet20", kwargs={"width": w}, preprocess=CIFAR,
-            stops=["layer1", "layer2", "layer3"],
             description=f"CIFAR ResNet-20, width x{w} (16w/32w/64w channels, 3x3 projection shortcuts)",
         )
         for w in (1, 2, 4, 8)
     },
-    **{
-        name: dict(builder=f"torchvision.models:{name}", kwargs={}, preprocess=IMAGENET,
-                   stops=["layer1", "layer2", "layer3", "layer4"], description=f"torchvision {name}")
-        for name in ("resnet18", "resnet50")
-    },
+    "cifar_vgg11": dict(builder="zipcli.models:cifar_vgg11", kwargs={"width": 1}, preprocess=CIFAR,
+                        description="CIFAR VGG11, width x1 (the paper's appendix model: no BatchNorm, one linear "
+                                    "classifier)"),
+    **{name: dict(builder=f"torchvision.models:{name}", kwargs={}, preprocess=IMAGENET,
+                  description=f"torchvision {name}") for name in TORCHVISION},
 }
+# DenseNet's stage boundaries lie one level deeper than the tracer looks: after each transition's
+# BatchNorm (its convolution then reads the merged features through U, in the heads).
+RECIPES["densenet121"]["stops"] = [f"features.transition{i}.norm" for i in (1, 2, 3)] + ["features"]
 
 
 def generate(name: str) -> str:
@@ -30,7 +36,7 @@ def generate(name: str) -> str:
 
     r = RECIPES[name]
     doc = spec_document(name, r["builder"], r["kwargs"], r["preprocess"], description=r["description"],
-                        stops=r["stops"])
+                        stops=r.get("stops"))
     return dump_spec(doc)
 
 

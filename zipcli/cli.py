@@ -299,3 +299,8 @@ def _render_eval(r: dict) -> None:
                   f"folders no head knows: {escape(', '.join(r['unknown_class_folders']))}")
     if r["skipped_images"]:
         out.print(f"[yellow]note:[/] {r['skipped_images']} unreadable images skipped")
+
+
+from .cli_specs import specs_app  # noqa: E402  (the 'zipit specs' commands live in their own module)
+
+app.add_typer(specs_app, name="specs")

@@ -6,16 +6,18 @@ trunk and per-task heads are computed on that graph, so any traceable CNN works.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from .errors import SpecError
-from .specs import OUTPUT_STOP, Spec
+from .specs import OUTPUT_STOP, Member, Spec
 
 CONV_LIKE = (nn.Conv2d, nn.Linear)
-NORM_LIKE = (nn.BatchNorm1d, nn.BatchNorm2d)
+NORM_LIKE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 
 
 def trace(model: nn.Module, origin: str = "model") -> fx.GraphModule:
@@ -31,15 +33,48 @@ def is_depthwise(m: nn.Module) -> bool:
 
 
 def out_channels(m: nn.Module) -> int:
+    """Length of axis 0 of the module's parameters: its output channels."""
     if isinstance(m, nn.Conv2d):
         return m.out_channels
     if isinstance(m, nn.Linear):
         return m.out_features
+    if isinstance(m, nn.LayerNorm):
+        return m.normalized_shape[0]
+    if isinstance(m, nn.GroupNorm):
+        return m.num_channels
     return m.num_features
 
 
 def in_channels(m: nn.Module) -> int:
     return m.in_channels if isinstance(m, nn.Conv2d) else m.in_features
+
+
+def observed_channels(x: torch.Tensor, member: Member, size: int) -> torch.Tensor | None:
+    """The ``[B, size, ...]`` part of activation ``x`` that ``member`` names; None if ``x`` does not fit."""
+    if member.block != 1:
+        if x.dim() != 2 or x.shape[1] % member.block:
+            return None
+        x = x.unflatten(1, (-1, member.block))
+    if x.dim() < 2 or (member.whole and x.shape[1] != size) or member.start + size > x.shape[1]:
+        return None
+    return x.narrow(1, member.start, size)
+
+
+def on_channels(t: torch.Tensor, axis: int, member: Member, size: int,
+                fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``t`` with ``fn`` applied to the ``size`` channels that ``member`` covers on ``axis``.
+
+    ``fn`` gets those channels on ``axis`` (a flattened map's block of values per
+    channel on ``axis + 1``) and must keep the shape; the other channels are unchanged.
+    """
+    view = t.unflatten(axis, (-1, member.block)) if member.block != 1 else t
+    new = fn(view.narrow(axis, member.start, size))
+    if member.start == 0 and size == view.shape[axis]:
+        result = new
+    else:
+        result = view.clone()
+        result.narrow(axis, member.start, size).copy_(new)
+    return result.flatten(axis, axis + 1) if member.block != 1 else result
 
 
 @dataclass(frozen=True)
@@ -50,6 +85,7 @@ class StopPlan:
     trunk_nodes: frozenset[str]      # fx node names computed once, in the trunk
     merged_spaces: tuple[str, ...]   # spaces whose writers are all in the trunk
     trunk_modules: frozenset[str]    # modules with parameters in the trunk
+    sizes: dict[str, int] = field(default_factory=dict, compare=False)  # width of each merged space
 
 
 class ModelGraph:
@@ -69,7 +105,9 @@ class ModelGraph:
                     raise SpecError(f"module {node.target!r} is called more than once in the forward pass",
                                     "zipit cannot merge layers whose weights are shared")
                 self.calls.setdefault(node.target, node)
-        self.out_space, self.in_space, self.space_size = {}, {}, {}
+        self.writes: dict[str, list[tuple[str, Member]]] = {}   # module -> (space, member) on its outputs
+        self.reads: dict[str, list[tuple[str, Member]]] = {}    # module -> (space, member) on its inputs
+        self.space_size: dict[str, int] = {}
         self._check_spaces()
 
     def _module(self, name: str, where: str, types=None) -> nn.Module:
@@ -86,36 +124,67 @@ class ModelGraph:
 
     def _check_spaces(self) -> None:
         for i, space in enumerate(self.spec.spaces):
-            sizes = {}
+            where = f"spaces[{i}] ({space.name})"
+            widths = {}
             for w in space.writers:
-                m = self._module(w, f"spaces[{i}] ({space.name}) writer", CONV_LIKE + NORM_LIKE)
+                m = self._module(w.module, f"{where} writer", CONV_LIKE + NORM_LIKE)
                 if isinstance(m, nn.Conv2d) and m.groups != 1 and not is_depthwise(m):
-                    raise SpecError(f"writer {w!r} is a grouped convolution (groups={m.groups})",
+                    raise SpecError(f"writer {w.module!r} is a grouped convolution (groups={m.groups})",
                                     "grouped convolutions are not supported; see specs/README.md")
-                sizes[w] = out_channels(m)
-                self.out_space[w] = space.name
+                if isinstance(m, nn.GroupNorm) and m.num_groups not in (1, m.num_channels):
+                    raise SpecError(f"writer {w.module!r} is a GroupNorm with {m.num_groups} groups",
+                                    "channels may not move between groups: only 1 group or one per channel")
+                widths[("writer", w)] = out_channels(m)
+                self.writes.setdefault(w.module, []).append((space.name, w))
             for r in space.readers:
-                m = self._module(r, f"spaces[{i}] ({space.name}) reader", CONV_LIKE)
+                m = self._module(r.module, f"{where} reader", CONV_LIKE)
                 if isinstance(m, nn.Conv2d) and m.groups != 1:
-                    raise SpecError(f"reader {r!r} is a grouped or depthwise convolution",
+                    raise SpecError(f"reader {r.module!r} is a grouped or depthwise convolution",
                                     "list a depthwise convolution as a writer of the space it reads")
-                sizes[r] = in_channels(m)
-                self.in_space[r] = space.name
-            self._module(space.observe, f"spaces[{i}] ({space.name}) observe")
-            if self.call_count[space.observe] != 1:
-                raise SpecError(f"spec {self.spec.name!r}: spaces[{i}] ({space.name}) observes module "
-                                f"{space.observe!r}, which runs {self.call_count[space.observe]} times per forward",
+                widths[("reader", r)] = in_channels(m)
+                self.reads.setdefault(r.module, []).append((space.name, r))
+            self._module(space.observe.module, f"{where} observe")
+            if self.call_count[space.observe.module] != 1:
+                raise SpecError(f"spec {self.spec.name!r}: {where} observes module "
+                                f"{space.observe.module!r}, which runs {self.call_count[space.observe.module]} "
+                                "times per forward",
                                 "observe the input of a module that runs once (e.g. the next convolution)")
-            if len(set(sizes.values())) != 1:
-                detail = ", ".join(f"{k}={v}" for k, v in sizes.items())
-                raise SpecError(f"spec {self.spec.name!r}: space {space.name!r} has members of different widths: {detail}",
-                                "every writer and reader of a space must have the same number of channels")
-            self.space_size[space.name] = next(iter(sizes.values()))
+            self.space_size[space.name] = self._size_of(space, where, widths)
+        for role, table in (("output", self.writes), ("input", self.reads)):
+            for module, entries in table.items():
+                self._check_disjoint(module, role, entries)
         for c in self.spec.classifiers:
             self._module(c, "classifiers", CONV_LIKE)
         for s in self.spec.stops:
             if s not in self.modules:
                 raise SpecError(f"spec {self.spec.name!r}: stop {s!r} is not a module of the model")
+
+    def _size_of(self, space, where: str, widths: dict[tuple[str, Member], int]) -> int:
+        """A space's width: that of its whole members; every slice must fit its module."""
+        whole = {f"{m} ({role})": w for (role, m), w in widths.items() if m.whole}
+        if not whole:
+            raise SpecError(f"spec {self.spec.name!r}: {where} has only slices (MODULE@OFFSET)",
+                            "list at least one member whole, e.g. the convolution that writes the space")
+        if len(set(whole.values())) != 1:
+            detail = ", ".join(f"{k}={v}" for k, v in whole.items())
+            raise SpecError(f"spec {self.spec.name!r}: space {space.name!r} has members of different widths: {detail}",
+                            "every writer and reader of a space must have the same number of channels")
+        size = next(iter(whole.values()))
+        for (_, m), w in widths.items():
+            if m.whole:
+                continue
+            if w % m.block or m.start + size > w // m.block:
+                raise SpecError(f"spec {self.spec.name!r}: {where} member {m} does not fit: the module has {w} "
+                                f"channels, the space {size}" + (f" in blocks of {m.block}" if m.block > 1 else ""),
+                                "fix the offset (or block) so the slice lies inside the module's channels")
+        return size
+
+    def _check_disjoint(self, module: str, role: str, entries: list[tuple[str, Member]]) -> None:
+        spans = sorted((m.start, m.start + self.space_size[name], name) for name, m in entries)
+        for (a0, a1, a), (b0, b1, b) in zip(spans, spans[1:]):
+            if b0 < a1:
+                raise SpecError(f"spec {self.spec.name!r}: {role} channels {b0}..{a1 - 1} of {module!r} are in two "
+                                f"spaces ({a} and {b})", "slices of one module must not overlap")
 
     def node_in_module(self, node: fx.Node, module: str) -> bool:
         return module in (node.meta.get("nn_module_stack") or {})
@@ -125,11 +194,17 @@ class ModelGraph:
         valid = list(self.spec.stops) + [OUTPUT_STOP]
         if stop not in valid:
             raise SpecError(f"unknown stop {stop!r} for architecture {self.spec.name!r}", f"valid: {', '.join(valid)}")
+        return self.cut(stop)
+
+    def cut(self, stop: str) -> StopPlan:
+        """Plan a cut after any module (the tracer tries candidates with this); see ``plan``."""
         nodes = list(self.gm.graph.nodes)
         if stop == OUTPUT_STOP:
             trunk = {n for n in nodes if n.op != "output"}
         else:
             seeds = [n for n in nodes if self.node_in_module(n, stop)]
+            if not seeds:
+                raise SpecError(f"stop {stop!r} is not a module that the forward pass calls")
             trunk, todo = set(), list(seeds)
             while todo:
                 n = todo.pop()
@@ -144,16 +219,17 @@ class ModelGraph:
                                     f"use --stop {OUTPUT_STOP} to merge classifiers of models with identical classes")
         merged = []
         for space in self.spec.spaces:
-            inside = [w for w in space.writers if w in trunk_modules]
+            inside = [w.module for w in space.writers if w.module in trunk_modules]
             if inside and len(inside) != len(space.writers):
-                outside = [w for w in space.writers if w not in trunk_modules]
+                outside = [w.module for w in space.writers if w.module not in trunk_modules]
                 raise SpecError(f"stop {stop!r} cuts through feature space {space.name!r} "
                                 f"({inside[0]} is shared, {outside[0]} is not)",
                                 "stops must lie on stage boundaries; fix the spec's stops")
             if inside:
                 merged.append(space.name)
         with_params = {m for m in trunk_modules if any(True for _ in self.modules[m].parameters(recurse=False))}
-        return StopPlan(stop, frozenset(n.name for n in trunk), tuple(merged), frozenset(with_params))
+        return StopPlan(stop, frozenset(n.name for n in trunk), tuple(merged), frozenset(with_params),
+                        {name: self.space_size[name] for name in merged})
 
 
 def split(gm: fx.GraphModule, trunk_nodes: frozenset[str]) -> tuple[fx.GraphModule, fx.GraphModule]:

@@ -79,7 +79,8 @@ def matching_specs(state: dict[str, torch.Tensor]) -> list[str]:
         key = f"{spec.classifiers[0]}.weight"
         if key not in state or state[key].dim() != 2:
             continue
-        expected = build_model(spec, state[key].shape[0]).state_dict()
+        with torch.device("meta"):  # shapes only: no memory or initialisation for the big built-ins
+            expected = build_model(spec, state[key].shape[0]).state_dict()
         if expected.keys() == state.keys() and all(expected[k].shape == state[k].shape for k in state):
             found.append(name)
     return found

@@ -64,6 +64,46 @@ def cifar_resnet20(width: int = 1, num_classes: int = 10) -> nn.Module:
     return CifarResNet20(width=width, num_classes=num_classes)
 
 
+class CifarVGG(nn.Module):
+    """VGG for 32x32 images as in the paper's appendix: 3x3 convolutions with ReLU (no BatchNorm),
+    five max-pools down to 1x1, and one linear classifier."""
+
+    def __init__(self, config: list, width: int = 1, num_classes: int = 10):
+        super().__init__()
+        layers, cin = [], 3
+        for c in config:
+            if c == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [nn.Conv2d(cin, c * width, 3, padding=1), nn.ReLU()]
+                cin = c * width
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        return self.classifier(self.features(x).flatten(1))
+
+
+VGG11_CONFIG = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
+
+
+def cifar_vgg11(width: int = 1, num_classes: int = 10) -> nn.Module:
+    return CifarVGG(VGG11_CONFIG, width=width, num_classes=num_classes)
+
+
+def canonical_builder(name: str) -> str:
+    """``module:function`` for ``module:function``, ``package.module.function`` or a torchvision model name."""
+    if not isinstance(name, str) or not name:
+        raise SpecError(f"builder {name!r} is not a name",
+                        "write e.g. torchvision.models.resnet50 or mypkg.models:build")
+    if ":" in name:
+        return name
+    if "." in name:
+        module, _, func = name.rpartition(".")
+        return f"{module}:{func}"
+    return f"torchvision.models:{name}"
+
+
 def resolve_builder(name: str) -> Callable[..., nn.Module]:
     """Turn ``module:function`` into the callable, with errors that say what to write."""
     if not isinstance(name, str) or name.count(":") != 1:
@@ -77,7 +117,7 @@ def resolve_builder(name: str) -> Callable[..., nn.Module]:
     except ImportError as exc:
         raise SpecError(
             f"builder module {module_name!r} cannot be imported: {exc}",
-            "install the package that provides it or fix the builder name",
+            "install the package that provides it, fix the builder name, or run from the folder that holds it",
         ) from None
     func = getattr(module, func_name, None)
     if not callable(func):
@@ -86,3 +126,17 @@ def resolve_builder(name: str) -> Callable[..., nn.Module]:
             "check the function name",
         )
     return func
+
+
+def build(builder: str, kwargs: dict) -> nn.Module:
+    """Call a builder with keyword arguments; its failures become one-line errors."""
+    func = resolve_builder(builder)
+    try:
+        model = func(**kwargs)
+    except Exception as exc:  # the user's code: any error means the arguments do not fit
+        raise SpecError(f"builder {builder} failed: {exc.__class__.__name__}: {exc}",
+                        "check the builder's keyword arguments (--kw NAME=VALUE)") from None
+    if not isinstance(model, nn.Module):
+        raise SpecError(f"builder {builder} returned a {type(model).__name__}, not a torch.nn.Module",
+                        "the builder must return the model")
+    return model.eval()

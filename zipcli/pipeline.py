@@ -21,10 +21,10 @@ from .calibration import ImageStream, list_images, sample_images
 from .checkpoints import Checkpoint, check_against, load_checkpoint
 from .correlation import CorrelationAccumulator
 from .errors import CalibrationError, MergeError, ZipitError
-from .graph import ModelGraph, StopPlan
+from .graph import ModelGraph, StopPlan, observed_channels
 from .matching import METHODS, Match, match
 from .merged import FORMAT, HeadInfo, MergedModel, build_model, save_merged, skeleton
-from .specs import OUTPUT_STOP, Spec
+from .specs import OUTPUT_STOP, Space, Spec
 from .tuning import (FALLBACK, MAX_BN_IMAGES, MIN_HOLDOUT, HeldOut, Setting, TuningResult, candidate_settings,
                      search, split_holdout)
 from .zip import Zipper
@@ -169,21 +169,25 @@ def collect_correlations(sources: list[Source], spec: Spec, plan: StopPlan, stre
     activation is in hand.
     """
     spaces = [spec.space(s) for s in plan.merged_spaces]
-    observe: dict[str, list[str]] = {}
+    observe: dict[str, list[Space]] = {}
     for s in spaces:
-        observe.setdefault(s.observe, []).append(s.name)
+        observe.setdefault(s.observe.module, []).append(s)
     acc: dict[str, CorrelationAccumulator] = {}
     state = {"model": 0, "captured": 0, "chunk": 0}
 
     def hook_for(module_name):
         def hook(_module, args):
-            x = args[0]
             for space in observe[module_name]:
-                if space not in acc:
-                    acc[space] = CorrelationAccumulator([x.shape[1]] * len(sources), device=device)
+                x = observed_channels(args[0], space.observe, plan.sizes[space.name])
+                if x is None:
+                    raise MergeError(f"space {space.name!r} is observed at {space.observe}, whose input "
+                                     f"{tuple(args[0].shape)} does not hold its {plan.sizes[space.name]} channels",
+                                     "fix the spec's observe point ('zipit specs check' tests it)")
+                if space.name not in acc:
+                    acc[space.name] = CorrelationAccumulator([x.shape[1]] * len(sources), device=device)
                 if state["model"] == 0:
-                    acc[space].begin(x.numel() // x.shape[1])
-                acc[space].add_model(state["model"], x)
+                    acc[space.name].begin(x.numel() // x.shape[1])
+                acc[space.name].add_model(state["model"], x)
             state["captured"] += 1
             if state["captured"] == len(observe):
                 raise _Enough

@@ -7,6 +7,7 @@ strict: unknown keys are errors, and every message names the YAML path.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,41 @@ class Preprocess:
     std: tuple[float, float, float]
 
 
+_MEMBER = re.compile(r"^([^@\s]+)(?:@(\d+)(?:\*(\d+))?)?$")
+
+
+@dataclass(frozen=True)
+class Member:
+    """One module's channel axis in a space: all of it (``conv1``), or, where the axis is a
+    concatenation, the space's channels from ``offset`` on (``norm1@64``). After a flatten each
+    channel is a run of ``block`` consecutive values (``fc1@0*49``: a 7x7 map per channel)."""
+
+    module: str
+    offset: int | None = None      # None: the whole axis is this space
+    block: int = 1
+
+    @property
+    def start(self) -> int:
+        return self.offset or 0
+
+    @property
+    def whole(self) -> bool:
+        return self.offset is None
+
+    def __str__(self) -> str:
+        if self.offset is None:
+            return self.module
+        return f"{self.module}@{self.offset}" + (f"*{self.block}" if self.block != 1 else "")
+
+
+def parse_member(text: str) -> Member | None:
+    """``MODULE``, ``MODULE@OFFSET`` or ``MODULE@OFFSET*BLOCK``; None if it is none of them."""
+    m = _MEMBER.match(text)
+    if m is None or (m.group(3) is not None and int(m.group(3)) < 1):
+        return None
+    return Member(m.group(1), None if m.group(2) is None else int(m.group(2)), int(m.group(3) or 1))
+
+
 @dataclass(frozen=True)
 class Space:
     """A group of channel-coupled tensors that is permuted or merged as one.
@@ -47,9 +83,9 @@ class Space:
     """
 
     name: str
-    observe: str
-    writers: tuple[str, ...]
-    readers: tuple[str, ...]
+    observe: Member
+    writers: tuple[Member, ...]
+    readers: tuple[Member, ...]
 
 
 @dataclass(frozen=True)
@@ -108,6 +144,44 @@ def _str_list(value, where: str, origin: str, allow_empty: bool = False) -> tupl
     return tuple(_str(v, f"{where}[{i}]", origin) for i, v in enumerate(value))
 
 
+def _member(value, where: str, origin: str) -> Member:
+    member = parse_member(_str(value, where, origin))
+    if member is None:
+        raise SpecError(f"{origin}: {where} {value!r} is not a module name",
+                        "write MODULE, MODULE@OFFSET (a slice of a concatenation) or MODULE@OFFSET*BLOCK")
+    return member
+
+
+def _member_list(value, where: str, origin: str, allow_empty: bool = False) -> tuple[Member, ...]:
+    members = tuple(_member(v, f"{where}[{i}]", origin)
+                    for i, v in enumerate(_str_list(value, where, origin, allow_empty)))
+    seen = set()
+    for m in members:
+        if m.module in seen:
+            raise SpecError(f"{origin}: {where} names module {m.module!r} twice", "list each module once per space")
+        seen.add(m.module)
+    return members
+
+
+def _check_axis_owners(spaces: list[Space], role: str, origin: str) -> None:
+    """A module's axis belongs to one space, unless each space has its own slice of it (a concatenation)."""
+    owners: dict[str, list[tuple[str, Member]]] = {}
+    for space in spaces:
+        for m in getattr(space, role):
+            owners.setdefault(m.module, []).append((space.name, m))
+    for module, entries in owners.items():
+        if len(entries) > 1 and any(m.whole for _, m in entries):
+            names = " and ".join(name for name, _ in entries[:2])
+            axis = "output" if role == "writers" else "input"
+            raise SpecError(f"{origin}: module {module!r} is in the {role} of two spaces ({names})",
+                            f"a module's {axis} channels belong to one space, or give each space its slice "
+                            "as MODULE@OFFSET")
+        offsets = [m.start for _, m in entries]
+        if len(set(offsets)) != len(offsets):
+            raise SpecError(f"{origin}: module {module!r} has two {role[:-1]} slices at the same offset",
+                            "slices of one module must not overlap")
+
+
 def _number_triple(value, where: str, origin: str, positive: bool) -> tuple[float, float, float]:
     ok = isinstance(value, list) and len(value) == 3 and all(
         isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
@@ -151,33 +225,23 @@ def parse_spec(text: str, origin: str = "<spec>") -> Spec:
     spaces_doc = doc["spaces"]
     if not isinstance(spaces_doc, list) or not spaces_doc:
         raise SpecError(f"{origin}: spaces must be a non-empty list")
-    spaces, seen, writer_of = [], set(), {}
+    spaces, seen = [], set()
     for i, s in enumerate(spaces_doc):
         where = f"spaces[{i}]"
         _check_keys(s, _SPACE_KEYS, where, origin)
         space = Space(
             name=_str(s["name"], f"{where}.name", origin),
-            observe=_str(s["observe"], f"{where}.observe", origin),
-            writers=_str_list(s["writers"], f"{where}.writers", origin),
-            readers=_str_list(s.get("readers", []), f"{where}.readers", origin, allow_empty=True),
+            observe=_member(s["observe"], f"{where}.observe", origin),
+            writers=_member_list(s["writers"], f"{where}.writers", origin),
+            readers=_member_list(s.get("readers", []), f"{where}.readers", origin, allow_empty=True),
         )
         if space.name in seen or space.name == OUTPUT_STOP:
             raise SpecError(f"{origin}: {where}.name {space.name!r} is used twice or reserved",
                             "give each space a unique name")
         seen.add(space.name)
-        for w in space.writers:
-            if w in writer_of:
-                raise SpecError(f"{origin}: module {w!r} writes to two spaces ({writer_of[w]} and {space.name})",
-                                "a module's output channels belong to exactly one space")
-            writer_of[w] = space.name
         spaces.append(space)
-    reader_of = {}
-    for space in spaces:
-        for r in space.readers:
-            if r in reader_of:
-                raise SpecError(f"{origin}: module {r!r} reads from two spaces ({reader_of[r]} and {space.name})",
-                                "a module's input channels belong to exactly one space")
-            reader_of[r] = space.name
+    _check_axis_owners(spaces, "writers", origin)
+    _check_axis_owners(spaces, "readers", origin)
     stops = _str_list(doc["stops"], "stops", origin)
     if OUTPUT_STOP in stops or len(set(stops)) != len(stops):
         raise SpecError(f"{origin}: stops must be unique and must not name {OUTPUT_STOP!r} (it is implicit)")

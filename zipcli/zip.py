@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from .graph import ModelGraph, StopPlan
+from .graph import ModelGraph, StopPlan, on_channels
 from .matching import Match
+from .specs import Member
 
 NON_CHANNEL_BUFFERS = ("num_batches_tracked",)
 
@@ -40,46 +41,68 @@ class Zipper:
         self.graph, self.plan = graph, plan
         self.assign = {s: torch.as_tensor(m.assign) for s, m in matches.items()}
         self.counts = {s: torch.as_tensor(m.counts(), dtype=torch.float64) for s, m in matches.items()}
+        for s in matches:
+            if self.counts[s].numel() != graph.space_size[s]:
+                raise ValueError(f"space {s}: a merge must keep the space's width")
 
-    def _spaces_of(self, key: str) -> tuple[str | None, str | None, str]:
+    def _members(self, key: str) -> tuple[list[tuple[str, Member]], list[tuple[str, Member]], str]:
+        """The merged spaces on this tensor's output axis and (weights only) input axis."""
         module, _, attr = key.rpartition(".")
-        out_space = self.graph.out_space.get(module)
-        in_space = self.graph.in_space.get(module) if attr == "weight" else None
         merged = self.plan.merged_spaces
-        return (out_space if out_space in merged else None), (in_space if in_space in merged else None), attr
+        outs = [(s, m) for s, m in self.graph.writes.get(module, []) if s in merged]
+        ins = [(s, m) for s, m in self.graph.reads.get(module, []) if s in merged] if attr == "weight" else []
+        return outs, ins, attr
 
-    def _transform(self, key: str, t: torch.Tensor, i: int, with_merge: bool) -> torch.Tensor:
-        out_space, in_space, attr = self._spaces_of(key)
-        if attr in NON_CHANNEL_BUFFERS or not t.is_floating_point():
-            return t
-        t = t.double()
-        if in_space is not None and t.dim() >= 2:
-            t = _unmerge_in(t, self.assign[in_space][i], self.counts[in_space].numel())
-        if with_merge and out_space is not None:
-            if attr == "running_var":
-                t = _merge_out(t.clamp_min(0).sqrt(), self.assign[out_space][i], self.counts[out_space])
-            else:
-                t = _merge_out(t, self.assign[out_space][i], self.counts[out_space])
+    def _unmerge_inputs(self, t: torch.Tensor, ins, i: int) -> torch.Tensor:
+        for s, member in ins:
+            size = self.graph.space_size[s]
+            t = on_channels(t, 1, member, size, lambda x, s=s, size=size: _unmerge_in(x, self.assign[s][i], size))
+        return t
+
+    def _merge_outputs(self, t: torch.Tensor, outs, i: int, attr: str) -> torch.Tensor:
+        for s, member in outs:
+            def merge(x, s=s):
+                if attr == "running_var":
+                    x = x.clamp_min(0).sqrt()
+                return _merge_out(x, self.assign[s][i], self.counts[s])
+            t = on_channels(t, 0, member, self.graph.space_size[s], merge)
         return t
 
     def trunk(self, keys: list[str], state_dicts: list[dict]) -> dict[str, torch.Tensor]:
-        """Shared parameters: sum over models of M_i p_i U_i (a plain mean where no space is merged)."""
+        """Shared parameters: sum over models of M_i p_i U_i (a plain mean on channels no space merges)."""
         n = len(state_dicts)
         out = {}
         for key in keys:
             ref = state_dicts[0][key]
-            out_space, _, attr = self._spaces_of(key)
+            outs, ins, attr = self._members(key)
             if attr in NON_CHANNEL_BUFFERS or not ref.is_floating_point():
                 out[key] = ref.clone()
                 continue
-            total = sum(self._transform(key, sd[key], i, True) for i, sd in enumerate(state_dicts))
-            if out_space is None:
-                total = total / n
-            elif attr == "running_var":
-                total = total ** 2
+            inputs = [self._unmerge_inputs(sd[key].double(), ins, i) for i, sd in enumerate(state_dicts)]
+            total = sum(inputs) / n
+            if outs:
+                merged = sum(self._merge_outputs(t, outs, i, attr) for i, t in enumerate(inputs))
+                for s, member in outs:
+                    size = self.graph.space_size[s]
+                    part = _channels(merged, member, size)
+                    part = part ** 2 if attr == "running_var" else part
+                    total = on_channels(total, 0, member, size, lambda _, part=part: part)
             out[key] = total.to(ref.dtype)
         return out
 
     def head(self, keys: list[str], state_dict: dict, i: int) -> dict[str, torch.Tensor]:
         """Model i's own layers after the stop, reading the merged features through U_i."""
-        return {k: self._transform(k, state_dict[k], i, False).to(state_dict[k].dtype) for k in keys}
+        out = {}
+        for key in keys:
+            t = state_dict[key]
+            _, ins, attr = self._members(key)
+            if ins and t.is_floating_point() and t.dim() >= 2:
+                t = self._unmerge_inputs(t.double(), ins, i).to(t.dtype)
+            out[key] = t
+        return out
+
+
+def _channels(t: torch.Tensor, member: Member, size: int) -> torch.Tensor:
+    """The channels ``member`` covers on axis 0 of ``t``."""
+    view = t.unflatten(0, (-1, member.block)) if member.block != 1 else t
+    return view.narrow(0, member.start, size)

@@ -1,0 +1,203 @@
+"""``zipit specs``: trace a model into a spec, check a spec, list the built-ins (parse, call, render)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from .console import err, out, print_json, user_errors
+from .errors import SpecError, ZipitError
+
+specs_app = typer.Typer(
+    help="Architecture specs: trace your own model into one, check one, list the built-ins.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+DEBUG = typer.Option(False, "--debug", help="Show Python tracebacks for errors.")
+KWARGS = typer.Option(None, "--kw", metavar="NAME=VALUE",
+                      help="A keyword argument for the builder, repeatable: --kw num_classes=10 --kw width=2. "
+                           "Values are read as int, float, true/false or none where they look like one, "
+                           "else as text.")
+PRESETS = {
+    "imagenet": {"size": 224, "resize": 256, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+    "cifar": {"size": 32, "resize": None, "mean": [0.4914, 0.4822, 0.4465], "std": [0.247, 0.2435, 0.2616]},
+}
+
+
+def parse_kwargs(items: list[str] | None) -> dict:
+    """``["width=2", "pretrained=false"]`` -> ``{"width": 2, "pretrained": False}``."""
+    kwargs = {}
+    for item in items or []:
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip().isidentifier():
+            raise ZipitError(f"--kw {item!r} is not NAME=VALUE", "write e.g. --kw num_classes=10")
+        kwargs[name.strip()] = _value(text.strip())
+    return kwargs
+
+
+def _value(text: str):
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+TRACE_HELP = (
+    "Trace a model into a spec (YAML) that merge --spec reads.\n\n"
+    "Builds the model (random weights; nothing is downloaded), traces it with torch.fx, unifies the channel "
+    "axes of its layers into feature spaces and writes them with where each is observed, the stop points "
+    "(stage boundaries) and the classifiers. Operations the tracer cannot reason about (grouped convolutions, "
+    "squeeze-and-excitation gates, attention, ...) are refused with the operation and the layer named.\n\n"
+    "Example: zipit specs trace torchvision.models.resnet34 --kw num_classes=10 -o resnet34.yaml"
+)
+CHECK_HELP = (
+    "Check a spec against its model: self-check, coverage and observe points.\n\n"
+    "Needs no data. Permuting every declared feature space at random must leave the model's outputs "
+    "unchanged (self-check); every layer's channels must belong to exactly the spaces that tracing derives "
+    "(coverage); every space must be observed where its own channels are. Exit code 0 if all hold, 2 "
+    "otherwise, with each problem named.\n\n"
+    "Example: zipit specs check my_model.yaml"
+)
+LIST_HELP = (
+    "The built-in architectures and their stop points.\n\n"
+    "Use one with merge --arch NAME and --stop STOP; the default stop is in bold.\n\n"
+    "Example: zipit specs list"
+)
+
+
+@specs_app.command("trace", help=TRACE_HELP)
+def trace_cmd(
+    builder: str = typer.Argument(..., show_default=False,
+                                  help="What builds the model: a torchvision name (resnet34, "
+                                       "torchvision.models.resnet34) or your own module:function, "
+                                       "importable from PYTHONPATH (mymodels:small_cnn)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Spec file to write (YAML). "
+                                          "Default: print it on stdout."),
+    kw: Optional[List[str]] = KWARGS,
+    name: Optional[str] = typer.Option(None, "--name", help="The spec's name. Default: the builder's function name."),
+    preset: str = typer.Option("imagenet", "--input", help="Input preprocessing: imagenet (224 px crop of a "
+                               "256 px resize, ImageNet mean/std) or cifar (32 px, CIFAR mean/std). "
+                               "Edit the written file for other statistics."),
+    size: Optional[int] = typer.Option(None, "--size", help="Crop size in pixels, overriding the preset's."),
+    num_classes_arg: str = typer.Option("num_classes", "--num-classes-arg", help="The builder's argument for the "
+                                        "number of classes (merge sets it from each checkpoint)."),
+    stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop points to offer, repeatable (module names). "
+                                             "Default: every stage boundary the tracer finds."),
+    force: bool = typer.Option(False, "--force", "-f", help="Overwrite the output file if it exists."),
+    debug: bool = DEBUG,
+):
+    """Parse, call spec_document, write atomically (the help text is TRACE_HELP)."""
+    from .merged import write_atomic
+    from .models import canonical_builder
+    from .tracing import dump_spec, spec_document
+
+    with user_errors(debug):
+        if output is not None and output.is_dir():
+            raise ZipitError(f"output {str(output)!r} is a folder", "give a file name, e.g. -o my_model.yaml")
+        if output is not None and output.exists() and not force:
+            raise ZipitError(f"output {str(output)!r} already exists", "pass --force to overwrite it")
+        if preset not in PRESETS:
+            raise ZipitError(f"unknown --input {preset!r}", f"valid: {', '.join(PRESETS)}")
+        if size is not None and size < 8:
+            raise ZipitError(f"--size {size} is too small", "give the crop size in pixels, e.g. 224")
+        kwargs = parse_kwargs(kw)
+        canonical = canonical_builder(builder)
+        preprocess = dict(PRESETS[preset])
+        if size is not None:
+            preprocess["size"] = size
+            preprocess["resize"] = None if preprocess["resize"] is None else round(size * 256 / 224)
+        doc = spec_document(name or canonical.split(":")[1], canonical, kwargs, preprocess,
+                            description=f"traced from {canonical}", num_classes_arg=num_classes_arg,
+                            stops=stop or None)
+        text = dump_spec(doc)
+        if output is None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        else:
+            write_atomic(output, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), force)
+        where = f"wrote {escape(str(output))}" if output else "spec on stdout"
+        err.print(f"[green]traced[/] {escape(canonical)}: {len(doc['spaces'])} feature spaces, classifier "
+                  f"{escape(', '.join(doc['classifiers']))}, stops {escape(', '.join(doc['stops']))} "
+                  f"(default {escape(doc['default_stop'])}); {where}", soft_wrap=True)
+        if output:
+            err.print(f"  next: zipit specs check {escape(str(output))}", soft_wrap=True)
+
+
+def _load(spec_arg: str):
+    from .specs import builtin_spec_names, load_spec
+
+    if Path(spec_arg).is_file():
+        return load_spec(path=spec_arg)
+    if spec_arg in builtin_spec_names():
+        return load_spec(arch=spec_arg)
+    raise SpecError(f"{spec_arg!r} is neither a spec file nor a built-in architecture",
+                    f"built-ins: {', '.join(builtin_spec_names())}")
+
+
+@specs_app.command("check", help=CHECK_HELP)
+def check_cmd(
+    spec: str = typer.Argument(..., show_default=False, help="A spec file, or the name of a built-in."),
+    builder: Optional[str] = typer.Option(None, "--builder", help="Build the model with this builder instead of "
+                                          "the spec's (same syntax as for trace)."),
+    kw: Optional[List[str]] = KWARGS,
+    size: Optional[int] = typer.Option(None, "--size", help="Input size for the check (default: the spec's); "
+                                       "a smaller one is faster."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    debug: bool = DEBUG,
+):
+    """Parse, call check_spec, render (the help text is CHECK_HELP)."""
+    from .models import canonical_builder
+    from .speccheck import SELF_CHECK_TOLERANCE, check_spec
+
+    with user_errors(debug):
+        if size is not None and size < 8:
+            raise ZipitError(f"--size {size} is too small", "give the input size in pixels, e.g. 64")
+        loaded = _load(spec)
+        result = check_spec(loaded, canonical_builder(builder) if builder else None, parse_kwargs(kw), size)
+        facts = {"spec": result.spec, "builder": result.builder, "size": result.size, "spaces": result.spaces,
+                 "self_check": result.self_check, "tolerance": SELF_CHECK_TOLERANCE, "tensors": result.tensors,
+                 "tensors_in_spaces": result.in_spaces, "problems": result.problems, "passed": result.passed}
+        if json_out:
+            print_json(facts)
+        mark = "[green]passed[/]" if result.passed else "[bold red]failed[/]"
+        err.print(f"{mark} {escape(result.spec)} ({escape(result.builder)}, {result.size} px): {result.spaces} "
+                  f"feature spaces; self-check {result.self_check:.1e} (tolerance {SELF_CHECK_TOLERANCE:g}); "
+                  f"coverage {result.in_spaces}/{result.tensors} tensors in spaces", soft_wrap=True)
+        for problem in result.problems:
+            err.print(f"  [red]-[/] {escape(problem)}", soft_wrap=True)
+        if not result.passed:
+            raise SystemExit(2)
+
+
+@specs_app.command("list", help=LIST_HELP)
+def list_cmd(json_out: bool = typer.Option(False, "--json", help="Print the list as JSON on stdout."),
+             debug: bool = DEBUG):
+    """Render the built-ins as a table (the help text is LIST_HELP)."""
+    from .specs import builtin_spec_names, load_spec
+
+    with user_errors(debug):
+        specs = [load_spec(arch=n) for n in builtin_spec_names()]
+        if json_out:
+            print_json([{"name": s.name, "description": s.description, "builder": s.builder, "kwargs": s.kwargs,
+                         "input_size": s.input.size, "spaces": len(s.spaces), "stops": list(s.stops),
+                         "default_stop": s.default_stop} for s in specs])
+            return
+        table = Table(show_edge=False)
+        for col in ("name", "input", "spaces", "stops (default in bold)"):
+            table.add_column(col, justify="right" if col in ("input", "spaces") else "left")
+        for s in specs:
+            stops = ", ".join(f"[bold]{escape(x)}[/]" if x == s.default_stop else escape(x) for x in s.stops)
+            table.add_row(escape(s.name), f"{s.input.size}px", str(len(s.spaces)), stops)
+        out.print(table)

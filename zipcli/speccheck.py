@@ -1,0 +1,84 @@
+"""``zipit specs check``: everything that can be verified about a spec without data.
+
+The permutation self-check (wrong members change the outputs), coverage against
+tracing (missing or misplaced members), and the observe points (each must see
+its space's channels). A spec that passes all three merges what it claims to.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .coverage import coverage
+from .errors import SpecError
+from .graph import ModelGraph, observed_channels
+from .models import build
+from .selfcheck import randomize_per_channel, self_check
+from .specs import Spec
+
+SELF_CHECK_TOLERANCE = 1e-4   # relative change of the outputs; float32 rounding is about 1e-6
+
+
+@dataclass
+class SpecCheck:
+    spec: str
+    builder: str
+    size: int
+    spaces: int
+    self_check: float                      # largest relative change of the outputs under permutation
+    problems: list[str] = field(default_factory=list)
+    tensors: int = 0
+    in_spaces: int = 0
+    outside: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.self_check <= SELF_CHECK_TOLERANCE and not self.problems
+
+
+def check_spec(spec: Spec, builder: str | None = None, kwargs: dict | None = None, size: int | None = None,
+               seed: int = 0) -> SpecCheck:
+    """Build the model (the spec's builder, or another one), then self-check, cover and observe."""
+    from .tracing import build_and_trace
+
+    builder = builder or spec.builder
+    kwargs = {**spec.kwargs, **(kwargs or {})}
+    size = size or spec.input.size
+    torch.manual_seed(seed)
+    model = build(builder, kwargs)
+    randomize_per_channel(model, seed)
+    graph = ModelGraph(spec, model)
+    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    observe_problems = _check_observe_points(graph, example)
+    error = self_check(graph, example, seed)
+    try:
+        _, traced = build_and_trace(builder, kwargs, size)
+    except SpecError as exc:
+        raise SpecError(f"coverage cannot be checked: {exc.message}", exc.hint) from None
+    cov = coverage(graph, traced)
+    problems = observe_problems + cov.problems
+    if error > SELF_CHECK_TOLERANCE:
+        problems.insert(0, f"permuting every space changes the outputs by {error:.2g} (relative): some member is "
+                           "in the wrong space or missing")
+    return SpecCheck(spec.name, builder, size, len(spec.spaces), error, problems, cov.tensors, cov.in_spaces,
+                     cov.outside)
+
+
+@torch.no_grad()
+def _check_observe_points(graph: ModelGraph, example: torch.Tensor) -> list[str]:
+    """Run the model once; each observe point's input must hold its space's channels."""
+    problems, handles = [], []
+    modules = graph.modules
+    for space in graph.spec.spaces:
+        def hook(_m, args, space=space):
+            if observed_channels(args[0], space.observe, graph.space_size[space.name]) is None:
+                problems.append(f"space {space.name} is observed at {space.observe}, whose input "
+                                f"{tuple(args[0].shape)} does not hold its {graph.space_size[space.name]} channels")
+        handles.append(modules[space.observe.module].register_forward_pre_hook(hook))
+    try:
+        graph.model.eval()(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return problems
