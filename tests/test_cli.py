@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -77,13 +78,32 @@ def test_merge_is_deterministic(tiny, tmp_path):
     (["--method", "nope"], "--method"),
     (["--stop", "layer9"], "layer9"),
     (["--alpha", "2"], "--alpha"),
-    (["--classes", "x,y"], "--classes"),
+    (["--classes", "x,y"], "--classes was given once for 2 checkpoints"),
 ])
 def test_bad_options_give_one_line_and_exit_2(tiny, tmp_path, args, culprit):
     out = tmp_path / "m.safetensors"
     r = _merge(tiny, out, *args)
     assert r.exit_code == 2 and culprit in r.output and "Traceback" not in r.output
     assert not out.exists()
+
+
+def test_merge_warns_when_classes_fall_back_to_generic_names(tiny, tmp_path):
+    nameless = shutil.copy(tiny["a"], tmp_path / "C.pt")  # no C.json sidecar, no --classes
+    r = runner.invoke(app, ["merge", str(nameless), str(tiny["b"]), "--arch", "resnet20", "--calib",
+                            str(tiny["calib"]), "-o", str(tmp_path / "m.safetensors"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    warning = [line for line in r.stderr.splitlines() if "class_0" in line]
+    assert len(warning) == 1 and warning[0].startswith("warning: C.pt:") and "B.pt" not in warning[0]
+    assert "class_0" in warning[0] and "--classes" in warning[0] and "sidecar" in warning[0]
+
+
+def test_a_pickled_model_object_is_refused_in_one_plain_line(tmp_path):
+    full = tmp_path / "full.pt"
+    torch.save(build_model(small_spec("resnet20"), 2), full)
+    r = runner.invoke(app, ["merge", str(full), str(full), "--arch", "resnet20", "--calib", str(tmp_path),
+                            "-o", str(tmp_path / "m.safetensors")])
+    assert r.exit_code == 2 and "holds a pickled model object, not a state_dict" in r.stderr
+    assert "model.state_dict()" in r.stderr and "\x1b" not in r.output and "two options" not in r.output
 
 
 def test_inspect_counts_parameters_and_macs(tiny, tmp_path):

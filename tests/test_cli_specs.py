@@ -1,7 +1,10 @@
 """``zipit specs trace | check | list``: exit codes, stdout vs stderr, files written or not."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
+import sys
 
 import pytest
 import yaml
@@ -10,7 +13,8 @@ from typer.testing import CliRunner
 from zipcli.cli import app
 from zipcli.cli_specs import parse_kwargs
 from zipcli.errors import ZipitError
-from zipcli.specs import SPECS_DIR, builtin_spec_names, parse_spec
+from zipcli.merged import build_model
+from zipcli.specs import SPECS_DIR, builtin_spec_names, load_spec, parse_spec
 
 runner = CliRunner()
 
@@ -21,6 +25,7 @@ def test_trace_writes_a_spec_that_passes_the_check(tmp_path):
                             "--kw", "num_classes=7", "--name", "mine", "-o", str(out)])
     assert r.exit_code == 0, r.output
     assert "wrote" in r.stderr and "next: zipit specs check" in r.stderr and r.stdout == ""
+    assert "for tracing only" in r.stderr  # --kw num_classes=7 is not stored
     spec = parse_spec(out.read_text())
     assert spec.name == "mine" and spec.kwargs == {"width": 2} and spec.input.size == 32
     assert spec.stops == ("layer1", "layer2", "layer3") and spec.classifiers == ("linear",)
@@ -58,7 +63,7 @@ def test_trace_never_overwrites_without_force_and_leaves_no_temporary(tmp_path):
     (["resnet18", "--kw", "depth=3"], ["unexpected keyword argument 'depth'"]),
     (["resnet18", "--kw", "depth"], ["is not NAME=VALUE"]),
     (["resnet18", "--input", "mnist"], ["unknown --input 'mnist'"]),
-    (["resnet18", "--stop", "layer1.0"], ["cuts through"]),
+    (["resnet18", "--stop", "layer1.0"], ["cuts through", "valid stops of resnet18: layer1, layer2, layer3, layer4"]),
 ])
 def test_trace_refusals_are_one_line_with_exit_code_2(args, words, tmp_path):
     out = tmp_path / "x.yaml"
@@ -68,6 +73,52 @@ def test_trace_refusals_are_one_line_with_exit_code_2(args, words, tmp_path):
     for word in words:
         assert word in r.stderr
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+MY_MODELS = """
+import torch.nn as nn
+
+
+def small_cnn(n_out=10, width=8):
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, n_out))
+
+
+def not_a_model(num_classes=10):
+    return 3
+"""
+
+
+def test_own_builder_from_the_current_folder_must_take_the_class_count(tmp_path, monkeypatch):
+    (tmp_path / "newuser_models.py").write_text(MY_MODELS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    trace = ["specs", "trace", "newuser_models:small_cnn", "--input", "cifar", "-o", "s.yaml"]
+    r = runner.invoke(app, trace)  # importable without PYTHONPATH; but it calls its class count n_out
+    assert r.exit_code == 2 and "newuser_models:small_cnn" in r.stderr and "--num-classes-arg NAME" in r.stderr
+    assert runner.invoke(app, trace + ["--num-classes-arg", "n_out"]).exit_code == 0
+    assert runner.invoke(app, ["specs", "check", "s.yaml"]).exit_code == 0
+    spec = tmp_path / "s.yaml"
+    spec.write_text(spec.read_text().replace("num_classes_arg: n_out", "num_classes_arg: num_classes"))
+    r = runner.invoke(app, ["specs", "check", "s.yaml"])
+    assert r.exit_code == 2 and "num_classes_arg" in r.stderr
+    r = runner.invoke(app, ["specs", "trace", "newuser_models:not_a_model"])
+    assert r.exit_code == 2 and "returned an int" in r.stderr
+
+
+def test_merge_time_builder_failure_names_num_classes_arg():
+    with pytest.raises(ZipitError) as info:
+        build_model(dataclasses.replace(load_spec("resnet20"), num_classes_arg="n_out"), 3)
+    assert "num_classes_arg" in info.value.hint
+
+
+def test_load_spec_takes_a_spec_file_path(tmp_path, monkeypatch):
+    shutil.copy(SPECS_DIR / "resnet20.yaml", tmp_path / "mine.yml")
+    monkeypatch.chdir(tmp_path)
+    assert load_spec("mine.yml") == load_spec("resnet20") == load_spec(path="mine.yml")
+    with pytest.raises(ZipitError) as info:
+        load_spec("mine")
+    assert "load_spec(path=" in info.value.hint
 
 
 def test_check_fails_with_exit_code_2_and_names_the_problem(tmp_path):

@@ -8,7 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import re
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,8 +78,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            if _pickles_a_module(path):
+                raise CheckpointError(f"{path} holds a pickled model object, not a state_dict",
+                                      "save model.state_dict() instead, where you trust the file: "
+                                      "torch.save(model.state_dict(), 'model.pt')") from None
+            found = re.search(r"GLOBAL ([\w.]+)", str(exc))
             raise CheckpointError(
-                f"{path}: refused, the pickle would import or run code ({str(exc).splitlines()[0][:160]})",
+                f"{path}: refused, the pickle would import or run code"
+                + (f" ({found.group(1)})" if found else ""),
                 "zipit never loads such files; convert it where you trust it: "
                 "safetensors.torch.save_file(model.state_dict(), 'model.safetensors')") from None
         raise CheckpointError(f"{path}: not a readable checkpoint ({exc})",
@@ -86,6 +94,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable checkpoint ({exc.__class__.__name__}: {str(exc)[:160]})",
                               "the file may be truncated or corrupt; save it again with torch.save") from None
     return _unwrap(obj, path)
+
+
+def _pickles_a_module(path: Path) -> bool:
+    """Whether a torch zip checkpoint holds a whole nn.Module (torch.save(model)): its pickle names
+    the module attributes ``_parameters`` and ``_modules``. Read as bytes, never unpickled."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            data = b"".join(archive.read(n) for n in archive.namelist() if n.endswith("data.pkl"))
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return b"_parameters" in data and b"_modules" in data
 
 
 def sidecar_classes(path: Path) -> list[str] | None:

@@ -20,7 +20,7 @@ specs_app = typer.Typer(
 
 DEBUG = typer.Option(False, "--debug", help="Show Python tracebacks for errors.")
 KWARGS = typer.Option(None, "--kw", metavar="NAME=VALUE",
-                      help="A keyword argument for the builder, repeatable: --kw num_classes=10 --kw width=2. "
+                      help="A keyword argument for the builder, repeatable: --kw width=2 --kw dropout=0.1. "
                            "Values are read as int, float, true/false or none where they look like one, "
                            "else as text.")
 PRESETS = {
@@ -35,7 +35,7 @@ def parse_kwargs(items: list[str] | None) -> dict:
     for item in items or []:
         name, sep, text = item.partition("=")
         if not sep or not name.strip().isidentifier():
-            raise ZipitError(f"--kw {item!r} is not NAME=VALUE", "write e.g. --kw num_classes=10")
+            raise ZipitError(f"--kw {item!r} is not NAME=VALUE", "write e.g. --kw width=2")
         kwargs[name.strip()] = _value(text.strip())
     return kwargs
 
@@ -60,7 +60,7 @@ TRACE_HELP = (
     "axes of its layers into feature spaces and writes them with where each is observed, the stop points "
     "(stage boundaries) and the classifiers. Operations the tracer cannot reason about (grouped convolutions, "
     "squeeze-and-excitation gates, attention, ...) are refused with the operation and the layer named.\n\n"
-    "Example: zipit specs trace torchvision.models.resnet34 --kw num_classes=10 -o resnet34.yaml"
+    "Example: zipit specs trace torchvision.models.resnet34 -o resnet34.yaml"
 )
 CHECK_HELP = (
     "Check a spec against its model: self-check, coverage and observe points.\n\n"
@@ -88,11 +88,12 @@ def trace_cmd(
     kw: Optional[List[str]] = KWARGS,
     name: Optional[str] = typer.Option(None, "--name", help="The spec's name. Default: the builder's function name."),
     preset: str = typer.Option("imagenet", "--input", help="Input preprocessing: imagenet (224 px crop of a "
-                               "256 px resize, ImageNet mean/std) or cifar (32 px, CIFAR mean/std). "
-                               "Edit the written file for other statistics."),
+                               "256 px resize, ImageNet mean/std) or cifar (32 px, CIFAR mean/std; a 32-px "
+                               "model needs it). To change it, trace again."),
     size: Optional[int] = typer.Option(None, "--size", help="Crop size in pixels, overriding the preset's."),
     num_classes_arg: str = typer.Option("num_classes", "--num-classes-arg", help="The builder's argument for the "
-                                        "number of classes (merge sets it from each checkpoint)."),
+                                        "number of classes, which it must accept (merge sets it from each "
+                                        "checkpoint)."),
     stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop points to offer, repeatable (module names). "
                                              "Default: every stage boundary the tracer finds."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite the output file if it exists."),
@@ -131,6 +132,9 @@ def trace_cmd(
         err.print(f"[green]traced[/] {escape(canonical)}: {len(doc['spaces'])} feature spaces, classifier "
                   f"{escape(', '.join(doc['classifiers']))}, stops {escape(', '.join(doc['stops']))} "
                   f"(default {escape(doc['default_stop'])}); {where}", soft_wrap=True)
+        if num_classes_arg in kwargs:
+            err.print(f"  note: --kw {num_classes_arg}= is for tracing only; merge takes the number of classes "
+                      "from each checkpoint", soft_wrap=True)
         if output:
             err.print(f"  next: zipit specs check {escape(str(output))}", soft_wrap=True)
 

@@ -39,7 +39,8 @@ def build_model(spec: Spec, num_classes: int) -> nn.Module:
         raise
     except Exception as exc:
         raise ZipitError(f"spec {spec.name!r}: builder {spec.builder} failed: {exc.__class__.__name__}: {exc}",
-                         "check the spec's kwargs") from None
+                         "check the spec's kwargs and its num_classes_arg (the builder's argument for the "
+                         "number of classes)") from None
     return model.eval()
 
 

@@ -7,6 +7,9 @@ nothing is evaluated.
 from __future__ import annotations
 
 import importlib
+import inspect
+import os
+import sys
 from typing import Callable
 
 import torch.nn as nn
@@ -112,12 +115,15 @@ def resolve_builder(name: str) -> Callable[..., nn.Module]:
             "write e.g. 'torchvision.models:resnet50' or 'mypkg.models:build'",
         )
     module_name, func_name = name.split(":")
+    if os.getcwd() not in sys.path:  # like python -m: ./mymodels.py is importable from its folder
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise SpecError(
             f"builder module {module_name!r} cannot be imported: {exc}",
-            "install the package that provides it, fix the builder name, or run from the folder that holds it",
+            "install the package that provides it, fix the builder name, or run from the folder that holds it "
+            "(or set PYTHONPATH to it)",
         ) from None
     func = getattr(module, func_name, None)
     if not callable(func):
@@ -126,6 +132,20 @@ def resolve_builder(name: str) -> Callable[..., nn.Module]:
             "check the function name",
         )
     return func
+
+
+def check_num_classes_arg(builder: str, arg: str) -> None:
+    """Merge builds each model with ``arg=<the checkpoint's class count>``: refuse, before any merge,
+    a builder that cannot take it."""
+    try:
+        params = inspect.signature(resolve_builder(builder)).parameters.values()
+    except (TypeError, ValueError):  # no readable signature (e.g. a C function): merge will tell
+        return
+    if any(p.kind is p.VAR_KEYWORD or (p.name == arg and p.kind is not p.POSITIONAL_ONLY) for p in params):
+        return
+    raise SpecError(f"builder {builder} has no argument {arg!r} for the number of classes",
+                    "if it has one under another name, pass --num-classes-arg NAME to 'zipit specs trace' (or set "
+                    f"num_classes_arg: NAME in the spec); else give it a {arg} argument")
 
 
 def build(builder: str, kwargs: dict) -> nn.Module:
@@ -137,6 +157,8 @@ def build(builder: str, kwargs: dict) -> nn.Module:
         raise SpecError(f"builder {builder} failed: {exc.__class__.__name__}: {exc}",
                         "check the builder's keyword arguments (--kw NAME=VALUE)") from None
     if not isinstance(model, nn.Module):
-        raise SpecError(f"builder {builder} returned a {type(model).__name__}, not a torch.nn.Module",
+        kind = type(model).__name__
+        raise SpecError(f"builder {builder} returned {'an' if kind[0] in 'aeiouAEIOU' else 'a'} {kind}, "
+                        "not a torch.nn.Module",
                         "the builder must return the model")
     return model.eval()

@@ -97,9 +97,6 @@ class MergeOptions:
             raise ZipitError("--device cuda was asked for but no CUDA device is available", "use --device cpu")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ZipitError(f"unknown --device {self.device!r}", "valid: cpu, cuda, cuda:N")
-        if self.classes is not None and len(self.classes) != n_models:
-            raise ZipitError(f"--classes was given {len(self.classes)} times for {n_models} checkpoints",
-                             "give it once per checkpoint, in order, or not at all")
 
 
 @dataclass
@@ -127,8 +124,9 @@ def load_sources(paths: list[str | Path], spec: Spec, options: MergeOptions, min
     if len(paths) < min_models:
         raise ZipitError(f"merging needs at least two checkpoints, got {len(paths)}", "pass two or more files")
     if options.classes is not None and len(options.classes) != len(paths):
-        raise ZipitError(f"--classes was given {len(options.classes)} times for {len(paths)} checkpoints",
-                         "give it once per checkpoint, in order, or not at all")
+        given, n = len(options.classes), len(paths)
+        raise ZipitError(f"--classes was given {'once' if given == 1 else f'{given} times'} for {n} "
+                         f"checkpoint{'' if n == 1 else 's'}", "give it once per checkpoint, in order, or not at all")
     sources = []
     for i, path in enumerate(paths):
         ckpt = load_checkpoint(path)
@@ -258,6 +256,11 @@ class MergeJob:
         self.graph = ModelGraph(spec, self.sources[0].model)
         self.stop = options.stop or spec.default_stop
         self.plan = self.graph.plan(self.stop)
+        unnamed = [s.checkpoint.path.name for s in self.sources if not options.classes and s.checkpoint.classes is None]
+        if unnamed:
+            report.warn(f"{', '.join(unnamed)}: no class names, heads get class_0, class_1, ... (zipit eval "
+                        "matches class folders by name); name them with --classes a,b,... once per checkpoint, or "
+                        'a JSON sidecar {"classes": [...]} beside each (a.pt -> a.json)')
         if self.stop == OUTPUT_STOP and any(s.classes != self.sources[0].classes for s in self.sources):
             raise ZipitError("--stop output merges the classifiers, which needs identical classes in every model",
                              f"use a stage stop ({', '.join(spec.stops)}) for models with different classes")

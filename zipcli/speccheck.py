@@ -13,7 +13,7 @@ import torch
 from .coverage import coverage
 from .errors import SpecError
 from .graph import ModelGraph, observed_channels
-from .models import build
+from .models import build, check_num_classes_arg
 from .selfcheck import randomize_per_channel, self_check
 from .specs import Spec
 
@@ -47,6 +47,7 @@ def check_spec(spec: Spec, builder: str | None = None, kwargs: dict | None = Non
     size = size or spec.input.size
     torch.manual_seed(seed)
     model = build(builder, kwargs)
+    check_num_classes_arg(builder, spec.num_classes_arg)
     randomize_per_channel(model, seed)
     graph = ModelGraph(spec, model)
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))

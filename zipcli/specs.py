@@ -269,15 +269,19 @@ def builtin_spec_names() -> list[str]:
 
 
 def load_spec(arch: str | None = None, path: str | Path | None = None) -> Spec:
-    """Load a built-in spec by name (``arch``) or a user's spec file (``path``)."""
+    """Load a built-in spec by name (``arch``) or a user's spec file (``path``); from Python a
+    ``.yaml``/``.yml`` path works as ``arch`` too, as in ``load_spec("small_cnn.yaml")``."""
     if (arch is None) == (path is None):
         raise SpecError("give exactly one of --arch NAME or --spec FILE",
                         f"built-in architectures: {', '.join(builtin_spec_names())}")
+    if arch is not None and arch not in builtin_spec_names() and Path(arch).suffix in (".yaml", ".yml"):
+        arch, path = None, arch
     if arch is not None:
         file = SPECS_DIR / f"{arch}.yaml"
         if arch not in builtin_spec_names():
             raise SpecError(f"unknown architecture {arch!r}",
-                            f"valid: {', '.join(builtin_spec_names())}; or pass --spec FILE")
+                            f"valid: {', '.join(builtin_spec_names())}; or a spec file: --spec FILE "
+                            "(Python: load_spec(path=FILE))")
     else:
         file = Path(path)
     try:

@@ -442,9 +442,11 @@ def spec_document(name: str, builder: str, kwargs: dict, preprocess: dict, *, de
     Without ``stops``, the stage boundaries found by ``suggest_stops`` are used. ``kwargs`` may
     hold the number of classes for building; the spec leaves it out (merge sets it per checkpoint).
     """
+    from .models import check_num_classes_arg
     from .specs import FORMAT_VERSION, parse_spec
 
     model, traced = build_and_trace(builder, kwargs, preprocess["size"])
+    check_num_classes_arg(builder, num_classes_arg)
     if not traced["classifiers"]:
         raise SpecError(f"cannot derive a spec for {name!r}: no convolution or linear layer writes the outputs",
                         "zipit needs a classifier layer at the end of the model")
@@ -458,7 +460,11 @@ def spec_document(name: str, builder: str, kwargs: dict, preprocess: dict, *, de
     graph = ModelGraph(parse_spec(dump_spec({**doc, "stops": [first], "default_stop": first}), origin=name), model)
     if stops:
         for stop in stops:
-            graph.cut(stop)
+            try:
+                graph.cut(stop)
+            except SpecError as exc:
+                valid_stops = ", ".join(suggest_stops(graph)) or "none"
+                raise SpecError(exc.message, f"valid stops of {name}: {valid_stops}") from None
         valid = list(stops)
     else:
         valid = suggest_stops(graph)
