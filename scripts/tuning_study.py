@@ -2,13 +2,20 @@
 
 Usage: python scripts/tuning_study.py CKPT CKPT [CKPT ...] [--arch resnet20] [--calib DIR]
            [--test DIR] [--num-calib 512] [--stops layer1,layer2,layer3] [--limit N]
+           [--holdout 256] [--dump DIR]
 
 For every stop, runs the auto merge's own stages once (MergeJob: calibration on
 the fit images, held-out split, BN subset), then for every candidate setting
 prints the label-free score the tuner sees (held-out top-1 agreement) and two
 alternatives (mean KL divergence from the source, and agreement of the joint
 prediction), next to the test accuracy of the final model built with that
-setting. Test images are used only for the accuracy columns.
+setting. Test images are used only for the accuracy columns. A last row does
+the same for `permute` matching, for comparison.
+
+--holdout sets how many spare calibration images are held out (the tuner's
+HOLDOUT); --dump writes, per stop, the sources' and every candidate's logits on
+the held-out images with the candidate's test accuracy, so other criteria and
+held-out sizes can be studied offline (scripts/tuning_offline.py).
 """
 from __future__ import annotations
 
@@ -22,23 +29,21 @@ import torch.nn.functional as F
 
 from zipcli import MergeOptions, load_spec
 from zipcli.evaluate import evaluate, labelled_batches, labelled_images
-from zipcli.pipeline import MergeJob
+import zipcli.tuning
+from zipcli.matching import match
+from zipcli.bn import reset_batchnorm
+from zipcli.pipeline import MergeJob, _augment_free
 from zipcli.tuning import agreement, candidate_settings, divergence, head_outputs
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
-def criteria(model, held) -> tuple[float, ...]:
-    """(the score, plain agreement, claimed KL(source || head), KL on all images, joint agreement)."""
-    heads = head_outputs(model, held.images, len(held.targets))
+def criteria(heads, held) -> tuple[float, ...]:
+    """(claimed agreement, plain agreement, claimed KL(source || head), KL on all images, joint agreement)."""
     joint = lambda logits: torch.cat([F.softmax(z, 1) for z in logits], 1).argmax(1)  # noqa: E731
-    return (score_of(heads, held), agreement(heads, held.targets, claimed_only=False),
+    return (agreement(heads, held.targets), agreement(heads, held.targets, claimed_only=False),
             divergence(heads, held.targets), divergence(heads, held.targets, claimed_only=False),
             float((joint(heads) == joint(held.targets)).float().mean()))
-
-
-def score_of(heads, held) -> float:
-    return agreement(heads, held.targets)
 
 
 def main() -> None:
@@ -50,7 +55,10 @@ def main() -> None:
     p.add_argument("--num-calib", type=int, default=512)
     p.add_argument("--stops", default=None)
     p.add_argument("--limit", type=int, default=None, help="test images per class (default: all)")
+    p.add_argument("--holdout", type=int, default=zipcli.tuning.HOLDOUT, help="spare images held out")
+    p.add_argument("--dump", default=None, help="folder for per-stop logits (offline analysis)")
     a = p.parse_args()
+    zipcli.tuning.HOLDOUT = a.holdout
     torch.manual_seed(0)
     spec = load_spec(a.arch)
     test = list(labelled_batches(labelled_images(a.test, a.limit), spec.input, 500))
@@ -67,16 +75,31 @@ def main() -> None:
         print("| alpha | beta | claimed agreement | agreement | claimed KL | KL | joint agreement "
               "| test avg task | test joint |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-        seen = {}
-        for s in candidate_settings(len(job.sources)):
-            matches = job.match(s)
+        seen, dump = {}, {"targets": held.targets, "candidates": []}
+
+        def run(label_a, label_b, setting, matches):
             key = tuple(m.assign.tobytes() for m in matches.values())
             if key not in seen:
-                cand = job.candidate(matches, bn_images)
-                r = evaluate(job.finish(s).model, test, names, classes)
-                seen[key] = (*criteria(cand, held), r["avg_task"], r["joint"])
-            print("| " + " | ".join([f"{s.alpha:g}", f"{s.beta:g}"] + [f"{v:.4f}" for v in seen[key]]) + " |",
-                  flush=True)
+                heads = head_outputs(job.candidate(matches, bn_images), held.images, len(held.targets))
+                final = job.build(matches) if setting is None else job.finish(setting).model
+                if setting is None:                  # permute: the same final BN reset as finish()
+                    reset_batchnorm(final, _augment_free(job.stream).batches(), "cpu")
+                r = evaluate(final, test, names, classes)
+                seen[key] = (*criteria(heads, held), r["avg_task"], r["joint"])
+                dump["candidates"].append({"settings": [], "heads": heads, "test": (r["avg_task"], r["joint"])})
+                seen[key] = (seen[key], len(dump["candidates"]) - 1)
+            values, index = seen[key]
+            dump["candidates"][index]["settings"].append((label_a, label_b))
+            print("| " + " | ".join([label_a, label_b] + [f"{v:.4f}" for v in values]) + " |", flush=True)
+
+        for s in candidate_settings(len(job.sources)):
+            run(f"{s.alpha:g}", f"{s.beta:g}", s, job.match(s))
+        n = len(job.sources)
+        run("permute", "–", None, {name: match("permute", job.correlations[name], n)
+                                   for name in job.plan.merged_spaces})
+        if a.dump:
+            Path(a.dump).mkdir(parents=True, exist_ok=True)
+            torch.save(dump, Path(a.dump) / f"{stop}.pt")
         print(f"  stop {stop}: {time.time() - t:.0f}s", file=sys.stderr)
 
 

@@ -56,16 +56,18 @@ def test_merge_with_permuted_copy_is_exact(name, method, tmp_path, calib32, cali
             assert _rel(out, expected) < 1e-4, (name, method, stop)
 
 
+@pytest.mark.parametrize("n_models", [3, 4])
 @pytest.mark.parametrize("method", ["permute", "zipit"])
-def test_three_permuted_copies_merge_exactly(method, tmp_path, calib32):
+def test_more_permuted_copies_merge_exactly(method, n_models, tmp_path, calib32):
+    """One trunk and one head per model, each head the original model."""
     spec = small_spec("resnet20")
-    model, paths = _permuted_copies(spec, tmp_path, calib32, 3)
+    model, paths = _permuted_copies(spec, tmp_path, calib32, n_models)
     x = _images(spec, calib32)
     # alpha 1: completing a triple of identical features scores 1, so no within-model pair can come first.
     result = merge(paths, spec, calib32, MergeOptions(method=method, alpha=1.0, reset_bn=False, stop="layer2"))
     with torch.no_grad():
         expected, heads = model(x), result.model(x)
-    assert len(heads) == 3 and all(_rel(h, expected) < 1e-4 for h in heads)
+    assert len(heads) == n_models and all(_rel(h, expected) < 1e-4 for h in heads)
 
 
 def test_stop_output_merges_classifier_of_same_task(tmp_path, calib32):
