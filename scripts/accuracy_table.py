@@ -1,12 +1,14 @@
 """Accuracy of average / permute / zipit at every stop on a zoo of checkpoints.
 
 Usage: python scripts/accuracy_table.py CKPT CKPT [CKPT ...] [--calib DIR] [--test DIR]
-           [--num-calib 512] [--alpha 0.3] [--beta 0.125] [--methods average,permute,zipit]
+           [--num-calib 512] [--alpha auto] [--beta auto] [--methods average,permute,zipit]
 
 Protocol (the core merge issue): calibration images drawn at random (seed 0)
 from the train folder, no augmentation, BatchNorm reset on the same images,
 every test image. Prints a Markdown table: per-head accuracy on its own
-classes, their average, and joint accuracy.
+classes, their average, and joint accuracy. zipit runs with zipit's defaults
+(α and β chosen without labels) unless --alpha/--beta are given; the row
+names the values used.
 """
 from __future__ import annotations
 
@@ -31,8 +33,8 @@ def main() -> None:
     p.add_argument("--calib", default=str(SHARED / "datasets/cifar10/train"))
     p.add_argument("--test", default=str(SHARED / "datasets/cifar10/test"))
     p.add_argument("--num-calib", type=int, default=512)
-    p.add_argument("--alpha", default="0.3")
-    p.add_argument("--beta", default="0.125")
+    p.add_argument("--alpha", default="auto")
+    p.add_argument("--beta", default="auto")
     p.add_argument("--methods", default="average,permute,zipit")
     p.add_argument("--stops", default=None)
     p.add_argument("--limit", type=int, default=None, help="test images per class (default: all)")
@@ -57,13 +59,21 @@ def main() -> None:
     row("the source models, run separately (ensemble)", "–", Ensemble([s.model for s in sources]), classes)
     for method in a.methods.split(","):
         for stop in (a.stops.split(",") if a.stops else spec.stops):
-            options = MergeOptions(method=method, alpha=float(a.alpha), beta=float(a.beta), stop=stop,
+            options = MergeOptions(method=method, alpha=_value(a.alpha), beta=_value(a.beta), stop=stop,
                                    num_calib=a.num_calib, seed=0)
             t = time.time()
             result = merge(a.checkpoints, spec, a.calib, options)
-            label = f"zipit (α {a.alpha}, β {a.beta})" if method == "zipit" else method
+            params = result.metadata["params"]
+            label = method
+            if method == "zipit":
+                how = "auto: " if "tuning" in params else ""
+                label = f"zipit ({how}α {params['alpha']:g}, β {params['beta']:g})"
             row(label, stop, result.model, [h.classes for h in result.model.heads])
             print(f"  merged {method}@{stop} in {time.time() - t:.1f}s", file=sys.stderr)
+
+
+def _value(text: str) -> float | None:
+    return None if text == "auto" else float(text)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ Usage: python scripts/tuning_offline.py DUMP_DIR [DUMP_DIR ...] [--sizes 256,512
 
 Reads the per-stop dumps of ``scripts/tuning_study.py --dump`` (the sources' and each
 candidate's logits on the held-out calibration images, and each candidate's test
-accuracy) and, for every criterion and held-out size (the first N held-out images),
+accuracy) and, for every criterion and held-out size (a seeded random N of the
+held-out images; the held-out files are sorted by folder, so a prefix would
+over-sample the first classes),
 prints the test accuracy of the candidate the criterion would choose, beside the
 best candidate, the default (α 0.3, β 0.125) and permute. Test accuracy is only
 read to judge the choice, never to make it.
@@ -62,8 +64,9 @@ def main() -> None:
             for n in sizes:
                 if n > len(d["targets"][0]):
                     continue
-                targets = [t[:n] for t in d["targets"]]
-                scores = [criteria([h[:n] for h in c["heads"]], targets) for c in cands]
+                keep = torch.randperm(len(d["targets"][0]), generator=torch.Generator().manual_seed(0))[:n]
+                targets = [t[keep] for t in d["targets"]]
+                scores = [criteria([h[keep] for h in c["heads"]], targets) for c in cands]
                 names = list(scores[0])
                 scores_rank = [sum(torch.tensor([s[k] for s in scores]).argsort().argsort()[i].item()
                                    for k in ("claimed KL", "claimed agreement")) for i in range(len(cands))]

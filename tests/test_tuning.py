@@ -11,8 +11,8 @@ import zipcli.pipeline
 from zipcli import MergeOptions, merge
 from zipcli.cli import app
 from zipcli.merged import read_metadata
-from zipcli.tuning import (MIN_HOLDOUT, HeldOut, Setting, agreement, candidate_settings, claims, divergence, search,
-                           split_holdout)
+from zipcli.tuning import (FINALISTS, HOLDOUT, MIN_HOLDOUT, MIN_SCREEN, SCREEN_EVERY, HeldOut, Setting, agreement,
+                           candidate_settings, claims, divergence, search, split_holdout)
 
 from conftest import make_images, random_model, save_checkpoint, small_spec
 from typer.testing import CliRunner
@@ -31,10 +31,10 @@ def pair(tmp_path_factory):
 
 
 def test_held_out_images_are_spare_folder_images_when_there_are_any():
-    files = [f"f{i:04d}" for i in range(1000)]
+    files = [f"f{i:04d}" for i in range(4 * HOLDOUT)]
     sample = files[::4]
     fit, held = split_holdout(files, sample, 0)
-    assert fit == sample and len(held) == 256 and not set(held) & set(sample) and set(held) <= set(files)
+    assert fit == sample and len(held) == HOLDOUT and not set(held) & set(sample) and set(held) <= set(files)
     assert (fit, held) == split_holdout(files, sample, 0) and held != split_holdout(files, sample, 1)[1]
 
 
@@ -100,6 +100,35 @@ def test_search_takes_the_first_best_and_scores_each_distinct_matching_once():
     assert scores[0] > 0 and scores[1] == scores[2] == scores[3] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_large_held_out_sets_screen_on_a_stride_then_rescore_the_finalists_on_all_images():
+    n = SCREEN_EVERY * MIN_SCREEN
+    targets = torch.randn(n, 3)
+    held = HeldOut(torch.arange(n, dtype=torch.float32)[:, None], [targets])
+    built = []
+
+    class Noisy(torch.nn.Module):
+        """Source logits plus noise that grows with k; candidate 0 is only good on the screening stride."""
+
+        def __init__(self, k):
+            super().__init__()
+            self.k = k
+
+        def forward(self, x):
+            rows = x[:, 0].long()
+            noise = torch.randn(len(rows), 3, generator=torch.Generator().manual_seed(self.k)) * (0.1 + self.k)
+            if self.k == 0:
+                noise[rows % SCREEN_EVERY != 0] = 50.0 * torch.randn(int((rows % SCREEN_EVERY != 0).sum()), 3)
+            return [targets[rows] + noise]
+
+    settings = [Setting(1.0, b) for b in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)]
+    result = search(lambda s: (s.beta, lambda: built.append(s) or Noisy(settings.index(s))), held, settings)
+    assert len(built) == len(settings)                       # each candidate built once
+    full = [t for t in result.trials if t.images == n]
+    assert len(full) == FINALISTS and all(t.images == n // SCREEN_EVERY for t in result.trials if t not in full)
+    # candidate 0 wins the screening but loses on all images: the choice is the best finalist on all images
+    assert Setting(1.0, 0.0) in [t.setting for t in full] and result.chosen == Setting(1.0, 0.1)
+
+
 def test_auto_never_reads_labels_or_held_out_images_for_correlations(pair, monkeypatch):
     def forbidden(*_a, **_k):
         raise AssertionError("tuning touched labelled data")
@@ -160,3 +189,13 @@ def test_explicit_values_override_auto(pair, tmp_path):
     r = runner.invoke(app, ["merge", *map(str, pair["paths"]), "--arch", "resnet20", "--calib", str(pair["calib"]),
                             "--alpha", "x", "-o", str(tmp_path / "m.safetensors")])
     assert r.exit_code == 2 and "--alpha 'x'" in r.output and "auto" in r.output
+
+
+def test_auto_is_the_default_for_zipit_only(pair, tmp_path):
+    assert MergeOptions().tunes and not MergeOptions(method="permute").tunes
+    out = tmp_path / "m.safetensors"
+    r = runner.invoke(app, ["merge", *map(str, pair["paths"]), "--arch", "resnet20", "--calib", str(pair["calib"]),
+                            "--stop", "layer1", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    tuning = json.loads(read_metadata(out)["params"])["tuning"]
+    assert tuning["held_out_images"] >= MIN_HOLDOUT and tuning["candidates"]

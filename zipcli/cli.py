@@ -56,10 +56,11 @@ def merge_cmd(
                                        "layers become one head per model. Default: all but the classifiers. "
                                        "'output' also merges the classifiers (identical classes only)."),
     method: str = typer.Option("zipit", "--method", help=f"Matching: {', '.join(METHODS)}."),
-    alpha: str = typer.Option("0.3", "--alpha", help="zipit: weight of an already merged feature's correlations "
-                              "(repeated matching), in [0, 1], or 'auto': chosen on held-out calibration images."),
-    beta: str = typer.Option("0.125", "--beta", help="zipit: share of merges allowed within one model, in [0, 1], or "
-                             "'auto' (see --alpha)."),
+    alpha: str = typer.Option("auto", "--alpha", help="zipit: weight of an already merged feature's correlations "
+                              "(repeated matching), in [0, 1]. 'auto' (default): chosen without labels on held-out "
+                              "calibration images; 0.3 is the paper's value."),
+    beta: str = typer.Option("auto", "--beta", help="zipit: share of merges allowed within one model, in [0, 1], or "
+                             "'auto' (default; see --alpha); 0.125 is the paper's value."),
     num_calib: int = typer.Option(512, "--num-calib", help="Calibration images to sample (all if fewer)."),
     seed: int = typer.Option(0, "--seed", help="Seed for sampling and augmentation."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
@@ -203,19 +204,29 @@ def _render_merged(f: dict) -> None:
 
 
 def _tuning_grid(tuning: dict) -> Table:
-    """Candidates' held-out agreement as a beta x alpha grid, the chosen one in bold."""
+    """Candidates' held-out divergence as a beta x alpha grid: chosen in bold, screened out (scored on
+    fewer images) dimmed."""
     alphas = sorted({c["alpha"] for c in tuning["candidates"]})
-    grid = Table(title="alpha/beta tuning (divergence from the sources on held-out images; chosen in bold)", title_justify="left", show_edge=False)
+    full = tuning["held_out_images"]
+    grid = Table(title=f"alpha/beta tuning: divergence from the sources on {full} held-out images, chosen in bold "
+                 "(dim: screened out on fewer images)", title_justify="left", show_edge=False)
     grid.add_column("beta \\ alpha")
     for a in alphas:
         grid.add_column(f"{a:g}", justify="right")
     chosen = (tuning["chosen"]["alpha"], tuning["chosen"]["beta"])
     for b in sorted({c["beta"] for c in tuning["candidates"]}):
-        cells = {c["alpha"]: c["score"] for c in tuning["candidates"] if c["beta"] == b}
-        grid.add_row(f"{b:g}", *("–" if a not in cells else
-                                 (f"[bold]{cells[a]:.4f}[/]" if (a, b) == chosen else f"{cells[a]:.4f}")
-                                 for a in alphas))
+        cells = {c["alpha"]: c for c in tuning["candidates"] if c["beta"] == b}
+        grid.add_row(f"{b:g}", *(_grid_cell(cells.get(a), (a, b) == chosen, full) for a in alphas))
     return grid
+
+
+def _grid_cell(candidate: dict | None, chosen: bool, full: int) -> str:
+    if candidate is None:
+        return "–"
+    text = f"{candidate['score']:.4f}"
+    if chosen:
+        return f"[bold]{text}[/]"
+    return f"[dim]{text}[/]" if candidate.get("images", full) < full else text
 
 
 def _render_checkpoint(f: dict) -> None:

@@ -53,8 +53,8 @@ class MergeOptions:
     """How to merge; defaults follow the paper and its data-usage appendix."""
 
     method: str = "zipit"
-    alpha: float | None = 0.3    # zipit: weight of a merged feature's correlations (repeated matching); None: tune
-    beta: float | None = 0.125   # zipit: share of merges allowed within one model; None: tune
+    alpha: float | None = None   # zipit: weight of a merged feature's correlations (repeated matching); None: tune
+    beta: float | None = None    # zipit: share of merges allowed within one model; None: tune
     stop: str | None = None      # None: the spec's default (everything but the classifiers)
     num_calib: int = 512         # calibration images (the paper: a few hundred suffice)
     seed: int = 0
@@ -362,13 +362,17 @@ class MergeJob:
         def show(trial):
             self.report.advance()
             self.report.info(f"  alpha {trial.setting.alpha:<5g} beta {trial.setting.beta:<7g} "
-                             f"divergence {trial.score:.4f}")
+                             f"divergence {trial.score:.4f} ({trial.images} images)")
 
         try:
             self.tuning = search(lambda s: self.prepare(s, bn_images), held, settings, on_trial=show)
         finally:
             self.report.done()
         chosen = self.tuning.chosen
+        for trial in self.tuning.trials:
+            if trial.images == len(held.images) and trial.images > min(t.images for t in self.tuning.trials):
+                self.report.info(f"  finalist alpha {trial.setting.alpha:<5g} beta {trial.setting.beta:<7g} "
+                                 f"divergence {trial.score:.4f} ({trial.images} images)")
         self.report.info(f"chose alpha {chosen.alpha:g}, beta {chosen.beta:g} "
                          f"(lowest divergence from the sources on {len(held.images)} held-out calibration images)")
         self.timings["tuning"] = time.perf_counter() - t
