@@ -11,9 +11,9 @@ import time
 
 import torch
 
-from zipcli import MergeOptions, load_spec
+from zipcli import load_spec
 from zipcli.calibration import calibration_stream
-from zipcli.pipeline import load_sources
+from zipcli.checkpoints import load_sources
 
 
 def main() -> None:
@@ -26,7 +26,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     a = p.parse_args()
     spec = load_spec(a.arch)
-    models = [s.model for s in load_sources(a.checkpoints, spec, MergeOptions())]
+    models = [s.model for s in load_sources(a.checkpoints, spec)]
     t1 = time.perf_counter()
     stream = calibration_stream(a.calib, spec.input, a.num_calib, 0, a.batch_size)
     decode = forward = 0.0

@@ -20,12 +20,14 @@ from pathlib import Path
 
 import torch
 
-from zipcli import MergeOptions, load_spec
+from zipcli import load_spec
 from zipcli.calibration import calibration_stream
-from zipcli.graph import ModelGraph
+from zipcli.specs.graph import ModelGraph
 from zipcli.matching import match_permute, match_zipit
-from zipcli.merged import build_model
-from zipcli.pipeline import SilentReporter, collect_correlations, load_sources
+from zipcli.specs.builders import build_model
+from zipcli import SilentReporter
+from zipcli.checkpoints import load_sources
+from zipcli.correlation import collect_correlations
 from zipcli.specs import Preprocess
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -40,11 +42,11 @@ def correlation(n_models: int, space: str, calib: str, images: int, size: int):
             torch.manual_seed(seed)
             paths.append(Path(d) / f"m{seed}.pt")
             torch.save(build_model(spec, 10).state_dict(), paths[-1])
-        sources = load_sources(paths, spec, MergeOptions())
+        sources = load_sources(paths, spec)
     plan = ModelGraph(spec, sources[0].model).plan("layer4")
     plan = dataclasses.replace(plan, merged_spaces=(space,))
     stream = calibration_stream(calib, spec.input, images, 0, 32)
-    return collect_correlations(sources, spec, plan, stream, "cpu", SilentReporter())[space].correlation().numpy()
+    return collect_correlations([s.model for s in sources], spec, plan, stream, "cpu", SilentReporter())[space].correlation().numpy()
 
 
 def timed(fn, repeat: int) -> str:

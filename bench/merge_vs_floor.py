@@ -53,7 +53,7 @@ def main() -> None:
         else:
             import torch
             from zipcli import load_spec
-            from zipcli.merged import build_model
+            from zipcli.specs.builders import build_model
             ckpts = []
             for seed in (1, 2):
                 torch.manual_seed(seed)

@@ -60,7 +60,7 @@ def random_pair(arch: str, folder: Path) -> list[Path]:
     import torch
 
     from zipcli import load_spec
-    from zipcli.merged import build_model
+    from zipcli.specs.builders import build_model
 
     paths = []
     for seed in (1, 2):

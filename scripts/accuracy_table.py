@@ -21,7 +21,7 @@ import torch
 
 from zipcli import MergeOptions, load_spec, merge
 from zipcli.evaluate import Ensemble, evaluate, labelled_batches, labelled_images
-from zipcli.pipeline import load_sources
+from zipcli.checkpoints import load_sources
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -41,7 +41,7 @@ def main() -> None:
     a = p.parse_args()
     torch.manual_seed(0)
     spec = load_spec(a.arch)
-    sources = load_sources(a.checkpoints, spec, MergeOptions())
+    sources = load_sources(a.checkpoints, spec)
     names = [s.checkpoint.name for s in sources]
     classes = [s.classes for s in sources]
     t = time.time()

@@ -29,10 +29,10 @@ import torch.nn.functional as F
 
 from zipcli import MergeOptions, load_spec
 from zipcli.evaluate import evaluate, labelled_batches, labelled_images
-import zipcli.tuning
+import zipcli.calibration
 from zipcli.matching import match
 from zipcli.bn import reset_batchnorm
-from zipcli.pipeline import MergeJob, _augment_free
+from zipcli.pipeline import MergeJob
 from zipcli.tuning import agreement, candidate_settings, divergence, head_outputs
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -55,10 +55,10 @@ def main() -> None:
     p.add_argument("--num-calib", type=int, default=512)
     p.add_argument("--stops", default=None)
     p.add_argument("--limit", type=int, default=None, help="test images per class (default: all)")
-    p.add_argument("--holdout", type=int, default=zipcli.tuning.HOLDOUT, help="spare images held out")
+    p.add_argument("--holdout", type=int, default=zipcli.calibration.HOLDOUT, help="spare images held out")
     p.add_argument("--dump", default=None, help="folder for per-stop logits (offline analysis)")
     a = p.parse_args()
-    zipcli.tuning.HOLDOUT = a.holdout
+    zipcli.calibration.HOLDOUT = a.holdout
     torch.manual_seed(0)
     spec = load_spec(a.arch)
     test = list(labelled_batches(labelled_images(a.test, a.limit), spec.input, 500))
@@ -83,7 +83,7 @@ def main() -> None:
                 heads = head_outputs(job.candidate(matches, bn_images), held.images, len(held.targets))
                 final = job.build(matches) if setting is None else job.finish(setting).model
                 if setting is None:                  # permute: the same final BN reset as finish()
-                    reset_batchnorm(final, _augment_free(job.stream).batches(), "cpu")
+                    reset_batchnorm(final, job.stream.batches(), "cpu")
                 r = evaluate(final, test, names, classes)
                 seen[key] = (*criteria(heads, held), r["avg_task"], r["joint"])
                 dump["candidates"].append({"settings": [], "heads": heads, "test": (r["avg_task"], r["joint"])})

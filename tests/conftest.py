@@ -12,13 +12,23 @@ from PIL import Image
 
 from zipcli.bn import reset_batchnorm
 from zipcli.calibration import calibration_stream
-from zipcli.merged import build_model
+from zipcli.specs.builders import build_model
 from zipcli.specs import Preprocess, load_spec
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 ZOO = SHARED / "zoo"
 CIFAR = SHARED / "datasets" / "cifar10"
 needs_shared = pytest.mark.skipif(not ZOO.is_dir() or not CIFAR.is_dir(), reason="../shared (zoo, CIFAR-10) absent")
+
+
+def handled(result) -> bool:
+    """A CliRunner result ended the way zipit ends: success, or SystemExit from its error handler.
+
+    CliRunner catches every exception and keeps it in ``result.exception``, so the
+    traceback never reaches ``result.output``: checking the output for "Traceback"
+    proves nothing. An exception other than SystemExit is a crash.
+    """
+    return result.exception is None or isinstance(result.exception, SystemExit)
 
 
 def make_images(folder: Path, n: int, size: int = 32, seed: int = 0, classes: list[str] | None = None) -> Path:

@@ -13,8 +13,8 @@ import torch
 
 from zipcli import MergeOptions, load_merged, merge
 from zipcli.calibration import calibration_stream
-from zipcli.graph import ModelGraph
-from zipcli.selfcheck import permute_state_dict, random_permutations
+from zipcli.specs.graph import ModelGraph
+from zipcli.specs.selfcheck import permute_state_dict, random_permutations
 from zipcli.specs import builtin_spec_names
 
 from conftest import make_images, random_model, save_checkpoint, small_spec

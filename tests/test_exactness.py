@@ -6,8 +6,8 @@ import torch
 
 from zipcli import MergeOptions, merge
 from zipcli.calibration import calibration_stream
-from zipcli.graph import ModelGraph
-from zipcli.selfcheck import permute_state_dict, random_permutations
+from zipcli.specs.graph import ModelGraph
+from zipcli.specs.selfcheck import permute_state_dict, random_permutations
 
 from conftest import random_model, save_checkpoint, small_spec
 

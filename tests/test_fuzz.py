@@ -13,11 +13,12 @@ from safetensors.torch import save_file
 
 from zipcli.checkpoints import check_against, load_checkpoint, read_state_dict
 from zipcli.errors import ZipitError
-from zipcli.merged import build_model, load_merged
-from zipcli.specs import SPECS_DIR, parse_spec
+from zipcli.merged import load_merged
+from zipcli.specs.builders import build_model
+from zipcli.specs import BUILTIN_DIR, parse_spec
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-REAL_SPEC = yaml.safe_load((SPECS_DIR / "resnet20.yaml").read_text())
+REAL_SPEC = yaml.safe_load((BUILTIN_DIR / "resnet20.yaml").read_text())
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 100), st.floats(allow_nan=True),
                     st.text(max_size=12))
@@ -75,7 +76,7 @@ tensors = st.builds(lambda shape, fill: torch.full(shape, fill),
 @given(st.dictionaries(st.sampled_from(["conv1.weight", "linear.weight", "bn1.bias", "module.x", "w"]), tensors,
                        max_size=4), st.booleans())
 def test_random_tensor_dicts_as_checkpoint(state, nest):
-    expected = build_model(parse_spec((SPECS_DIR / "resnet20.yaml").read_text()), 3).state_dict()
+    expected = build_model(parse_spec((BUILTIN_DIR / "resnet20.yaml").read_text()), 3).state_dict()
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "x.pt"
         torch.save({"state_dict": state} if nest else state, path)

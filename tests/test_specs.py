@@ -4,12 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zipcli.builtin_specs import RECIPES, generate
+from zipcli.specs.recipes import RECIPES, generate
 from zipcli.errors import SpecError
-from zipcli.graph import ModelGraph
-from zipcli.merged import build_model
-from zipcli.speccheck import check_spec
-from zipcli.specs import SPECS_DIR, builtin_spec_names, load_spec, parse_spec
+from zipcli.specs.graph import ModelGraph
+from zipcli.specs.builders import build_model
+from zipcli.specs.check import check_spec
+from zipcli.specs import BUILTIN_DIR, builtin_spec_names, load_spec, parse_spec
 
 
 @pytest.mark.parametrize("name", builtin_spec_names())
@@ -23,12 +23,12 @@ def test_every_builtin_passes_specs_check(name):
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_builtin_files_are_what_the_tracer_makes(name):
-    assert (SPECS_DIR / f"{name}.yaml").read_text() == generate(name)
+    assert (BUILTIN_DIR / f"{name}.yaml").read_text() == generate(name)
 
 
 def test_a_wrong_spec_fails_the_self_check():
-    from zipcli.selfcheck import self_check
-    text = (SPECS_DIR / "resnet20.yaml").read_text().replace("readers: [layer1.0.conv1, ", "readers: [")
+    from zipcli.specs.selfcheck import self_check
+    text = (BUILTIN_DIR / "resnet20.yaml").read_text().replace("readers: [layer1.0.conv1, ", "readers: [")
     text = text.replace("readers: [layer1.0.conv2]", "readers: [layer1.0.conv2, layer1.0.conv1]")
     spec = parse_spec(text)
     model = build_model(spec, 3)
@@ -44,7 +44,7 @@ def test_a_wrong_spec_fails_the_self_check():
     (lambda t: t.replace("stops: [layer1, layer2, layer3]", "stops: [layer1, layer1.0, layer3]"), "cuts through"),
 ])
 def test_invalid_specs_name_the_culprit(edit, message):
-    text = edit((SPECS_DIR / "resnet20.yaml").read_text())
+    text = edit((BUILTIN_DIR / "resnet20.yaml").read_text())
     with pytest.raises(SpecError, match=message):
         spec = parse_spec(text)
         graph = ModelGraph(spec, build_model(spec, 3))
@@ -59,7 +59,7 @@ def test_unknown_arch_lists_builtins():
 
 def _edited(edit) -> str:
     import yaml
-    doc = yaml.safe_load((SPECS_DIR / "resnet20.yaml").read_text())
+    doc = yaml.safe_load((BUILTIN_DIR / "resnet20.yaml").read_text())
     edit(doc)
     return yaml.safe_dump(doc, sort_keys=False)
 

@@ -13,12 +13,13 @@ import torch.nn.functional as F
 
 from zipcli import MergeOptions, merge
 from zipcli.errors import SpecError
-from zipcli.graph import ModelGraph
-from zipcli.merged import build_model
-from zipcli.selfcheck import permute_state_dict, random_permutations, randomize_per_channel, self_check
-from zipcli.speccheck import check_spec
+from zipcli.specs.graph import ModelGraph
+from zipcli.specs.builders import build_model
+from zipcli.specs.selfcheck import permute_state_dict, random_permutations, randomize_per_channel, self_check
+from zipcli.specs.check import check_spec
 from zipcli.specs import parse_spec
-from zipcli.tracing import dump_spec, spec_document, trace_spaces
+from zipcli.specs.authoring import dump_spec, spec_document
+from zipcli.specs.tracing import trace_spaces
 
 from conftest import random_model, save_checkpoint
 

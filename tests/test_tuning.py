@@ -11,8 +11,9 @@ import zipcli.pipeline
 from zipcli import MergeOptions, merge
 from zipcli.cli import app
 from zipcli.merged import read_metadata
-from zipcli.tuning import (FINALISTS, HOLDOUT, MIN_HOLDOUT, MIN_SCREEN, SCREEN_EVERY, HeldOut, Setting, agreement,
-                           candidate_settings, claims, divergence, search, split_holdout)
+from zipcli.calibration import HOLDOUT, MIN_HOLDOUT, split_holdout
+from zipcli.tuning import (FINALISTS, MIN_SCREEN, SCREEN_EVERY, HeldOut, Setting, agreement, candidate_settings,
+                           claims, divergence, search)
 
 from conftest import make_images, random_model, save_checkpoint, small_spec
 from typer.testing import CliRunner
@@ -138,9 +139,9 @@ def test_auto_never_reads_labels_or_held_out_images_for_correlations(pair, monke
     seen = {}
     real = zipcli.pipeline.collect_correlations
 
-    def spy(sources, spec, plan, stream, device, report):
+    def spy(models, spec, plan, stream, device, report):
         seen["files"] = list(stream.files)
-        return real(sources, spec, plan, stream, device, report)
+        return real(models, spec, plan, stream, device, report)
 
     monkeypatch.setattr(zipcli.pipeline, "collect_correlations", spy)
     result = merge(pair["paths"], pair["spec"], pair["calib"], MergeOptions(stop="layer2", alpha=None, beta=None))

@@ -1,7 +1,8 @@
-"""Image folders -> a deterministic stream of preprocessed batches.
+"""Image folders -> a deterministic stream of preprocessed batches, and the held-out split.
 
 Files are listed (recursively, sorted) and sampled with a seed; images are
-decoded one batch at a time, so a folder is never held in memory.
+decoded one batch at a time, so a folder is never held in memory. An image that
+cannot be decoded (``DECODE_ERRORS``) is skipped and recorded, by every reader.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import random
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -17,10 +18,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import CalibrationError
-from .specs import Preprocess
+from .specs.format import Preprocess
 
 Image.MAX_IMAGE_PIXELS = 20000 * 20000  # large but bounded: bigger files are refused as bombs
 IMAGE_SUFFIXES = {s.lower() for s, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+# what decoding an untrusted image may raise: the image is skipped (and recorded), never fatal
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+HOLDOUT = 512              # images that score tuning candidates (256 ranked settings worse on the zoos: docs/tuning.md)
+HOLDOUT_FRACTION = 0.25     # share of the calibration sample held out when the folder has no spare images
+MIN_HOLDOUT = 16            # fewer held-out images than this cannot rank settings
 
 
 def list_images(root: str | Path) -> list[Path]:
@@ -107,6 +114,26 @@ class ImageStream:
     def __len__(self) -> int:
         return len(self.files)
 
+    @property
+    def readable(self) -> int:
+        """Images read so far minus those skipped (all of them once a pass has run)."""
+        return len(self.files) - len(self.skipped)
+
+    def with_files(self, files: list[Path], augment: bool | None = None) -> "ImageStream":
+        """The same reading rules for other files (skips already found are kept)."""
+        return ImageStream(list(files), self.preprocess, self.batch_size,
+                           self.augment if augment is None else augment, self.seed, list(self.skipped))
+
+    def first(self, n: int) -> torch.Tensor:
+        """The first ``n`` readable images as one ``[n, 3, S, S]`` tensor (fewer if there are fewer)."""
+        taken, count = [], 0
+        for batch in self.batches():
+            taken.append(batch[: n - count])
+            count += len(taken[-1])
+            if count >= n:
+                break
+        return torch.cat(taken)
+
     def batches(self) -> Iterator[torch.Tensor]:
         """Yield ``[B, 3, S, S]`` batches; unreadable images are skipped and recorded once."""
         gen = torch.Generator().manual_seed(self.seed)
@@ -117,8 +144,7 @@ class ImageStream:
                 continue
             try:
                 x = decode(path, self.preprocess)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-                    Image.DecompressionBombWarning) as exc:
+            except DECODE_ERRORS as exc:
                 self.skipped.append((path, f"{exc.__class__.__name__}: {exc}"[:200]))
                 known_bad.add(path)
                 continue
@@ -134,3 +160,26 @@ def calibration_stream(folder: str | Path, preprocess: Preprocess, num: int, see
                        batch_size: int, augment: bool = False) -> ImageStream:
     files = sample_images(list_images(folder), num, seed)
     return ImageStream(files, preprocess, batch_size=batch_size, augment=augment, seed=seed)
+
+
+def split_holdout(all_files: Sequence, sample: Sequence, seed: int) -> tuple[list, list]:
+    """(fit, held-out) files for tuning.
+
+    The held-out images are spare images of the folder, outside the calibration
+    sample, so correlations still use the whole sample and the tuned merge equals
+    a merge with the chosen values. A folder without ``MIN_HOLDOUT`` spare images
+    gives up a seeded share of the sample instead, and a sample too small to
+    spare ``MIN_HOLDOUT`` gives an empty held-out list.
+    """
+    gen = torch.Generator().manual_seed(seed + 1)
+    chosen = set(sample)
+    spare = [f for f in all_files if f not in chosen]
+    if len(spare) >= MIN_HOLDOUT:
+        order = torch.randperm(len(spare), generator=gen)[:HOLDOUT].sort().values.tolist()
+        return list(sample), [spare[i] for i in order]
+    n_held = min(HOLDOUT, int(len(sample) * HOLDOUT_FRACTION))
+    if n_held < MIN_HOLDOUT:
+        return list(sample), []
+    held = set(torch.randperm(len(sample), generator=gen)[:n_held].tolist())
+    return ([f for i, f in enumerate(sample) if i not in held],
+            [f for i, f in enumerate(sample) if i in held])

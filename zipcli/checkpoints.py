@@ -1,4 +1,4 @@
-"""Checkpoint files -> checked state dicts with a name, a sha256 and class names.
+"""Checkpoint files -> checked state dicts with a name, a sha256 and class names -> source models.
 
 Pickles are only ever read with ``weights_only=True``: a checkpoint that would
 run code is refused, never loaded unsafely.
@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ZipitError
+from .specs.builders import build_model
+from .specs.format import Spec
 
 PREFIXES = ("module.", "_orig_mod.")
 
@@ -161,3 +163,47 @@ def check_against(ckpt: Checkpoint, expected: dict[str, torch.Tensor]) -> None:
     if problems:
         raise CheckpointError(f"{ckpt.path}: does not match the architecture; " + "; ".join(problems),
                               "check --arch/--spec (width, depth) against the checkpoint")
+
+
+@dataclass
+class Source:
+    """One checkpoint loaded into its model (float32, eval mode), with its class names."""
+
+    checkpoint: Checkpoint
+    classes: list[str]
+    model: torch.nn.Module
+
+
+def load_sources(paths: list[str | Path], spec: Spec, classes: list[list[str]] | None = None,
+                 device: str = "cpu", min_models: int = 2) -> list[Source]:
+    """Read every checkpoint and check it against the architecture before any image is read.
+
+    ``classes`` (one list per checkpoint) overrides the sidecars; without either, a
+    head's classes are ``class_0, class_1, ...``.
+    """
+    if len(paths) < min_models:
+        raise ZipitError(f"merging needs at least two checkpoints, got {len(paths)}", "pass two or more files")
+    if classes is not None and len(classes) != len(paths):
+        given, n = len(classes), len(paths)
+        raise ZipitError(f"classes (--classes) were given {'once' if given == 1 else f'{given} times'} for {n} "
+                         f"checkpoint{'' if n == 1 else 's'}", "give one list per checkpoint, in order, or none")
+    sources = []
+    for i, path in enumerate(paths):
+        ckpt = load_checkpoint(path)
+        key = f"{spec.classifiers[0]}.weight"
+        if key not in ckpt.state_dict or ckpt.state_dict[key].dim() < 2:
+            raise ZipitError(f"{ckpt.path}: has no classifier weight {key!r}",
+                             f"check the architecture (--arch/--spec); this checkpoint does not look like {spec.name}")
+        k = ckpt.state_dict[key].shape[0]
+        model = build_model(spec, k)
+        check_against(ckpt, model.state_dict())
+        names = (classes[i] if classes else None) or ckpt.classes or [f"class_{c}" for c in range(k)]
+        if len(names) != k:
+            raise ZipitError(f"{ckpt.path}: {len(names)} class names for a classifier with {k} outputs",
+                             "fix the class names (--classes) or the JSON sidecar")
+        model.load_state_dict({n: t.float() if t.is_floating_point() else t for n, t in ckpt.state_dict.items()})
+        sources.append(Source(ckpt, list(names), model.float().eval().to(device)))
+    names = [s.checkpoint.name for s in sources]
+    if len(set(names)) != len(names):
+        raise ZipitError("two checkpoints have the same file name", "rename them: heads are named after files")
+    return sources

@@ -99,8 +99,9 @@ def merge_cmd(
                    "method": method, "params": result.metadata["params"],
                    "heads": result.metadata["heads"], "calibration": result.metadata["calibration"],
                    "timings": {k: round(v, 3) for k, v in result.timings.items()} | {"total": round(total, 3)},
-                   "spaces": result.space_stats}
+                   "spaces": result.metadata["spaces"]}
         if not quiet:
+            _render_tuning(summary["params"].get("tuning"))
             _render_merge_summary(summary)
         if json_out:
             print_json(summary)
@@ -115,6 +116,20 @@ def _auto_or_float(value: str, option: str) -> float | None:
     except ValueError:
         raise ZipitError(f"{option} {value!r} is neither a number nor 'auto'",
                          f"e.g. {option} 0.3 or {option} auto") from None
+
+
+def _render_tuning(tuning: dict | None) -> None:
+    """Every candidate's held-out divergence, the finalists re-scored on all held-out images, the choice."""
+    if not tuning or not tuning["candidates"]:
+        return
+    fewest = min(c["images"] for c in tuning["candidates"])
+    for c in tuning["candidates"]:
+        final = c["images"] == tuning["held_out_images"] and c["images"] > fewest
+        err.print(f"  alpha {c['alpha']:<5g} beta {c['beta']:<7g} divergence {c['score']:.4f} ({c['images']} images"
+                  f"{', finalist' if final else ''})")
+    chosen = tuning["chosen"]
+    err.print(f"chose alpha {chosen['alpha']:g}, beta {chosen['beta']:g} (lowest divergence from the sources on "
+              f"{tuning['held_out_images']} held-out calibration images)")
 
 
 def _render_merge_summary(s: dict) -> None:

@@ -23,10 +23,6 @@ KWARGS = typer.Option(None, "--kw", metavar="NAME=VALUE",
                       help="A keyword argument for the builder, repeatable: --kw width=2 --kw dropout=0.1. "
                            "Values are read as int, float, true/false or none where they look like one, "
                            "else as text.")
-PRESETS = {
-    "imagenet": {"size": 224, "resize": 256, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
-    "cifar": {"size": 32, "resize": None, "mean": [0.4914, 0.4822, 0.4465], "std": [0.247, 0.2435, 0.2616]},
-}
 
 
 def parse_kwargs(items: list[str] | None) -> dict:
@@ -101,8 +97,9 @@ def trace_cmd(
 ):
     """Parse, call spec_document, write atomically (the help text is TRACE_HELP)."""
     from .merged import write_atomic
-    from .models import canonical_builder
-    from .tracing import dump_spec, spec_document
+    from .specs.authoring import dump_spec, spec_document
+    from .specs.builders import canonical_builder
+    from .specs.recipes import PRESETS
 
     with user_errors(debug):
         if output is not None and output.is_dir():
@@ -162,8 +159,8 @@ def check_cmd(
     debug: bool = DEBUG,
 ):
     """Parse, call check_spec, render (the help text is CHECK_HELP)."""
-    from .models import canonical_builder
-    from .speccheck import SELF_CHECK_TOLERANCE, check_spec
+    from .specs.builders import canonical_builder
+    from .specs.check import SELF_CHECK_TOLERANCE, check_spec
 
     with user_errors(debug):
         if size is not None and size < 8:

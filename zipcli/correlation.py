@@ -1,5 +1,8 @@
 """Streaming correlation of features across all models: float64 sums of float32 Gram blocks.
 
+``collect_correlations`` streams the calibration images once through every
+model and feeds one accumulator per merged feature space.
+
 Every image and spatial position is one sample. Each observed activation is
 written once, transposed and shifted (by the first chunk's mean, so that
 E[xx] - E[x]E[x] does not cancel), into a ``[features + 1, samples]`` buffer
@@ -12,6 +15,12 @@ exactly once.
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
+
+from .calibration import ImageStream
+from .errors import CalibrationError, MergeError
+from .specs.format import Space, Spec
+from .specs.graph import StopPlan, observed_channels
 
 GRAM_BLOCK = 512
 
@@ -94,9 +103,6 @@ class CorrelationAccumulator:
         raw_mean = self.moments[:-1, -1] / self.moments[-1, -1] + self.shift.double()
         return correlation_from_covariance(cov, cov.diagonal() + raw_mean ** 2)
 
-    def nbytes_per_sample(self) -> int:
-        return (self.num_features + 1) * 4
-
 
 def correlation_from_covariance(cov: torch.Tensor, second_moment: torch.Tensor | None = None) -> torch.Tensor:
     """Pearson correlation; constant (dead) features correlate 0 with everything, 1 with themselves."""
@@ -108,3 +114,84 @@ def correlation_from_covariance(cov: torch.Tensor, second_moment: torch.Tensor |
     corr = torch.where(alive[:, None] & alive[None, :], corr, torch.zeros_like(corr)).clamp(-1, 1)
     corr.fill_diagonal_(1.0)
     return corr
+
+
+class _Enough(Exception):
+    """Raised from a hook once every observed activation of a forward pass is in hand."""
+
+
+CHUNK_BYTES = 256 * 2**20   # bound on the activations held for one chunk of images (all spaces, all models)
+
+
+@torch.no_grad()
+def collect_correlations(models: list[nn.Module], spec: Spec, plan: StopPlan, stream: ImageStream,
+                         device: str, report) -> dict[str, CorrelationAccumulator]:
+    """Stream the images once through all models; one accumulator per merged space.
+
+    Each batch is cut into chunks small enough that the observed activations of
+    every space fit in ``CHUNK_BYTES``, so memory does not grow with the batch
+    size or the number of images. Each model stops as soon as its last observed
+    activation is in hand.
+    """
+    spaces = [spec.space(s) for s in plan.merged_spaces]
+    observe: dict[str, list[Space]] = {}
+    for s in spaces:
+        observe.setdefault(s.observe.module, []).append(s)
+    acc: dict[str, CorrelationAccumulator] = {}
+    state = {"model": 0, "captured": 0}
+
+    def hook_for(module_name):
+        def hook(_module, args):
+            for space in observe[module_name]:
+                x = observed_channels(args[0], space.observe, plan.sizes[space.name])
+                if x is None:
+                    raise MergeError(f"space {space.name!r} is observed at {space.observe}, whose input "
+                                     f"{tuple(args[0].shape)} does not hold its {plan.sizes[space.name]} channels",
+                                     "fix the spec's observe point ('zipit specs check' tests it)")
+                if space.name not in acc:
+                    acc[space.name] = CorrelationAccumulator([x.shape[1]] * len(models), device=device)
+                if state["model"] == 0:
+                    acc[space.name].begin(x.numel() // x.shape[1])
+                acc[space.name].add_model(state["model"], x)
+            state["captured"] += 1
+            if state["captured"] == len(observe):
+                raise _Enough
+        return hook
+
+    handles = []
+    for model in models:
+        modules = dict(model.named_modules())
+        handles += [modules[m].register_forward_pre_hook(hook_for(m)) for m in observe]
+    chunk = None
+    report.start("calibration", len(stream))
+    try:
+        for batch in stream.batches():
+            batch = batch.to(device)
+            start = 0
+            while start < batch.shape[0]:
+                size = chunk or 1
+                x = batch[start:start + size]
+                for i, model in enumerate(models):
+                    state["model"], state["captured"] = i, 0
+                    try:
+                        model(x)
+                    except _Enough:
+                        pass
+                for name, a in acc.items():
+                    if not a.end():
+                        raise MergeError(f"activations of feature space {name!r} became NaN or Inf during "
+                                         "calibration", "the checkpoints or images produce non-finite values; "
+                                         "check their dtype and range")
+                if chunk is None:  # size the chunks from what one image costs
+                    per_image = sum(a.buffer.numel() * 4 for a in acc.values())
+                    chunk = max(1, min(stream.batch_size, CHUNK_BYTES // max(per_image, 1)))
+                start += size
+                report.advance(x.shape[0])
+    finally:
+        for h in handles:
+            h.remove()
+        report.done()
+    if not acc and spaces:
+        raise CalibrationError(f"none of the {len(stream)} calibration images could be read",
+                               "check the image files (see the warnings above)")
+    return acc

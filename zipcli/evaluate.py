@@ -13,9 +13,12 @@ from typing import Iterable, Iterator
 import torch
 import torch.nn as nn
 
-from .calibration import IMAGE_SUFFIXES, decode
-from .errors import CalibrationError
-from .specs import Preprocess
+from .calibration import DECODE_ERRORS, IMAGE_SUFFIXES, decode
+from .checkpoints import load_sources
+from .errors import CalibrationError, ZipitError
+from .merged import is_merged_file, load_merged, read_metadata
+from .report import SilentReporter
+from .specs.format import Preprocess
 
 
 def labelled_images(root: str | Path, limit: int | None = None) -> list[tuple[Path, str]]:
@@ -39,9 +42,9 @@ def labelled_batches(items: list[tuple[Path, str]], pre: Preprocess, batch_size:
     for path, label in items:
         try:
             xs.append(decode(path, pre))
-        except (OSError, ValueError, SyntaxError) as exc:
+        except DECODE_ERRORS as exc:
             if skipped is not None:
-                skipped.append((path, str(exc)[:200]))
+                skipped.append((path, f"{exc.__class__.__name__}: {exc}"[:200]))
             continue
         ys.append(label)
         if len(xs) == batch_size:
@@ -121,10 +124,6 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, list[str]]]
 def evaluate_files(files: list, data: str | Path, spec=None, classes: list[list[str]] | None = None,
                    limit: int | None = None, batch_size: int = 256, device: str = "cpu", report=None) -> dict:
     """Score one merged file, or plain checkpoints (each alone, and their ensemble if several)."""
-    from .errors import ZipitError
-    from .merged import is_merged_file, load_merged, read_metadata
-    from .pipeline import MergeOptions, SilentReporter, load_sources
-
     report = report or SilentReporter()
     files = [Path(f) for f in files]
     merged = [f for f in files if f.suffix == ".safetensors" and f.is_file() and is_merged_file(read_metadata(f))]
@@ -136,8 +135,8 @@ def evaluate_files(files: list, data: str | Path, spec=None, classes: list[list[
         pre = model.spec.input
     else:
         if spec is None:
-            raise ZipitError("plain checkpoints need --arch or --spec", "e.g. --arch resnet20")
-        sources = load_sources(files, spec, MergeOptions(classes=classes, device=device), min_models=1)
+            raise ZipitError("plain checkpoints need an architecture (--arch or --spec)", "e.g. --arch resnet20")
+        sources = load_sources(files, spec, classes, device, min_models=1)
         runs = [(s.checkpoint.name, Ensemble([s.model]), [s.checkpoint.name], [s.classes]) for s in sources]
         if len(sources) > 1:
             runs.append(("ensemble", Ensemble([s.model for s in sources]), [s.checkpoint.name for s in sources],
@@ -161,3 +160,4 @@ def evaluate_files(files: list, data: str | Path, spec=None, classes: list[list[
         results.append({"model": label, **r})
     return {"data": str(data), "images": len(items), "skipped_images": len({p for p, _ in skipped}),
             "unknown_class_folders": sorted(set(folders) - known), "results": results}
+

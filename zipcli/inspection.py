@@ -13,8 +13,9 @@ import torch.nn as nn
 
 from .checkpoints import read_state_dict, sha256_of
 from .errors import ZipitError
-from .merged import build_model, is_merged_file, load_merged, read_metadata
+from .merged import is_merged_file, load_merged, read_metadata
 from .specs import builtin_spec_names, load_spec
+from .specs.builders import build_model
 
 
 @torch.no_grad()

@@ -73,7 +73,8 @@ def match_average(corr: np.ndarray, n_models: int) -> Match:
 
 
 def match_permute(corr: np.ndarray, n_models: int) -> Match:
-    """Optimal one-to-one matching of every model onto the first (linear sum assignment).
+    """Optimal one-to-one matching of every model onto the first (linear sum assignment); a
+    non-finite correlation counts as 0, as in zipit.
 
     scipy's solver starts from zero dual variables. Handing it the cost "column
     maximum minus correlation" (Jonker-Volgenant's column reduction: the same
@@ -84,17 +85,27 @@ def match_permute(corr: np.ndarray, n_models: int) -> Match:
     assign = np.empty((n_models, o), dtype=np.int64)
     assign[0] = np.arange(o)
     for i in range(1, n_models):
-        block = np.nan_to_num(corr[:o, i * o:(i + 1) * o], nan=0.0)
+        block = np.nan_to_num(corr[:o, i * o:(i + 1) * o], nan=0.0, posinf=0.0, neginf=0.0)
         with np.errstate(over="ignore", invalid="ignore"):
             cost = np.subtract(block.max(0), block, out=block)  # in place: the block is our copy
             finite = np.isfinite(cost.sum())
         if finite:
             rows, cols = linear_sum_assignment(cost)
         else:                                        # huge values overflow the shift: solve as given
-            block = np.nan_to_num(corr[:o, i * o:(i + 1) * o], nan=0.0)
+            block = np.nan_to_num(corr[:o, i * o:(i + 1) * o], nan=0.0, posinf=0.0, neginf=0.0)
             rows, cols = linear_sum_assignment(block, maximize=True)
         assign[i, cols] = rows
     return Match(assign, 0, (n_models - 1) * o)
+
+
+def check_zipit_params(alpha: float | None, beta: float | None, n_models: int) -> None:
+    """The one check of zipit's alpha and beta (None: to be tuned), before any work."""
+    for name, value in (("alpha", alpha), ("beta", beta)):
+        if value is not None and not 0 <= value <= 1:
+            raise ZipitError(f"{name} {value:g} is out of range", f"{name} (--{name}) must lie in [0, 1]")
+    if alpha == 0 and n_models > 2:
+        raise ZipitError("alpha 0 cannot merge more than two models (groups must grow past pairs)",
+                         "use an alpha (--alpha) in (0, 1], e.g. 0.3")
 
 
 def same_model_budget(beta: float, n_models: int, o: int) -> int:
@@ -123,13 +134,7 @@ def match_zipit(corr: np.ndarray, n_models: int, alpha: float = 0.3, beta: float
     rebuilds the matrix by replaying the merges on the true correlations.
     """
     o = _check(corr, n_models)
-    if not 0 <= alpha <= 1:
-        raise ZipitError(f"--alpha {alpha} is out of range", "alpha must lie in [0, 1]")
-    if not 0 <= beta <= 1:
-        raise ZipitError(f"--beta {beta} is out of range", "beta must lie in [0, 1]")
-    if alpha == 0 and n_models > 2:
-        raise ZipitError("--alpha 0 cannot merge more than two models (groups must grow past pairs)",
-                         "use an alpha in (0, 1], e.g. 0.3")
+    check_zipit_params(alpha, beta, n_models)
     big_n = n_models * o
     sim = np.empty((big_n, big_n))
     penalty = np.zeros(big_n)                        # -inf on columns no row may pick any more
@@ -222,4 +227,4 @@ def match(method: str, corr: np.ndarray, n_models: int, alpha: float = 0.3, beta
         return match_permute(corr, n_models)
     if method == "average":
         return match_average(corr, n_models)
-    raise ZipitError(f"unknown method {method!r}", f"valid: {', '.join(METHODS)}")
+    raise ZipitError(f"unknown method {method!r}", f"valid methods (--method): {', '.join(METHODS)}")

@@ -1,4 +1,4 @@
-"""The merged multi-head model, and its safetensors file (tensors + JSON metadata).
+"""The merged multi-head model, and its safetensors file (tensors + JSON metadata), written and read here.
 
 The model is rebuilt from the spec text stored in the file, traced, and split at
 the stop point into a shared trunk and one head per task, so a merged file is
@@ -9,18 +9,19 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 
-from .errors import MergedFileError, OutputError, ZipitError
-from .graph import ModelGraph, StopPlan, split, trace
-from .models import resolve_builder
+from . import __version__
+from .errors import MergedFileError, OutputError
+from .specs.builders import build_model
+from .specs.graph import ModelGraph, StopPlan, split, trace
 from .safetensors_io import save_deterministic
-from .specs import OUTPUT_STOP, Spec, parse_spec
+from .specs.format import OUTPUT_STOP, Spec, parse_spec
 
 FORMAT = "zipit-merged/1"
 
@@ -30,18 +31,6 @@ class HeadInfo:
     name: str
     classes: list[str]
     source: str
-
-
-def build_model(spec: Spec, num_classes: int) -> nn.Module:
-    try:
-        model = resolve_builder(spec.builder)(**{**spec.kwargs, spec.num_classes_arg: num_classes})
-    except ZipitError:
-        raise
-    except Exception as exc:
-        raise ZipitError(f"spec {spec.name!r}: builder {spec.builder} failed: {exc.__class__.__name__}: {exc}",
-                         "check the spec's kwargs and its num_classes_arg (the builder's argument for the "
-                         "number of classes)") from None
-    return model.eval()
 
 
 class MergedModel(nn.Module):
@@ -81,7 +70,7 @@ def write_atomic(path: Path, write, force: bool) -> None:
     """Write via a temporary file in the destination folder, renamed into place when complete."""
     path = Path(path)
     if path.exists() and not force:
-        raise OutputError(f"output {str(path)!r} already exists", "pass --force to overwrite it")
+        raise OutputError(f"output {str(path)!r} already exists", "pass --force (Python: force=True) to overwrite it")
     if path.is_dir():
         raise OutputError(f"output {str(path)!r} is a folder", "give a file name ending in .safetensors")
     folder = path.parent if str(path.parent) else Path(".")
@@ -104,9 +93,20 @@ def write_atomic(path: Path, write, force: bool) -> None:
         raise
 
 
-def save_merged(model: MergedModel, metadata: dict[str, object], path: Path, force: bool = False) -> None:
+def merge_metadata(*, spec: Spec, stop: str, method: str, params: dict, calibration: dict, sources: list[dict],
+                   heads: list[HeadInfo], spaces: list[dict], dtype: str) -> dict[str, object]:
+    """The metadata of a merged file: what ``load_merged`` and ``zipit inspect`` read back."""
+    return {"format": FORMAT, "zipit_version": __version__, "spec_name": spec.name, "spec": spec.text, "stop": stop,
+            "method": method, "params": params, "calibration": calibration, "sources": sources,
+            "heads": [asdict(h) for h in heads], "spaces": spaces, "dtype": dtype}
+
+
+def save_merged(model: MergedModel, metadata: dict[str, object], path: Path, force: bool = False,
+                dtype: torch.dtype | None = None) -> None:
+    """Write the model's tensors (cast to ``dtype``; the model itself is left as it is) and metadata."""
     meta = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()}
-    tensors = flat_state(model)
+    tensors = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+               for k, v in flat_state(model).items()}
     write_atomic(path, lambda tmp: save_deterministic(tensors, tmp, meta), force)
 
 

@@ -1,21 +1,12 @@
-"""Model builders that specs refer to, and how a spec's builder string is resolved.
+"""zipit's own architectures: the CIFAR ResNet-20 of the model zoo and the paper's CIFAR VGG11.
 
-A builder string is ``module:function`` (``zipcli.models:cifar_resnet20``,
-``torchvision.models:resnet50``). Only importable, installed modules are used;
-nothing is evaluated.
+Built-in specs name these functions as builders (``zipcli.models:cifar_resnet20``);
+merged files store that name, so it must not move.
 """
 from __future__ import annotations
 
-import importlib
-import inspect
-import os
-import sys
-from typing import Callable
-
 import torch.nn as nn
 import torch.nn.functional as F
-
-from .errors import SpecError
 
 
 class BasicBlock(nn.Module):
@@ -92,73 +83,3 @@ VGG11_CONFIG = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
 
 def cifar_vgg11(width: int = 1, num_classes: int = 10) -> nn.Module:
     return CifarVGG(VGG11_CONFIG, width=width, num_classes=num_classes)
-
-
-def canonical_builder(name: str) -> str:
-    """``module:function`` for ``module:function``, ``package.module.function`` or a torchvision model name."""
-    if not isinstance(name, str) or not name:
-        raise SpecError(f"builder {name!r} is not a name",
-                        "write e.g. torchvision.models.resnet50 or mypkg.models:build")
-    if ":" in name:
-        return name
-    if "." in name:
-        module, _, func = name.rpartition(".")
-        return f"{module}:{func}"
-    return f"torchvision.models:{name}"
-
-
-def resolve_builder(name: str) -> Callable[..., nn.Module]:
-    """Turn ``module:function`` into the callable, with errors that say what to write."""
-    if not isinstance(name, str) or name.count(":") != 1:
-        raise SpecError(
-            f"builder {name!r} is not of the form 'module:function'",
-            "write e.g. 'torchvision.models:resnet50' or 'mypkg.models:build'",
-        )
-    module_name, func_name = name.split(":")
-    if os.getcwd() not in sys.path:  # like python -m: ./mymodels.py is importable from its folder
-        sys.path.append(os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise SpecError(
-            f"builder module {module_name!r} cannot be imported: {exc}",
-            "install the package that provides it, fix the builder name, or run from the folder that holds it "
-            "(or set PYTHONPATH to it)",
-        ) from None
-    func = getattr(module, func_name, None)
-    if not callable(func):
-        raise SpecError(
-            f"builder {name!r}: {module_name} has no callable {func_name!r}",
-            "check the function name",
-        )
-    return func
-
-
-def check_num_classes_arg(builder: str, arg: str) -> None:
-    """Merge builds each model with ``arg=<the checkpoint's class count>``: refuse, before any merge,
-    a builder that cannot take it."""
-    try:
-        params = inspect.signature(resolve_builder(builder)).parameters.values()
-    except (TypeError, ValueError):  # no readable signature (e.g. a C function): merge will tell
-        return
-    if any(p.kind is p.VAR_KEYWORD or (p.name == arg and p.kind is not p.POSITIONAL_ONLY) for p in params):
-        return
-    raise SpecError(f"builder {builder} has no argument {arg!r} for the number of classes",
-                    "if it has one under another name, pass --num-classes-arg NAME to 'zipit specs trace' (or set "
-                    f"num_classes_arg: NAME in the spec); else give it a {arg} argument")
-
-
-def build(builder: str, kwargs: dict) -> nn.Module:
-    """Call a builder with keyword arguments; its failures become one-line errors."""
-    func = resolve_builder(builder)
-    try:
-        model = func(**kwargs)
-    except Exception as exc:  # the user's code: any error means the arguments do not fit
-        raise SpecError(f"builder {builder} failed: {exc.__class__.__name__}: {exc}",
-                        "check the builder's keyword arguments (--kw NAME=VALUE)") from None
-    if not isinstance(model, nn.Module):
-        kind = type(model).__name__
-        raise SpecError(f"builder {builder} returned {'an' if kind[0] in 'aeiouAEIOU' else 'a'} {kind}, "
-                        "not a torch.nn.Module",
-                        "the builder must return the model")
-    return model.eval()

@@ -1,56 +1,39 @@
 """merge(): every stage of ZipIt! in order, as the paper describes it.
 
 check inputs (before any image is read) -> stream calibration images through all
-models and collect correlations -> match each feature space -> zip weights and
-build heads -> reset BatchNorm -> metadata. Nothing here prints: progress goes
-to an optional reporter, so the CLI and library users share one code path.
+models and collect correlations -> (choose alpha and beta on held-out images) ->
+match each feature space -> zip weights and build heads -> reset BatchNorm ->
+metadata. Nothing here prints: progress and warnings go to an optional reporter,
+so the CLI and library users share one code path.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
-
 import numpy as np
 import torch
 
-from . import __version__
 from .bn import reset_batchnorm
-from .calibration import ImageStream, list_images, sample_images
-from .checkpoints import Checkpoint, check_against, load_checkpoint
-from .correlation import CorrelationAccumulator
-from .errors import CalibrationError, MergeError, ZipitError
-from .graph import ModelGraph, StopPlan, observed_channels
-from .matching import METHODS, Match, match
-from .merged import FORMAT, HeadInfo, MergedModel, build_model, save_merged, skeleton
-from .specs import OUTPUT_STOP, Space, Spec
-from .tuning import (FALLBACK, MAX_BN_IMAGES, MIN_HOLDOUT, HeldOut, Setting, TuningResult, candidate_settings,
-                     search, split_holdout)
+from .calibration import MIN_HOLDOUT, ImageStream, list_images, sample_images, split_holdout
+from .checkpoints import load_sources
+from .correlation import collect_correlations
+from .errors import CalibrationError, ZipitError
+from .matching import METHODS, Match, check_zipit_params, match
+from .merged import HeadInfo, MergedModel, merge_metadata, save_merged, skeleton
+from .report import Reporter, SilentReporter
+from .specs.format import OUTPUT_STOP, Spec
+from .specs.graph import ModelGraph
+from .tuning import FALLBACK, MAX_BN_IMAGES, HeldOut, Setting, TuningResult, candidate_settings, tune
 from .zip import Zipper
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
-class Reporter(Protocol):
-    def start(self, phase: str, total: int | None = None) -> None: ...
-    def advance(self, n: int = 1) -> None: ...
-    def done(self) -> None: ...
-    def warn(self, message: str) -> None: ...
-    def info(self, message: str) -> None: ...
-
-
-class SilentReporter:
-    def start(self, phase, total=None): pass
-    def advance(self, n=1): pass
-    def done(self): pass
-    def warn(self, message): pass
-    def info(self, message): pass
-
-
 @dataclass
 class MergeOptions:
-    """How to merge; defaults follow the paper and its data-usage appendix."""
+    """How to merge; defaults follow the paper and its data-usage appendix. Each field is also a
+    ``zipit merge`` option of the same name (``num_calib`` is ``--num-calib``)."""
 
     method: str = "zipit"
     alpha: float | None = None   # zipit: weight of a merged feature's correlations (repeated matching); None: tune
@@ -71,32 +54,25 @@ class MergeOptions:
         return self.method == "zipit" and (self.alpha is None or self.beta is None)
 
     @property
-    def alpha_or_fallback(self) -> float:
-        return FALLBACK[0] if self.alpha is None else self.alpha
-
-    @property
-    def beta_or_fallback(self) -> float:
-        return FALLBACK[1] if self.beta is None else self.beta
+    def fixed_setting(self) -> Setting:
+        """The given alpha and beta, the paper's values where one is left open."""
+        return Setting(FALLBACK[0] if self.alpha is None else self.alpha,
+                       FALLBACK[1] if self.beta is None else self.beta)
 
     def validate(self, n_models: int) -> None:
         if self.method not in METHODS:
-            raise ZipitError(f"unknown --method {self.method!r}", f"valid: {', '.join(METHODS)}")
-        if self.alpha is not None and not 0 <= self.alpha <= 1:
-            raise ZipitError(f"--alpha {self.alpha} is out of range", "alpha must lie in [0, 1]")
-        if self.beta is not None and not 0 <= self.beta <= 1:
-            raise ZipitError(f"--beta {self.beta} is out of range", "beta must lie in [0, 1]")
-        if self.method == "zipit" and self.alpha == 0 and n_models > 2:
-            raise ZipitError("--alpha 0 cannot merge more than two models", "use an alpha in (0, 1], e.g. 0.3")
-        if self.num_calib < 1:
-            raise ZipitError(f"--num-calib {self.num_calib} must be at least 1")
-        if self.batch_size < 1:
-            raise ZipitError(f"--batch-size {self.batch_size} must be at least 1")
+            raise ZipitError(f"unknown method {self.method!r}", f"valid methods (--method): {', '.join(METHODS)}")
+        if self.method == "zipit":
+            check_zipit_params(self.alpha, self.beta, n_models)
+        for name, value in (("num_calib", self.num_calib), ("batch_size", self.batch_size)):
+            if value < 1:
+                raise ZipitError(f"{name} {value} must be at least 1", f"set {name} (--{name.replace('_', '-')}) to 1 or more")
         if self.dtype is not None and self.dtype not in DTYPES:
-            raise ZipitError(f"unknown --dtype {self.dtype!r}", f"valid: {', '.join(DTYPES)}")
+            raise ZipitError(f"unknown dtype {self.dtype!r}", f"valid dtypes (--dtype): {', '.join(DTYPES)}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ZipitError("--device cuda was asked for but no CUDA device is available", "use --device cpu")
+            raise ZipitError("device cuda was asked for but no CUDA device is available", "use device (--device) cpu")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise ZipitError(f"unknown --device {self.device!r}", "valid: cpu, cuda, cuda:N")
+            raise ZipitError(f"unknown device {self.device!r}", "valid devices (--device): cpu, cuda, cuda:N")
 
 
 @dataclass
@@ -104,130 +80,10 @@ class MergeResult:
     model: MergedModel
     metadata: dict[str, object]
     timings: dict[str, float] = field(default_factory=dict)
-    space_stats: list[dict] = field(default_factory=list)
-    skipped_images: list[tuple[str, str]] = field(default_factory=list)
 
     def save(self, path: str | Path, force: bool = False) -> None:
-        dtype = DTYPES[self.metadata["dtype"]]
-        save_merged(self.model.to("cpu").to(dtype), self.metadata, Path(path), force=force)
-
-
-@dataclass
-class Source:
-    checkpoint: Checkpoint
-    classes: list[str]
-    model: torch.nn.Module
-
-
-def load_sources(paths: list[str | Path], spec: Spec, options: MergeOptions, min_models: int = 2) -> list[Source]:
-    """Read every checkpoint and check it against the architecture before any image is read."""
-    if len(paths) < min_models:
-        raise ZipitError(f"merging needs at least two checkpoints, got {len(paths)}", "pass two or more files")
-    if options.classes is not None and len(options.classes) != len(paths):
-        given, n = len(options.classes), len(paths)
-        raise ZipitError(f"--classes was given {'once' if given == 1 else f'{given} times'} for {n} "
-                         f"checkpoint{'' if n == 1 else 's'}", "give it once per checkpoint, in order, or not at all")
-    sources = []
-    for i, path in enumerate(paths):
-        ckpt = load_checkpoint(path)
-        key = f"{spec.classifiers[0]}.weight"
-        if key not in ckpt.state_dict or ckpt.state_dict[key].dim() < 2:
-            raise ZipitError(f"{ckpt.path}: has no classifier weight {key!r}",
-                             f"check --arch/--spec; this checkpoint does not look like {spec.name}")
-        k = ckpt.state_dict[key].shape[0]
-        model = build_model(spec, k)
-        check_against(ckpt, model.state_dict())
-        classes = (options.classes[i] if options.classes else None) or ckpt.classes or [f"class_{c}" for c in range(k)]
-        if len(classes) != k:
-            raise ZipitError(f"{ckpt.path}: {len(classes)} class names for a classifier with {k} outputs",
-                             "fix --classes or the JSON sidecar")
-        model.load_state_dict({n: t.float() if t.is_floating_point() else t for n, t in ckpt.state_dict.items()})
-        sources.append(Source(ckpt, list(classes), model.float().eval().to(options.device)))
-    names = [s.checkpoint.name for s in sources]
-    if len(set(names)) != len(names):
-        raise ZipitError("two checkpoints have the same file name", "rename them: heads are named after files")
-    return sources
-
-
-class _Enough(Exception):
-    """Raised from a hook once every observed activation of a forward pass is in hand."""
-
-
-CHUNK_BYTES = 256 * 2**20   # bound on the activations held for one chunk of images (all spaces, all models)
-
-
-@torch.no_grad()
-def collect_correlations(sources: list[Source], spec: Spec, plan: StopPlan, stream: ImageStream,
-                         device: str, report: Reporter) -> dict[str, CorrelationAccumulator]:
-    """Stream the images once through all models; one accumulator per merged space.
-
-    Each batch is cut into chunks small enough that the observed activations of
-    every space fit in ``CHUNK_BYTES``, so memory does not grow with the batch
-    size or the number of images. Each model stops as soon as its last observed
-    activation is in hand.
-    """
-    spaces = [spec.space(s) for s in plan.merged_spaces]
-    observe: dict[str, list[Space]] = {}
-    for s in spaces:
-        observe.setdefault(s.observe.module, []).append(s)
-    acc: dict[str, CorrelationAccumulator] = {}
-    state = {"model": 0, "captured": 0, "chunk": 0}
-
-    def hook_for(module_name):
-        def hook(_module, args):
-            for space in observe[module_name]:
-                x = observed_channels(args[0], space.observe, plan.sizes[space.name])
-                if x is None:
-                    raise MergeError(f"space {space.name!r} is observed at {space.observe}, whose input "
-                                     f"{tuple(args[0].shape)} does not hold its {plan.sizes[space.name]} channels",
-                                     "fix the spec's observe point ('zipit specs check' tests it)")
-                if space.name not in acc:
-                    acc[space.name] = CorrelationAccumulator([x.shape[1]] * len(sources), device=device)
-                if state["model"] == 0:
-                    acc[space.name].begin(x.numel() // x.shape[1])
-                acc[space.name].add_model(state["model"], x)
-            state["captured"] += 1
-            if state["captured"] == len(observe):
-                raise _Enough
-        return hook
-
-    handles = []
-    for src in sources:
-        modules = dict(src.model.named_modules())
-        handles += [modules[m].register_forward_pre_hook(hook_for(m)) for m in observe]
-    chunk = None
-    report.start("calibration", len(stream))
-    try:
-        for batch in stream.batches():
-            batch = batch.to(device)
-            start = 0
-            while start < batch.shape[0]:
-                size = chunk or 1
-                x = batch[start:start + size]
-                for i, src in enumerate(sources):
-                    state["model"], state["captured"] = i, 0
-                    try:
-                        src.model(x)
-                    except _Enough:
-                        pass
-                for name, a in acc.items():
-                    if not a.end():
-                        raise MergeError(f"activations of feature space {name!r} became NaN or Inf during "
-                                         "calibration", "the checkpoints or images produce non-finite values; "
-                                         "check their dtype and range")
-                if chunk is None:  # size the chunks from what one image costs
-                    per_image = sum(a.buffer.numel() * 4 for a in acc.values())
-                    chunk = max(1, min(stream.batch_size, CHUNK_BYTES // max(per_image, 1)))
-                start += size
-                report.advance(x.shape[0])
-    finally:
-        for h in handles:
-            h.remove()
-        report.done()
-    if not acc and spaces:
-        raise CalibrationError(f"none of the {len(stream)} calibration images could be read",
-                               "check the image files (see the warnings above)")
-    return acc
+        """Write the merged file (atomically); the model in memory is left as it is."""
+        save_merged(self.model, self.metadata, Path(path), force=force, dtype=DTYPES[self.metadata["dtype"]])
 
 
 def merge(checkpoints: list[str | Path], spec: Spec, calib: str | Path, options: MergeOptions | None = None,
@@ -252,52 +108,67 @@ class MergeJob:
         options.validate(len(checkpoints))
         t0 = time.perf_counter()
         self.spec, self.calib, self.timings = spec, calib, {}
-        self.sources = load_sources(list(checkpoints), spec, options)
+        self.sources = load_sources(list(checkpoints), spec, options.classes, options.device)
         self.graph = ModelGraph(spec, self.sources[0].model)
         self.stop = options.stop or spec.default_stop
         self.plan = self.graph.plan(self.stop)
-        unnamed = [s.checkpoint.path.name for s in self.sources if not options.classes and s.checkpoint.classes is None]
-        if unnamed:
-            report.warn(f"{', '.join(unnamed)}: no class names, heads get class_0, class_1, ... (zipit eval "
-                        "matches class folders by name); name them with --classes a,b,... once per checkpoint, or "
-                        'a JSON sidecar {"classes": [...]} beside each (a.pt -> a.json)')
-        if self.stop == OUTPUT_STOP and any(s.classes != self.sources[0].classes for s in self.sources):
-            raise ZipitError("--stop output merges the classifiers, which needs identical classes in every model",
-                             f"use a stage stop ({', '.join(spec.stops)}) for models with different classes")
+        self._check_classes()
         all_files = list_images(calib)
         stream = ImageStream(sample_images(all_files, options.num_calib, options.seed), spec.input,
                              options.batch_size, options.augment, options.seed)
         if len(stream) < options.num_calib:
-            report.warn(f"{calib} holds {len(stream)} images, fewer than --num-calib {options.num_calib}: "
-                        "using all of them")
+            report.warn(f"{calib} holds {len(stream)} images, fewer than the {options.num_calib} asked for "
+                        "(num_calib, --num-calib): using all of them")
         self.held_files: list[Path] = []
         if options.tunes:
             fit_files, self.held_files = split_holdout(all_files, stream.files, options.seed)
-            stream = _with_files(stream, fit_files)
+            stream = stream.with_files(fit_files)
             if not self.held_files:
-                report.warn(f"only {len(stream)} calibration images: too few to hold any out for --alpha/--beta "
-                            f"auto; using alpha {options.alpha_or_fallback:g}, beta {options.beta_or_fallback:g} "
-                            f"(tuning needs {MIN_HOLDOUT} images beyond the sample, or --num-calib "
-                            f"{4 * MIN_HOLDOUT} or more)")
+                fixed = options.fixed_setting
+                report.warn(f"only {len(stream)} calibration images: too few to hold any out for tuning alpha and "
+                            f"beta; using alpha {fixed.alpha:g}, beta {fixed.beta:g} (tuning needs {MIN_HOLDOUT} "
+                            f"images beyond the sample, or a sample of {4 * MIN_HOLDOUT} or more: num_calib, --num-calib)")
         self.stream = stream
+        self._warned_skips = 0
         self.heads = ([HeadInfo("merged", self.sources[0].classes, ",".join(s.checkpoint.name for s in self.sources))]
                       if self.stop == OUTPUT_STOP else
                       [HeadInfo(s.checkpoint.name, s.classes, s.checkpoint.path.name) for s in self.sources])
         self.states = [{k: v.detach().cpu() for k, v in s.model.state_dict().items()} for s in self.sources]
         self.correlations: dict[str, np.ndarray] = {}
+        self.images_read = False
         self.tuning: TuningResult | None = None
         self.timings["load"] = time.perf_counter() - t0
 
+    def _check_classes(self) -> None:
+        unnamed = [s.checkpoint.path.name for s in self.sources
+                   if not self.options.classes and s.checkpoint.classes is None]
+        if unnamed:
+            self.report.warn(f"{', '.join(unnamed)}: no class names, heads get class_0, class_1, ... (zipit eval "
+                             "matches class folders by name); name them with classes (--classes a,b,...) once per "
+                             'checkpoint, or a JSON sidecar {"classes": [...]} beside each (a.pt -> a.json)')
+        if self.stop == OUTPUT_STOP and any(s.classes != self.sources[0].classes for s in self.sources):
+            raise ZipitError("stop 'output' merges the classifiers, which needs identical classes in every model",
+                             f"use a stage stop ({', '.join(self.spec.stops)}) for models with different classes")
+
+    def _warn_skipped(self) -> None:
+        """One warning per pass that found unreadable images."""
+        skipped = self.stream.skipped
+        if len(skipped) > self._warned_skips:
+            first = skipped[self._warned_skips]
+            self.report.warn(f"skipped {len(skipped) - self._warned_skips} unreadable image(s), "
+                             f"e.g. {first[0]}: {first[1]}")
+            self._warned_skips = len(skipped)
+
     def calibrate(self) -> None:
-        """Stream the (fit) calibration images once through every model: one correlation per space."""
+        """Stream the (fit) calibration images once through every model: one correlation per space.
+        Plain averaging needs no correlations: its images are read by the BatchNorm reset only."""
         t = time.perf_counter()
         if self.options.method != "average":
-            acc = collect_correlations(self.sources, self.spec, self.plan, self.stream, self.options.device,
-                                       self.report)
+            acc = collect_correlations([s.model for s in self.sources], self.spec, self.plan, self.stream,
+                                       self.options.device, self.report)
             self.correlations = {name: acc.pop(name).correlation().cpu().numpy() for name in self.plan.merged_spaces}
-        if self.stream.skipped:
-            first = self.stream.skipped[0]
-            self.report.warn(f"skipped {len(self.stream.skipped)} unreadable image(s), e.g. {first[0]}: {first[1]}")
+            self.images_read = True
+            self._warn_skipped()
         self.timings["calibration"] = time.perf_counter() - t
 
     def match(self, setting: Setting) -> dict[str, Match]:
@@ -319,7 +190,7 @@ class MergeJob:
     def held_out(self) -> HeldOut | None:
         """The held-out images (never used for correlations) and the source models' logits on them;
         None if fewer than ``MIN_HOLDOUT`` of them could be read."""
-        batches = list(_with_files(self.stream, self.held_files, augment=False).batches())
+        batches = list(self.stream.with_files(self.held_files, augment=False).batches())
         if sum(len(b) for b in batches) < MIN_HOLDOUT:
             return None
         return HeldOut.from_sources(torch.cat(batches).to(self.options.device), [s.model for s in self.sources])
@@ -338,45 +209,25 @@ class MergeJob:
         return key, lambda: self.candidate(matches, bn_images)
 
     def bn_subset(self) -> torch.Tensor:
-        return _first_images(_augment_free(self.stream), MAX_BN_IMAGES).to(self.options.device)
+        """The fit images each tuning candidate's BatchNorm is reset on."""
+        return self.stream.first(MAX_BN_IMAGES).to(self.options.device)
 
     def choose_setting(self) -> Setting:
         """The options' alpha and beta, or, where left open, the best candidate on held-out images."""
         o = self.options
-        fixed = Setting(o.alpha_or_fallback, o.beta_or_fallback)
         if not o.tunes:
-            return fixed
+            return o.fixed_setting
         t = time.perf_counter()
         held = self.held_out() if self.held_files else None
-        if held is None:
-            if self.held_files:
-                self.report.warn(f"fewer than {MIN_HOLDOUT} held-out images could be read; using alpha "
-                                 f"{fixed.alpha:g}, beta {fixed.beta:g}")
-            self.tuning = TuningResult([], fixed, 0, reason=f"too few readable calibration images to hold out "
-                                       f"{MIN_HOLDOUT}")
-            return fixed
-        bn_images = self.bn_subset()
-        settings = candidate_settings(len(self.sources), o.alpha, o.beta)
-        self.report.start("tuning alpha/beta", len(settings))
-
-        def show(trial):
-            self.report.advance()
-            self.report.info(f"  alpha {trial.setting.alpha:<5g} beta {trial.setting.beta:<7g} "
-                             f"divergence {trial.score:.4f} ({trial.images} images)")
-
-        try:
-            self.tuning = search(lambda s: self.prepare(s, bn_images), held, settings, on_trial=show)
-        finally:
-            self.report.done()
-        chosen = self.tuning.chosen
-        for trial in self.tuning.trials:
-            if trial.images == len(held.images) and trial.images > min(t.images for t in self.tuning.trials):
-                self.report.info(f"  finalist alpha {trial.setting.alpha:<5g} beta {trial.setting.beta:<7g} "
-                                 f"divergence {trial.score:.4f} ({trial.images} images)")
-        self.report.info(f"chose alpha {chosen.alpha:g}, beta {chosen.beta:g} "
-                         f"(lowest divergence from the sources on {len(held.images)} held-out calibration images)")
-        self.timings["tuning"] = time.perf_counter() - t
-        return chosen
+        if held is None and self.held_files:
+            self.report.warn(f"fewer than {MIN_HOLDOUT} held-out images could be read; using alpha "
+                             f"{o.fixed_setting.alpha:g}, beta {o.fixed_setting.beta:g}")
+        bn_images = self.bn_subset() if held is not None else None
+        self.tuning = tune(lambda s: self.prepare(s, bn_images), held,
+                           candidate_settings(len(self.sources), o.alpha, o.beta), o.fixed_setting, self.report)
+        if self.tuning.trials:
+            self.timings["tuning"] = time.perf_counter() - t
+        return self.tuning.chosen
 
     def finish(self, setting: Setting) -> MergeResult:
         """The final merge with ``setting``: match, zip, BatchNorm reset on every fit image, metadata."""
@@ -384,28 +235,24 @@ class MergeJob:
         t = time.perf_counter()
         matches = self.match(setting)
         model = self.build(matches)
-        stats = []
-        for name in self.plan.merged_spaces:
-            m, corr = matches[name], self.correlations.get(name)
-            stats.append({"space": name, "size": self.graph.space_size[name],
-                          "mean_corr": None if corr is None else round(m.mean_merged_correlation(corr), 6),
-                          "within_share": round(m.within_merges / m.total_merges, 6) if m.total_merges else 0.0,
-                          "budget_lifted": m.budget_lifted})
-            if m.budget_lifted:
-                report.warn(f"space {name}: zipit could not finish within the beta budget and lifted it")
+        spaces = [self._space_summary(name, matches[name]) for name in self.plan.merged_spaces]
+        for s in spaces:
+            if s["budget_lifted"]:
+                report.warn(f"space {s['space']}: zipit could not finish within the beta budget and lifted it")
         self.timings["matching+zip"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        stream = self.stream
         if o.reset_bn:
-            report.start("batchnorm reset", len(stream) - len(stream.skipped))
+            report.start("batchnorm reset", self.stream.readable)
             try:
-                reset_batchnorm(model, _augment_free(stream).batches(), o.device, on_batch=report.advance)
+                reset_batchnorm(model, self.stream.batches(), o.device, on_batch=report.advance)
             except ValueError:
                 raise CalibrationError("no calibration image could be read for the BatchNorm reset",
                                        "check the image files") from None
             finally:
                 report.done()
+            self.images_read = True
+            self._warn_skipped()
         self.timings["batchnorm"] = time.perf_counter() - t
 
         first_dtype = next(v.dtype for v in self.sources[0].checkpoint.state_dict.values() if v.is_floating_point())
@@ -415,44 +262,23 @@ class MergeJob:
             params = {"alpha": setting.alpha, "beta": setting.beta}
             if self.tuning is not None:
                 params["tuning"] = self.tuning.to_metadata()
-        metadata = {
-            "format": FORMAT,
-            "zipit_version": __version__,
-            "spec_name": self.spec.name,
-            "spec": self.spec.text,
-            "stop": self.stop,
-            "method": o.method,
-            "params": params,
-            "calibration": {"folder": str(self.calib), "num_images": len(stream) - len(stream.skipped),
-                            "held_out": len(self.held_files), "requested": o.num_calib, "seed": o.seed,
-                            "augment": o.augment, "batch_size": o.batch_size, "reset_bn": o.reset_bn,
-                            "skipped": len(stream.skipped)},
-            "sources": [{"file": s.checkpoint.path.name, "sha256": s.checkpoint.sha256, "classes": s.classes}
-                        for s in self.sources],
-            "heads": [asdict(h) for h in self.heads],
-            "spaces": stats,
-            "dtype": dtype,
-        }
-        model.metadata = metadata
-        return MergeResult(model.eval(), metadata, self.timings, stats,
-                           [(str(p), why) for p, why in stream.skipped])
+        stream = self.stream
+        calibration = {"folder": str(self.calib), "num_images": stream.readable if self.images_read else 0,
+                       "held_out": len(self.held_files), "requested": o.num_calib, "seed": o.seed,
+                       "augment": o.augment, "batch_size": o.batch_size, "reset_bn": o.reset_bn,
+                       "skipped": len(stream.skipped)}
+        sources = [{"file": s.checkpoint.path.name, "sha256": s.checkpoint.sha256, "classes": s.classes}
+                   for s in self.sources]
+        model.metadata = merge_metadata(spec=self.spec, stop=self.stop, method=o.method, params=params,
+                                        calibration=calibration, sources=sources, heads=self.heads, spaces=spaces,
+                                        dtype=dtype)
+        return MergeResult(model.eval(), model.metadata, self.timings)
 
-
-def _first_images(stream: ImageStream, n: int) -> torch.Tensor:
-    taken = []
-    for batch in stream.batches():
-        taken.append(batch[: n - sum(len(b) for b in taken)])
-        if sum(len(b) for b in taken) >= n:
-            break
-    return torch.cat(taken)
-
-
-def _with_files(stream: ImageStream, files: list[Path], augment: bool | None = None) -> ImageStream:
-    return ImageStream(list(files), stream.preprocess, stream.batch_size,
-                       stream.augment if augment is None else augment, stream.seed, list(stream.skipped))
-
-
-def _augment_free(stream: ImageStream) -> ImageStream:
-    """BN statistics are measured on the same images, augmented the same way as calibration."""
-    return ImageStream(stream.files, stream.preprocess, stream.batch_size, stream.augment, stream.seed,
-                       list(stream.skipped))
+    def _space_summary(self, name: str, m: Match) -> dict:
+        """Per-space facts for the file: how well the merged features agree, how many merges stayed
+        within one model, whether zipit had to lift its budget."""
+        corr = self.correlations.get(name)
+        return {"space": name, "size": self.graph.space_size[name],
+                "mean_corr": None if corr is None else round(m.mean_merged_correlation(corr), 6),
+                "within_share": round(m.within_merges / m.total_merges, 6) if m.total_merges else 0.0,
+                "budget_lifted": m.budget_lifted}

@@ -1,6 +1,6 @@
-"""Label-free choice of zipit's alpha and beta.
+"""Label-free choice of zipit's alpha and beta: the search, its screening and its finalists.
 
-A part of the calibration images is held out. Each candidate setting is merged
+A part of the calibration images is held out (``calibration.split_holdout``). Each candidate setting is merged
 (from correlations measured once on the rest), and scored by how closely each
 head of the merged model reproduces its own source model on the held-out
 images that source is most confident about (its own task's images, as far as
@@ -15,9 +15,8 @@ from typing import Callable, Hashable, Iterable, Sequence
 import torch
 import torch.nn as nn
 
-HOLDOUT = 512              # images that score candidates (256 ranked settings worse on the zoos: docs/tuning.md)
-HOLDOUT_FRACTION = 0.25     # share of the calibration sample held out when the folder has no spare images
-MIN_HOLDOUT = 16            # fewer held-out images than this cannot rank settings
+from .calibration import MIN_HOLDOUT
+
 MAX_BN_IMAGES = 64          # images for each candidate's BatchNorm reset (its cost dominates screening)
 FALLBACK = (0.3, 0.125)     # the paper's defaults, used when nothing can be held out
 SCREEN_EVERY = 4            # candidates are first scored on every 4th held-out image (files are sorted by
@@ -44,29 +43,6 @@ def candidate_settings(n_models: int, alpha: float | None = None, beta: float | 
     if n_models == 2:
         grid = [s for s in grid if s.beta > 0 or s.alpha == alphas[-1]]
     return grid
-
-
-def split_holdout(all_files: Sequence, sample: Sequence, seed: int) -> tuple[list, list]:
-    """(fit, held-out) files for tuning.
-
-    The held-out images are spare images of the folder, outside the calibration
-    sample, so correlations still use the whole sample and the tuned merge equals
-    a merge with the chosen values. A folder without ``MIN_HOLDOUT`` spare images
-    gives up a seeded share of the sample instead, and a sample too small to
-    spare ``MIN_HOLDOUT`` gives an empty held-out list.
-    """
-    gen = torch.Generator().manual_seed(seed + 1)
-    chosen = set(sample)
-    spare = [f for f in all_files if f not in chosen]
-    if len(spare) >= MIN_HOLDOUT:
-        order = torch.randperm(len(spare), generator=gen)[:HOLDOUT].sort().values.tolist()
-        return list(sample), [spare[i] for i in order]
-    n_held = min(HOLDOUT, int(len(sample) * HOLDOUT_FRACTION))
-    if n_held < MIN_HOLDOUT:
-        return list(sample), []
-    held = set(torch.randperm(len(sample), generator=gen)[:n_held].tolist())
-    return ([f for i, f in enumerate(sample) if i not in held],
-            [f for i, f in enumerate(sample) if i in held])
 
 
 @dataclass
@@ -207,3 +183,16 @@ def _rest(x: torch.Tensor, stride: int) -> torch.Tensor:
     keep = torch.ones(len(x), dtype=torch.bool)
     keep[::stride] = False
     return x[keep]
+
+
+def tune(prepare: Callable[[Setting], tuple[Hashable, Callable[[], nn.Module]]], held: HeldOut | None,
+         settings: Sequence[Setting], fallback: Setting, report) -> TuningResult:
+    """Search ``settings`` on ``held`` with progress on ``report``; without a held-out set, the
+    fallback with the reason. The caller renders the result (``TuningResult.to_metadata``)."""
+    if held is None:
+        return TuningResult([], fallback, 0, reason=f"too few readable calibration images to hold out {MIN_HOLDOUT}")
+    report.start("tuning alpha/beta", len(settings))
+    try:
+        return search(prepare, held, settings, on_trial=lambda _trial: report.advance())
+    finally:
+        report.done()

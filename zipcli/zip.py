@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from .graph import ModelGraph, StopPlan, on_channels
 from .matching import Match
-from .specs import Member
-
-NON_CHANNEL_BUFFERS = ("num_batches_tracked",)
+from .specs import layers
+from .specs.format import Member
+from .specs.graph import ModelGraph, StopPlan, on_channels
 
 
 def _merge_out(t: torch.Tensor, assign: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -62,7 +61,7 @@ class Zipper:
     def _merge_outputs(self, t: torch.Tensor, outs, i: int, attr: str) -> torch.Tensor:
         for s, member in outs:
             def merge(x, s=s):
-                if attr == "running_var":
+                if attr in layers.VARIANCE_BUFFERS:
                     x = x.clamp_min(0).sqrt()
                 return _merge_out(x, self.assign[s][i], self.counts[s])
             t = on_channels(t, 0, member, self.graph.space_size[s], merge)
@@ -75,7 +74,7 @@ class Zipper:
         for key in keys:
             ref = state_dicts[0][key]
             outs, ins, attr = self._members(key)
-            if attr in NON_CHANNEL_BUFFERS or not ref.is_floating_point():
+            if attr in layers.NON_CHANNEL_BUFFERS or not ref.is_floating_point():
                 out[key] = ref.clone()
                 continue
             inputs = [self._unmerge_inputs(sd[key].double(), ins, i) for i, sd in enumerate(state_dicts)]
@@ -85,7 +84,7 @@ class Zipper:
                 for s, member in outs:
                     size = self.graph.space_size[s]
                     part = _channels(merged, member, size)
-                    part = part ** 2 if attr == "running_var" else part
+                    part = part ** 2 if attr in layers.VARIANCE_BUFFERS else part
                     total = on_channels(total, 0, member, size, lambda _, part=part: part)
             out[key] = total.to(ref.dtype)
         return out

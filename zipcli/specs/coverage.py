@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch.nn as nn
-
-from .graph import ModelGraph, in_channels, out_channels
-from .specs import Member
+from . import layers
+from .format import Member
+from .graph import ModelGraph
 
 Key = tuple[str, str]  # ("writer" | "reader", canonical member)
 
@@ -31,7 +30,7 @@ def _canonical(graph: ModelGraph, member: Member, role: str, size: int) -> str:
     if member.whole:
         return member.module
     m = graph.modules[member.module]
-    width = out_channels(m) if role == "writer" else in_channels(m)
+    width = layers.out_channels(m) if role == "writer" else layers.in_channels(m)
     if member.start == 0 and member.block == 1 and width == size:
         return member.module
     return str(member)
@@ -103,7 +102,7 @@ def _check_observe(graph: ModelGraph, traced: dict, actual: dict[Key, str], expe
 
 def _traced_size(graph: ModelGraph, space: dict) -> int:
     writer = next(m for m in space["writers"] if m.whole)
-    return out_channels(graph.modules[writer.module])
+    return layers.out_channels(graph.modules[writer.module])
 
 
 def _count_tensors(graph: ModelGraph, result: Coverage) -> None:
@@ -117,7 +116,6 @@ def _count_tensors(graph: ModelGraph, result: Coverage) -> None:
             result.in_spaces += len(tensors)
         else:
             result.outside.append(name)
-        if not isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm,
-                                   nn.GroupNorm)):
+        if layers.kind_of(module) is None:
             result.problems.append(f"{name} ({type(module).__name__}) has parameters zipit does not know how "
                                    "to merge")

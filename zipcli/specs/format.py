@@ -13,18 +13,10 @@ from pathlib import Path
 
 import yaml
 
-from .errors import SpecError
+from ..errors import SpecError
 
 FORMAT_VERSION = 1
 
-def _specs_dir() -> Path:
-    """Built-in specs: installed inside the package, or ``specs/`` beside it in a checkout."""
-    here = Path(__file__).resolve().parent
-    installed = here / "specs"
-    return installed if installed.is_dir() else here.parent / "specs"
-
-
-SPECS_DIR = _specs_dir()
 OUTPUT_STOP = "output"
 
 
@@ -262,32 +254,3 @@ def parse_spec(text: str, origin: str = "<spec>") -> Spec:
         spaces=tuple(spaces),
         text=text,
     )
-
-
-def builtin_spec_names() -> list[str]:
-    return sorted(p.stem for p in SPECS_DIR.glob("*.yaml"))
-
-
-def load_spec(arch: str | None = None, path: str | Path | None = None) -> Spec:
-    """Load a built-in spec by name (``arch``) or a user's spec file (``path``); from Python a
-    ``.yaml``/``.yml`` path works as ``arch`` too, as in ``load_spec("small_cnn.yaml")``."""
-    if (arch is None) == (path is None):
-        raise SpecError("give exactly one of --arch NAME or --spec FILE",
-                        f"built-in architectures: {', '.join(builtin_spec_names())}")
-    if arch is not None and arch not in builtin_spec_names() and Path(arch).suffix in (".yaml", ".yml"):
-        arch, path = None, arch
-    if arch is not None:
-        file = SPECS_DIR / f"{arch}.yaml"
-        if arch not in builtin_spec_names():
-            raise SpecError(f"unknown architecture {arch!r}",
-                            f"valid: {', '.join(builtin_spec_names())}; or a spec file: --spec FILE "
-                            "(Python: load_spec(path=FILE))")
-    else:
-        file = Path(path)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError(f"spec file {str(file)!r} does not exist", "check the path") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(f"spec file {str(file)!r} cannot be read: {exc}") from None
-    return parse_spec(text, origin=str(file) if path is not None else f"spec {arch}")

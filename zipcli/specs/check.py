@@ -10,12 +10,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import SpecError
+from .builders import build, check_num_classes_arg
 from .coverage import coverage
-from .errors import SpecError
+from .format import Spec
 from .graph import ModelGraph, observed_channels
-from .models import build, check_num_classes_arg
 from .selfcheck import randomize_per_channel, self_check
-from .specs import Spec
+from .tracing import build_and_trace
 
 SELF_CHECK_TOLERANCE = 1e-4   # relative change of the outputs; float32 rounding is about 1e-6
 
@@ -40,8 +41,6 @@ class SpecCheck:
 def check_spec(spec: Spec, builder: str | None = None, kwargs: dict | None = None, size: int | None = None,
                seed: int = 0) -> SpecCheck:
     """Build the model (the spec's builder, or another one), then self-check, cover and observe."""
-    from .tracing import build_and_trace
-
     builder = builder or spec.builder
     kwargs = {**spec.kwargs, **(kwargs or {})}
     size = size or spec.input.size

@@ -22,12 +22,13 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-import yaml
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .errors import SpecError
-from .graph import CONV_LIKE, NORM_LIKE, ModelGraph, is_depthwise, trace
-from .specs import Member
+from ..errors import SpecError
+from . import layers
+from .builders import build
+from .format import Member
+from .graph import trace
 
 SAME_CHANNEL_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.ELU, nn.Tanh, nn.Sigmoid,
@@ -200,7 +201,8 @@ class _Tracer:
         name = node.target
         if any(True for _ in m.parameters()) and self.calls[name] > 1:
             raise _refuse(node, "a layer whose weights are used more than once")
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
+        kind = layers.kind_of(m)
+        if kind is not None and kind.in_channels is not None:
             return self.weighted(node, m)
         x = self.input(node, node.args[0])
         if isinstance(m, nn.LayerNorm):
@@ -208,10 +210,9 @@ class _Tracer:
             if shape is None or tuple(m.normalized_shape) != tuple(shape[1:]):
                 raise _refuse(node, f"a LayerNorm over {tuple(m.normalized_shape)} that does not start at the "
                                     "channel axis")
-        if isinstance(m, nn.GroupNorm) and m.num_groups not in (1, m.num_channels):
-            raise _refuse(node, f"a GroupNorm with {m.num_groups} groups of {m.num_channels // m.num_groups} "
-                                "channels (channels may not move between groups)")
-        if isinstance(m, NORM_LIKE):
+        if kind is not None:                            # a per-channel layer (a norm)
+            if layers.problem(m):
+                raise _refuse(node, layers.problem(m))
             if any(True for _ in m.parameters()) or getattr(m, "running_mean", None) is not None:
                 self.writes += x.members(name)
             return x
@@ -230,13 +231,13 @@ class _Tracer:
         if isinstance(m, nn.Conv2d):
             if x.block != 1:
                 raise _refuse(node, "a convolution of a flattened tensor")
-            if is_depthwise(m):
+            if layers.problem(m):
+                raise _refuse(node, layers.problem(m))
+            if layers.is_per_channel(m):
                 self.writes += x.members(node.target)
                 return x
-            if m.groups != 1:
-                raise _refuse(node, f"a grouped convolution (groups={m.groups}) whose groups must stay intact")
         self.reads += x.members(node.target)
-        out = self.new(m.out_channels if isinstance(m, nn.Conv2d) else m.out_features)
+        out = self.new(layers.out_channels(m))
         self.writes += out.members(node.target)
         return out
 
@@ -313,12 +314,12 @@ def trace_spaces(model: nn.Module, example: torch.Tensor) -> dict:
     find = tr.vars.find
     class_vars = {find(v) for layout in tr.outputs for v, _ in layout.segments}
     classifiers = sorted({m.module for v, m in tr.writes if find(v) in class_vars
-                          and isinstance(tr.modules[m.module], CONV_LIKE)}, key=tr.order.get)
+                          and isinstance(tr.modules[m.module], layers.WEIGHTED)}, key=tr.order.get)
     groups: dict[int, dict] = {}
     for v, m in tr.writes:
         root = find(v)
         layer = tr.modules[m.module]
-        if tr.vars.fixed[root] and isinstance(layer, CONV_LIKE) and not is_depthwise(layer):
+        if tr.vars.fixed[root] and layers.is_weighted(layer):
             raise SpecError(f"cannot derive feature spaces: the channels written by {m.module!r} are added to the "
                             "model input", "such channels cannot be permuted")
         if root not in class_vars and not tr.vars.fixed[root]:
@@ -382,8 +383,7 @@ def _name_spaces(spaces: list[dict], modules: dict) -> None:
     ``layer2.stream`` when it spans all of ``layer2``, ``features.2-3.stream`` when part of it."""
     used = Counter()
     for s in spaces:
-        convs = [w.module for w in s["writers"] if w.whole and isinstance(modules[w.module], CONV_LIKE)
-                 and not is_depthwise(modules[w.module])]
+        convs = [w.module for w in s["writers"] if w.whole and layers.is_weighted(modules[w.module])]
         if len(convs) == 1:
             name = convs[0]
         else:
@@ -398,89 +398,9 @@ def _name_spaces(spaces: list[dict], modules: dict) -> None:
         s["name"] = name if used[name] == 1 else f"{name}#{used[name]}"
 
 
-def suggest_stops(graph: ModelGraph) -> list[str]:
-    """Stage boundaries: top-level modules and the children of top-level containers after which
-    the graph can be cut (no feature space is split). Of the candidates that share the same layers,
-    the last one with parameters is named (``layer4`` rather than ``avgpool``)."""
-    model = graph.model
-    candidates = []
-    for name, child in model.named_children():
-        candidates.append(name)
-        if isinstance(child, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
-            candidates += [f"{name}.{sub}" for sub, _ in child.named_children()]
-    nodes = list(graph.gm.graph.nodes)
-    ends = {}
-    for c in candidates:
-        inside = [i for i, n in enumerate(nodes) if graph.node_in_module(n, c)]
-        if inside and graph.call_count.get(c, 1) == 1:
-            ends[c] = max(inside)
-    ordered = sorted(ends, key=lambda c: (ends[c], -c.count(".")))
-    runs: list[tuple[frozenset, list[str]]] = []
-    for c in ordered:
-        try:
-            merged = frozenset(graph.cut(c).merged_spaces)
-        except SpecError:
-            continue
-        if not merged:
-            continue
-        if runs and runs[-1][0] == merged:
-            runs[-1][1].append(c)
-        else:
-            runs.append((merged, [c]))
-    stops = []
-    for _, run in runs:
-        with_params = [c for c in run if any(True for _ in graph.modules[c].parameters())]
-        stops.append((with_params or run)[-1])
-    return stops
-
-
-def spec_document(name: str, builder: str, kwargs: dict, preprocess: dict, *, description: str = "",
-                  num_classes_arg: str = "num_classes", stops: list[str] | None = None,
-                  default_stop: str | None = None) -> dict:
-    """Build the model, trace it and return a complete spec document (a YAML-ready dict).
-
-    Without ``stops``, the stage boundaries found by ``suggest_stops`` are used. ``kwargs`` may
-    hold the number of classes for building; the spec leaves it out (merge sets it per checkpoint).
-    """
-    from .models import check_num_classes_arg
-    from .specs import FORMAT_VERSION, parse_spec
-
-    model, traced = build_and_trace(builder, kwargs, preprocess["size"])
-    check_num_classes_arg(builder, num_classes_arg)
-    if not traced["classifiers"]:
-        raise SpecError(f"cannot derive a spec for {name!r}: no convolution or linear layer writes the outputs",
-                        "zipit needs a classifier layer at the end of the model")
-    doc = {"format": FORMAT_VERSION, "name": name, "description": description, "builder": builder,
-           "kwargs": {k: v for k, v in kwargs.items() if k != num_classes_arg}, "num_classes_arg": num_classes_arg,
-           "input": dict(preprocess),
-           "classifiers": traced["classifiers"], "stops": None, "default_stop": None,  # chosen on the graph below
-           "spaces": [{"name": s["name"], "observe": str(s["observe"]), "writers": [str(m) for m in s["writers"]],
-                       "readers": [str(m) for m in s["readers"]]} for s in traced["spaces"]]}
-    first = traced["classifiers"][0]  # a placeholder stop, to parse the spec before its stops are known
-    graph = ModelGraph(parse_spec(dump_spec({**doc, "stops": [first], "default_stop": first}), origin=name), model)
-    if stops:
-        for stop in stops:
-            try:
-                graph.cut(stop)
-            except SpecError as exc:
-                valid_stops = ", ".join(suggest_stops(graph)) or "none"
-                raise SpecError(exc.message, f"valid stops of {name}: {valid_stops}") from None
-        valid = list(stops)
-    else:
-        valid = suggest_stops(graph)
-    if not valid:
-        raise SpecError(f"no stop point found for {name!r}: every cut would split a feature space",
-                        "see 'Stops' in specs/README.md")
-    doc["stops"] = valid
-    doc["default_stop"] = default_stop or valid[-1]
-    return doc
-
-
 def build_and_trace(builder: str, kwargs: dict, size: int) -> tuple[nn.Module, dict]:
     """Trace on the meta device (shapes without memory or compute), or on the CPU where the
     builder or model does not support it."""
-    from .models import build
-
     try:
         with torch.device("meta"):
             model = build(builder, kwargs)
@@ -492,9 +412,3 @@ def build_and_trace(builder: str, kwargs: dict, size: int) -> tuple[nn.Module, d
             raise
     model = build(builder, kwargs)
     return model, trace_spaces(model, torch.zeros(1, 3, size, size))
-
-
-def dump_spec(doc: dict) -> str:
-    header = ("# zipit architecture spec (format 1), generated by tracing the model.\n"
-              "# Regenerate instead of editing by hand; see specs/README.md.\n")
-    return header + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=100)

@@ -13,11 +13,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .errors import SpecError
-from .specs import OUTPUT_STOP, Member, Spec
-
-CONV_LIKE = (nn.Conv2d, nn.Linear)
-NORM_LIKE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
+from ..errors import SpecError
+from . import layers
+from .format import OUTPUT_STOP, Member, Spec
 
 
 def trace(model: nn.Module, origin: str = "model") -> fx.GraphModule:
@@ -26,27 +24,6 @@ def trace(model: nn.Module, origin: str = "model") -> fx.GraphModule:
     except Exception as exc:  # fx raises many types for untraceable code
         raise SpecError(f"{origin} cannot be traced with torch.fx: {exc.__class__.__name__}: {exc}",
                         "zipit needs a model whose forward has no data-dependent control flow") from None
-
-
-def is_depthwise(m: nn.Module) -> bool:
-    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
-
-
-def out_channels(m: nn.Module) -> int:
-    """Length of axis 0 of the module's parameters: its output channels."""
-    if isinstance(m, nn.Conv2d):
-        return m.out_channels
-    if isinstance(m, nn.Linear):
-        return m.out_features
-    if isinstance(m, nn.LayerNorm):
-        return m.normalized_shape[0]
-    if isinstance(m, nn.GroupNorm):
-        return m.num_channels
-    return m.num_features
-
-
-def in_channels(m: nn.Module) -> int:
-    return m.in_channels if isinstance(m, nn.Conv2d) else m.in_features
 
 
 def observed_channels(x: torch.Tensor, member: Member, size: int) -> torch.Tensor | None:
@@ -127,21 +104,18 @@ class ModelGraph:
             where = f"spaces[{i}] ({space.name})"
             widths = {}
             for w in space.writers:
-                m = self._module(w.module, f"{where} writer", CONV_LIKE + NORM_LIKE)
-                if isinstance(m, nn.Conv2d) and m.groups != 1 and not is_depthwise(m):
-                    raise SpecError(f"writer {w.module!r} is a grouped convolution (groups={m.groups})",
-                                    "grouped convolutions are not supported; see specs/README.md")
-                if isinstance(m, nn.GroupNorm) and m.num_groups not in (1, m.num_channels):
-                    raise SpecError(f"writer {w.module!r} is a GroupNorm with {m.num_groups} groups",
-                                    "channels may not move between groups: only 1 group or one per channel")
-                widths[("writer", w)] = out_channels(m)
+                m = self._module(w.module, f"{where} writer", layers.WEIGHTED + layers.NORMS)
+                if layers.problem(m):
+                    raise SpecError(f"writer {w.module!r} is {layers.problem(m)}",
+                                    "such layers are not supported; see specs/README.md")
+                widths[("writer", w)] = layers.out_channels(m)
                 self.writes.setdefault(w.module, []).append((space.name, w))
             for r in space.readers:
-                m = self._module(r.module, f"{where} reader", CONV_LIKE)
-                if isinstance(m, nn.Conv2d) and m.groups != 1:
+                m = self._module(r.module, f"{where} reader", layers.WEIGHTED)
+                if not layers.is_weighted(m) or layers.problem(m):
                     raise SpecError(f"reader {r.module!r} is a grouped or depthwise convolution",
                                     "list a depthwise convolution as a writer of the space it reads")
-                widths[("reader", r)] = in_channels(m)
+                widths[("reader", r)] = layers.in_channels(m)
                 self.reads.setdefault(r.module, []).append((space.name, r))
             self._module(space.observe.module, f"{where} observe")
             if self.call_count[space.observe.module] != 1:
@@ -154,7 +128,7 @@ class ModelGraph:
             for module, entries in table.items():
                 self._check_disjoint(module, role, entries)
         for c in self.spec.classifiers:
-            self._module(c, "classifiers", CONV_LIKE)
+            self._module(c, "classifiers", layers.WEIGHTED)
         for s in self.spec.stops:
             if s not in self.modules:
                 raise SpecError(f"spec {self.spec.name!r}: stop {s!r} is not a module of the model")

@@ -1,12 +1,13 @@
-"""The recipes of the built-in specs: how each YAML in ``specs/`` is generated.
+"""The recipes of the built-in specs: how each YAML in ``zipcli/specs/builtin/`` is generated.
 
-``python -m zipcli.builtin_specs`` rewrites them; a test checks the files on disk
+``python -m zipcli.specs.recipes`` rewrites them; a test checks the files on disk
 are exactly what the tracer produces now.
 """
 from __future__ import annotations
 
 CIFAR = {"size": 32, "resize": None, "mean": [0.4914, 0.4822, 0.4465], "std": [0.247, 0.2435, 0.2616]}
 IMAGENET = {"size": 224, "resize": 256, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+PRESETS = {"imagenet": IMAGENET, "cifar": CIFAR}   # 'zipit specs trace --input NAME'
 
 TORCHVISION = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
                "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
@@ -32,7 +33,7 @@ RECIPES["densenet121"]["stops"] = [f"features.transition{i}.norm" for i in (1, 2
 
 
 def generate(name: str) -> str:
-    from .tracing import dump_spec, spec_document
+    from .authoring import dump_spec, spec_document
 
     r = RECIPES[name]
     doc = spec_document(name, r["builder"], r["kwargs"], r["preprocess"], description=r["description"],
@@ -41,12 +42,11 @@ def generate(name: str) -> str:
 
 
 def main() -> None:
-    from .specs import SPECS_DIR
+    from .library import BUILTIN_DIR
 
-    SPECS_DIR.mkdir(exist_ok=True)
     for name in RECIPES:
-        (SPECS_DIR / f"{name}.yaml").write_text(generate(name), encoding="utf-8")
-        print(f"wrote {SPECS_DIR / (name + '.yaml')}")
+        (BUILTIN_DIR / f"{name}.yaml").write_text(generate(name), encoding="utf-8")
+        print(f"wrote {BUILTIN_DIR / (name + '.yaml')}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .graph import NORM_LIKE, ModelGraph, on_channels
+from . import layers
+from .graph import ModelGraph, on_channels
 
 
 def permute_state_dict(graph: ModelGraph, state: dict[str, torch.Tensor],
@@ -21,7 +22,7 @@ def permute_state_dict(graph: ModelGraph, state: dict[str, torch.Tensor],
         out._metadata = state._metadata  # version numbers that some modules' loaders need (MNASNet)
     for key, t in state.items():
         module, _, attr = key.rpartition(".")
-        if attr == "num_batches_tracked" or t.dim() == 0:
+        if attr in layers.NON_CHANNEL_BUFFERS or t.dim() == 0:
             continue
         for space, member in graph.writes.get(module, []):
             if space in perms:
@@ -42,22 +43,15 @@ def random_permutations(graph: ModelGraph, seed: int = 0) -> dict[str, torch.Ten
 
 @torch.no_grad()
 def randomize_per_channel(model: nn.Module, seed: int = 0) -> None:
-    """Give norms and biases distinct per-channel values, so a permutation that misses one shows."""
+    """Give every per-channel tensor the layer table names (norms, biases) distinct values, so a
+    permutation that misses one shows."""
     gen = torch.Generator().manual_seed(seed)
-
-    def fill(t: torch.Tensor, low: float, high: float) -> None:
-        t.copy_(torch.rand(t.shape, generator=gen, dtype=t.dtype) * (high - low) + low)
-
     for m in model.modules():
-        if isinstance(m, NORM_LIKE):
-            if getattr(m, "weight", None) is not None:
-                fill(m.weight, 0.5, 1.5)
-                fill(m.bias, -0.5, 0.5)
-            if getattr(m, "running_mean", None) is not None:
-                fill(m.running_mean, -1, 1)
-                fill(m.running_var, 0.5, 2)
-        elif isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
-            fill(m.bias, -0.5, 0.5)
+        kind = layers.kind_of(m)
+        for attr, (low, high) in (kind.random_ranges.items() if kind else ()):
+            t = getattr(m, attr, None)
+            if isinstance(t, torch.Tensor):
+                t.copy_(torch.rand(t.shape, generator=gen, dtype=t.dtype) * (high - low) + low)
 
 
 @torch.no_grad()

@@ -1,0 +1,39 @@
+"""The built-in specs: YAML files shipped as package data in ``zipcli/specs/builtin/``."""
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from ..errors import SpecError
+from .format import Spec, parse_spec
+
+BUILTIN_DIR = Path(str(resources.files(__package__) / "builtin"))
+
+
+def builtin_spec_names() -> list[str]:
+    return sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
+
+
+def load_spec(arch: str | None = None, path: str | Path | None = None) -> Spec:
+    """Load a built-in spec by name (``arch``) or a user's spec file (``path``); from Python a
+    ``.yaml``/``.yml`` path works as ``arch`` too, as in ``load_spec("small_cnn.yaml")``."""
+    if (arch is None) == (path is None):
+        raise SpecError("give exactly one of --arch NAME or --spec FILE",
+                        f"built-in architectures: {', '.join(builtin_spec_names())}")
+    if arch is not None and arch not in builtin_spec_names() and Path(arch).suffix in (".yaml", ".yml"):
+        arch, path = None, arch
+    if arch is not None:
+        file = BUILTIN_DIR / f"{arch}.yaml"
+        if arch not in builtin_spec_names():
+            raise SpecError(f"unknown architecture {arch!r}",
+                            f"valid: {', '.join(builtin_spec_names())}; or a spec file: --spec FILE "
+                            "(Python: load_spec(path=FILE))")
+    else:
+        file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"spec file {str(file)!r} does not exist", "check the path") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"spec file {str(file)!r} cannot be read: {exc}") from None
+    return parse_spec(text, origin=str(file) if path is not None else f"spec {arch}")
