@@ -99,10 +99,12 @@ def test_own_builder_from_the_current_folder_must_take_the_class_count(tmp_path,
     r = runner.invoke(app, trace)  # importable without PYTHONPATH; but it calls its class count n_out
     assert r.exit_code == 2 and "newuser_models:small_cnn" in r.stderr and "--num-classes-arg NAME" in r.stderr
     assert runner.invoke(app, trace + ["--num-classes-arg", "n_out"]).exit_code == 0
-    assert runner.invoke(app, ["specs", "check", "s.yaml"]).exit_code == 0
+    untrusted = runner.invoke(app, ["specs", "check", "s.yaml"])   # a spec file names code: trust is explicit
+    assert untrusted.exit_code == 2 and "--trust-builder newuser_models" in untrusted.stderr
+    assert runner.invoke(app, ["specs", "check", "s.yaml", "--trust-builder", "newuser_models"]).exit_code == 0
     spec = tmp_path / "s.yaml"
     spec.write_text(spec.read_text().replace("num_classes_arg: n_out", "num_classes_arg: num_classes"))
-    r = runner.invoke(app, ["specs", "check", "s.yaml"])
+    r = runner.invoke(app, ["specs", "check", "s.yaml", "--trust-builder", "newuser_models"])
     assert r.exit_code == 2 and "num_classes_arg" in r.stderr
     r = runner.invoke(app, ["specs", "trace", "newuser_models:not_a_model"])
     assert r.exit_code == 2 and "returned an int" in r.stderr

@@ -83,9 +83,12 @@ class Norms(nn.Module):
         return self.fc(self.ln(x.mean((2, 3))))
 
 
+TRUSTED = ["tiny_models"]
+
+
 def _register(name: str, cls) -> str:
-    """Expose ``cls`` as builder ``tiny_models_<name>:build`` (a module the test creates)."""
-    module = types.ModuleType(f"tiny_models_{name}")
+    """Expose ``cls`` as builder ``tiny_models.<name>:build`` (a module the test creates and trusts)."""
+    module = types.ModuleType(f"tiny_models.{name}")
     module.build = lambda num_classes=5, **kw: cls(num_classes=num_classes, **kw)
     sys.modules[module.__name__] = module
     return f"{module.__name__}:build"
@@ -93,7 +96,7 @@ def _register(name: str, cls) -> str:
 
 def _spec(cls, name: str = "tiny"):
     builder = _register(name, cls)
-    return parse_spec(dump_spec(spec_document(name, builder, {}, TINY)), origin=name)
+    return parse_spec(dump_spec(spec_document(name, builder, {}, TINY)), origin=name, trust_builders=TRUSTED)
 
 
 @pytest.mark.parametrize("cls", [DenseNetLike, FlattenHead, Norms])
@@ -152,10 +155,11 @@ def test_wrong_offsets_are_caught():
     spec = _spec(DenseNetLike, "dense_wrong")
     # the transition reads the dense layers' 4 + 4 channels at 8 and 12: overlapping slices are refused...
     with pytest.raises(SpecError, match="input channels 12..12 of 'transition.2' are in two spaces"):
-        ModelGraph(parse_spec(spec.text.replace("transition.2@8]", "transition.2@9]")), build_model(spec, 5))
+        ModelGraph(parse_spec(spec.text.replace("transition.2@8]", "transition.2@9]"), trust_builders=TRUSTED),
+                   build_model(spec, 5))
     # ...and swapped ones fail the self-check
     swapped = parse_spec(spec.text.replace("transition.2@8]", "@@]").replace("transition.2@12]", "transition.2@8]")
-                         .replace("@@]", "transition.2@12]"))
+                         .replace("@@]", "transition.2@12]"), trust_builders=TRUSTED)
     model = build_model(swapped, 5)
     randomize_per_channel(model)
     assert self_check(ModelGraph(swapped, model), torch.randn(2, 3, 16, 16)) > 1e-3

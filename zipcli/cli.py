@@ -11,7 +11,7 @@ from rich.table import Table
 
 from . import __version__
 from .checkpoints import parse_classes
-from .console import RichReporter, err, print_json, user_errors
+from .console import TRUST, RichReporter, err, print_json, user_errors
 from .errors import ZipitError
 from .matching import METHODS
 from .pipeline import MergeOptions, merge
@@ -74,6 +74,7 @@ def merge_cmd(
                                         "default: the first checkpoint's."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite the output file if it exists."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+    trust_builder: Optional[List[str]] = TRUST,
     quiet: bool = QUIET,
     debug: bool = DEBUG,
 ):
@@ -86,7 +87,7 @@ def merge_cmd(
             raise ZipitError(f"output {str(output)!r} already exists", "pass --force to overwrite it")
         if output.suffix != ".safetensors":
             raise ZipitError(f"output {str(output)!r} must end in .safetensors", "e.g. -o merged.safetensors")
-        arch_spec = load_spec(arch=arch, path=spec)
+        arch_spec = load_spec(arch=arch, path=spec, trust_builders=trust_builder or ())
         options = MergeOptions(method=method, alpha=_auto_or_float(alpha, "--alpha"),
                                beta=_auto_or_float(beta, "--beta"), stop=stop, num_calib=num_calib, seed=seed,
                                batch_size=batch_size, augment=augment, reset_bn=reset_bn, device=device,
@@ -164,6 +165,7 @@ def inspect_cmd(
     file: Path = typer.Argument(..., help="A merged .safetensors, or a plain checkpoint (.pt, .pth, .safetensors).",
                                 show_default=False),
     json_out: bool = typer.Option(False, "--json", help="Print the facts as one JSON document on stdout."),
+    trust_builder: Optional[List[str]] = TRUST,
     debug: bool = DEBUG,
 ):
     """Show what a file holds: heads, sources, parameters, cost and per-space statistics of a merge;
@@ -171,7 +173,7 @@ def inspect_cmd(
     from .inspection import inspect_file
 
     with user_errors(debug):
-        facts = inspect_file(file)
+        facts = inspect_file(file, trust_builder or ())
         if json_out:
             print_json(facts)
         elif facts["kind"] == "merged":
@@ -271,6 +273,7 @@ def eval_cmd(
                                             "(a fraction) is below this."),
     min_joint: Optional[float] = typer.Option(None, "--min-joint", help="Exit 1 if joint accuracy is below this."),
     json_out: bool = typer.Option(False, "--json", help="Print results as JSON on stdout (nothing else there)."),
+    trust_builder: Optional[List[str]] = TRUST,
     quiet: bool = QUIET,
     debug: bool = DEBUG,
 ):
@@ -288,13 +291,19 @@ def eval_cmd(
                 raise ZipitError(f"{name} {bar} is not a fraction", "give a value in [0, 1], e.g. 0.8")
         if limit is not None and limit < 1:
             raise ZipitError(f"--limit {limit} must be at least 1")
-        arch_spec = load_spec(arch=arch, path=spec) if (arch or spec) else None
+        arch_spec = load_spec(arch=arch, path=spec, trust_builders=trust_builder or ()) if (arch or spec) else None
         report = evaluate_files(files, data, arch_spec, [parse_classes(c) for c in classes] if classes else None,
-                                limit, batch_size, device, RichReporter(quiet or json_out))
+                                limit, batch_size, device, RichReporter(quiet or json_out), trust_builder or ())
         final = report["results"][-1]
         failures = [f"{label} {value:.4f} < {bar}" for label, value, bar in
                     (("avg task", final["avg_task"], min_avg), ("joint", final["joint"], min_joint))
-                    if bar is not None and (value is None or value < bar)]
+                    if bar is not None and value is not None and value < bar]
+        if min_avg is not None or min_joint is not None:   # a gate cannot pass on heads it never saw
+            failures += [f"head {h['name']} has no test images (no folder of its classes in {data})"
+                         for h in final["heads"] if not h["images"]]
+            failures += [f"{label}: no image to score" for label, value, bar in
+                         (("avg task", final["avg_task"], min_avg), ("joint", final["joint"], min_joint))
+                         if bar is not None and value is None]
         report["passed"] = not failures
         if json_out:
             print_json(report)

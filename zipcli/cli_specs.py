@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .console import err, out, print_json, user_errors
+from .console import TRUST, err, out, print_json, user_errors
 from .errors import SpecError, ZipitError
 
 specs_app = typer.Typer(
@@ -136,11 +136,11 @@ def trace_cmd(
             err.print(f"  next: zipit specs check {escape(str(output))}", soft_wrap=True)
 
 
-def _load(spec_arg: str):
+def _load(spec_arg: str, trust_builders):
     from .specs import builtin_spec_names, load_spec
 
     if Path(spec_arg).is_file():
-        return load_spec(path=spec_arg)
+        return load_spec(path=spec_arg, trust_builders=trust_builders)
     if spec_arg in builtin_spec_names():
         return load_spec(arch=spec_arg)
     raise SpecError(f"{spec_arg!r} is neither a spec file nor a built-in architecture",
@@ -156,16 +156,19 @@ def check_cmd(
     size: Optional[int] = typer.Option(None, "--size", help="Input size for the check (default: the spec's); "
                                        "a smaller one is faster."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    trust_builder: Optional[List[str]] = TRUST,
     debug: bool = DEBUG,
 ):
     """Parse, call check_spec, render (the help text is CHECK_HELP)."""
     from .specs.builders import canonical_builder
     from .specs.check import SELF_CHECK_TOLERANCE, check_spec
+    from .specs.trust import ANY
 
     with user_errors(debug):
         if size is not None and size < 8:
             raise ZipitError(f"--size {size} is too small", "give the input size in pixels, e.g. 64")
-        loaded = _load(spec)
+        # with --builder the spec's own builder is never imported: the one named here is used instead
+        loaded = _load(spec, ANY if builder else (trust_builder or ()))
         result = check_spec(loaded, canonical_builder(builder) if builder else None, parse_kwargs(kw), size)
         facts = {"spec": result.spec, "builder": result.builder, "size": result.size, "spaces": result.spaces,
                  "self_check": result.self_check, "tolerance": SELF_CHECK_TOLERANCE, "tensors": result.tensors,

@@ -10,11 +10,18 @@ import signal
 import sys
 from contextlib import contextmanager
 
+import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .errors import ZipitError
+
+TRUST = typer.Option(None, "--trust-builder", metavar="MODULE",
+                     help="Trust this module's model builders for this run, repeatable. A spec or merged file "
+                          "names the function that builds its model; zipit imports only its own models and "
+                          "torchvision's unless you trust the module here (e.g. --trust-builder mymodels).")
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr.")
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)

@@ -122,7 +122,8 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, list[str]]]
 
 
 def evaluate_files(files: list, data: str | Path, spec=None, classes: list[list[str]] | None = None,
-                   limit: int | None = None, batch_size: int = 256, device: str = "cpu", report=None) -> dict:
+                   limit: int | None = None, batch_size: int = 256, device: str = "cpu", report=None,
+                   trust_builders: Iterable[str] = ()) -> dict:
     """Score one merged file, or plain checkpoints (each alone, and their ensemble if several)."""
     report = report or SilentReporter()
     files = [Path(f) for f in files]
@@ -130,7 +131,7 @@ def evaluate_files(files: list, data: str | Path, spec=None, classes: list[list[
     if merged:
         if len(files) != 1:
             raise ZipitError("give one merged file, or plain checkpoints, not both", "run eval once per merged file")
-        model = load_merged(files[0], device)
+        model = load_merged(files[0], device, trust_builders)
         runs = [("merged", model, [h.name for h in model.heads], [h.classes for h in model.heads])]
         pre = model.spec.input
     else:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterable
 
 import torch
 import torch.nn as nn
@@ -43,8 +44,8 @@ def _params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def inspect_merged(path: Path) -> dict:
-    model = load_merged(path)
+def inspect_merged(path: Path, trust_builders: Iterable[str] = ()) -> dict:
+    model = load_merged(path, trust_builders=trust_builders)
     meta = model.metadata
 
     def js(key):
@@ -99,8 +100,8 @@ def inspect_checkpoint(path: Path) -> dict:
     }
 
 
-def inspect_file(path: str | Path) -> dict:
+def inspect_file(path: str | Path, trust_builders: Iterable[str] = ()) -> dict:
     path = Path(path)
     if path.suffix == ".safetensors" and is_merged_file(read_metadata(path)):
-        return inspect_merged(path)
+        return inspect_merged(path, trust_builders)
     return inspect_checkpoint(path)

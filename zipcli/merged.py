@@ -11,6 +11,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
 import torch.nn as nn
@@ -24,6 +25,7 @@ from .safetensors_io import save_deterministic
 from .specs.format import OUTPUT_STOP, Spec, parse_spec
 
 FORMAT = "zipit-merged/1"
+MAX_HEADS = 256            # far more models than anyone merges; bounds the work a damaged file can ask for
 
 
 @dataclass(frozen=True)
@@ -59,11 +61,16 @@ def skeleton(spec: Spec, stop: str, heads: list[HeadInfo]) -> MergedModel:
     return MergedModel(spec, graph.plan(stop), heads).eval()
 
 
-def flat_state(model: MergedModel) -> dict[str, torch.Tensor]:
+def _named_state(model: MergedModel) -> dict[str, torch.Tensor]:
+    """The file's tensor names: ``trunk.*`` and ``heads.<i>.*``."""
     out = {f"trunk.{k}": v for k, v in model.trunk.state_dict().items()}
     for i, head in enumerate(model.head_modules):
         out.update({f"heads.{i}.{k}": v for k, v in head.state_dict().items()})
-    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+    return out
+
+
+def flat_state(model: MergedModel) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in _named_state(model).items()}
 
 
 def write_atomic(path: Path, write, force: bool) -> None:
@@ -85,11 +92,14 @@ def write_atomic(path: Path, write, force: bool) -> None:
         write(tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, OSError):   # a full disk, a vanished folder: nothing was written
+            raise OutputError(f"cannot write {str(path)!r}: {exc.strerror or exc}",
+                              "free some space or choose another folder; nothing was written") from None
         raise
 
 
@@ -127,7 +137,7 @@ def _json(meta: dict, key: str, path: Path):
         return json.loads(meta[key])
     except KeyError:
         raise MergedFileError(f"{path}: metadata key {key!r} is missing", "the file was not written by zipit merge") from None
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         raise MergedFileError(f"{path}: metadata key {key!r} is not valid JSON", "the file is damaged") from None
 
 
@@ -145,25 +155,50 @@ def is_merged_file(meta: dict) -> bool:
     return meta.get("format") == FORMAT
 
 
-def load_merged(path: str | Path, device: str | torch.device = "cpu") -> MergedModel:
-    """Load a merged file as a multi-head model in eval mode."""
+def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from the file's header, without reading any tensor."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise MergedFileError(f"{path}: not a readable safetensors file ({exc})",
+                              "the file may be truncated or is not a safetensors file") from None
+
+
+def load_merged(path: str | Path, device: str | torch.device = "cpu", trust_builders: Iterable[str] = ()) -> MergedModel:
+    """Load a merged file as a multi-head model in eval mode.
+
+    Nothing in the file is trusted: its spec's builder must be one zipit trusts or in a module of
+    ``trust_builders``, and the model is first built on the meta device (no memory) and checked
+    against the file's tensor shapes before it is built for real and the tensors are read.
+    """
     path = Path(path)
     meta = read_metadata(path)
     if not is_merged_file(meta):
         raise MergedFileError(f"{path}: not a zipit merge (metadata 'format' is {meta.get('format')!r})",
                               "use 'zipit inspect' to look at a plain checkpoint")
-    if "spec" not in meta or "stop" not in meta:
+    if not isinstance(meta.get("spec"), str) or not isinstance(meta.get("stop"), str):
         raise MergedFileError(f"{path}: metadata 'spec' or 'stop' is missing", "the file is damaged")
-    spec = parse_spec(meta["spec"], origin=f"{path} (stored spec)")
-    model = skeleton(spec, meta["stop"], parse_heads(meta, path))
-    from safetensors.torch import load_file
-    tensors = load_file(str(path))
-    expected = flat_state(model)
-    bad = sorted(set(expected) ^ set(tensors)) + sorted(
-        k for k in expected if k in tensors and expected[k].shape != tensors[k].shape)
+    spec = parse_spec(meta["spec"], origin=f"{path} (stored spec)", trust_builders=trust_builders)
+    heads = parse_heads(meta, path)
+    if len(heads) > MAX_HEADS:
+        raise MergedFileError(f"{path}: metadata names {len(heads)} heads, more than zipit merges ({MAX_HEADS})",
+                              "the file is damaged")
+    shapes = _header_shapes(path)
+    head_indices = {k.split(".")[1] for k in shapes if k.startswith("heads.")}
+    expected_heads = 1 if meta["stop"] == OUTPUT_STOP else len(heads)
+    if head_indices != {str(i) for i in range(expected_heads)}:
+        raise MergedFileError(f"{path}: metadata names {len(heads)} heads, the tensors hold {len(head_indices)}",
+                              "the file is damaged")
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in _named_state(skeleton(spec, meta["stop"], heads)).items()}
+    bad = sorted(set(expected) ^ set(shapes)) + sorted(k for k in expected if k in shapes and expected[k] != shapes[k])
     if bad:
         raise MergedFileError(f"{path}: tensors do not match the stored spec ({', '.join(bad[:4])})",
                               "the file is damaged")
+    model = skeleton(spec, meta["stop"], heads)
+    from safetensors.torch import load_file
+    tensors = load_file(str(path))
     model.trunk.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("trunk.")})
     for i, head in enumerate(model.head_modules):
         prefix = f"heads.{i}."

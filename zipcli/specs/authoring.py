@@ -67,7 +67,8 @@ def spec_document(name: str, builder: str, kwargs: dict, preprocess: dict, *, de
            "spaces": [{"name": s["name"], "observe": str(s["observe"]), "writers": [str(m) for m in s["writers"]],
                        "readers": [str(m) for m in s["readers"]]} for s in traced["spaces"]]}
     first = traced["classifiers"][0]  # a placeholder stop, to parse the spec before its stops are known
-    graph = ModelGraph(parse_spec(dump_spec({**doc, "stops": [first], "default_stop": first}), origin=name), model)
+    graph = ModelGraph(parse_spec(dump_spec({**doc, "stops": [first], "default_stop": first}), origin=name,
+                                  trust_builders=[builder.partition(":")[0]]), model)
     if stops:
         for stop in stops:
             try:

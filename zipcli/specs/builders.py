@@ -72,9 +72,31 @@ def check_num_classes_arg(builder: str, arg: str) -> None:
                     f"num_classes_arg: NAME in the spec); else give it a {arg} argument")
 
 
+def check_arguments(builder: str, func: Callable, kwargs: dict, hint: str = "") -> None:
+    """Refuse keyword arguments the builder does not take (unless it takes ``**kwargs``), before calling it."""
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):  # no readable signature: the call will tell
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(k for k in kwargs if k not in params or params[k].kind is inspect.Parameter.POSITIONAL_ONLY)
+    if unknown:
+        raise SpecError(f"builder {builder} takes no argument {', '.join(map(repr, unknown))}",
+                        hint or f"its arguments: {', '.join(params) or 'none'}")
+
+
+def _argument_names(func: Callable) -> str:
+    try:
+        return ", ".join(inspect.signature(func).parameters) or "no arguments"
+    except (TypeError, ValueError):
+        return "(unknown)"
+
+
 def build(builder: str, kwargs: dict) -> nn.Module:
     """Call a builder with keyword arguments; its failures become one-line errors."""
     func = resolve_builder(builder)
+    check_arguments(builder, func, kwargs)
     try:
         model = func(**kwargs)
     except Exception as exc:  # the user's code: any error means the arguments do not fit
@@ -89,12 +111,20 @@ def build(builder: str, kwargs: dict) -> nn.Module:
 
 
 def build_model(spec: Spec, num_classes: int) -> nn.Module:
+    """The spec's model with ``num_classes`` outputs (random weights, eval mode)."""
+    func = resolve_builder(spec.builder)
+    kwargs = {**spec.kwargs, spec.num_classes_arg: num_classes}
+    check_arguments(spec.builder, func, kwargs, f"check the spec's kwargs and its num_classes_arg (the builder's "
+                    f"argument for the number of classes); the builder takes: {_argument_names(func)}")
     try:
-        model = resolve_builder(spec.builder)(**{**spec.kwargs, spec.num_classes_arg: num_classes})
+        model = func(**kwargs)
     except ZipitError:
         raise
     except Exception as exc:
         raise ZipitError(f"spec {spec.name!r}: builder {spec.builder} failed: {exc.__class__.__name__}: {exc}",
                          "check the spec's kwargs and its num_classes_arg (the builder's argument for the "
                          "number of classes)") from None
+    if not isinstance(model, nn.Module):
+        raise ZipitError(f"spec {spec.name!r}: builder {spec.builder} returned a {type(model).__name__}, "
+                         "not a torch.nn.Module", "the builder must return the model")
     return model.eval()

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Iterable
 
 import yaml
 
 from ..errors import SpecError
+from .trust import check_builder_trusted, check_kwargs
 
 FORMAT_VERSION = 1
 
@@ -188,14 +189,37 @@ def _int(value, where: str, origin: str) -> int:
     return value
 
 
-def parse_spec(text: str, origin: str = "<spec>") -> Spec:
-    """Parse and validate spec YAML; raise ``SpecError`` naming the YAML path."""
+MAX_SPEC_CHARS = 4_000_000   # the largest built-in (DenseNet-121) is 76 kB
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """Safe YAML without anchors and aliases: a few aliases can stand for a document of billions of
+    nodes, and a spec never needs them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.MarkedYAMLError(problem="aliases (*name) are not allowed in a spec",
+                                       problem_mark=event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def parse_spec(text: str, origin: str = "<spec>", trust_builders: Iterable[str] = ()) -> Spec:
+    """Parse and validate spec YAML; raise ``SpecError`` naming the YAML path.
+
+    The builder must be one zipit trusts, or in a module of ``trust_builders``
+    (see ``trust.py``); this is checked on its name, before anything is imported.
+    """
+    if not isinstance(text, str) or len(text) > MAX_SPEC_CHARS:
+        raise SpecError(f"{origin}: a spec of {len(text) if isinstance(text, str) else '?'} characters is too large",
+                        f"specs are at most {MAX_SPEC_CHARS:,} characters")
     try:
-        doc = yaml.safe_load(text)
+        doc = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise SpecError(f"{origin}: not valid YAML{where}", "fix the YAML syntax") from None
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise SpecError(f"{origin}: {problem}{where}", "fix the YAML syntax") from None
     except (ValueError, RecursionError, TypeError) as exc:  # pathological documents
         raise SpecError(f"{origin}: cannot be read as YAML ({exc.__class__.__name__})") from None
     _check_keys(doc, _TOP_KEYS, "", origin)
@@ -203,8 +227,17 @@ def parse_spec(text: str, origin: str = "<spec>") -> Spec:
         raise SpecError(f"{origin}: format is {doc['format']!r}; this zipit reads format {FORMAT_VERSION}",
                         "regenerate the spec with 'zipit specs trace' or upgrade zipit")
     kwargs = doc.get("kwargs") or {}
-    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
         raise SpecError(f"{origin}: kwargs must be a mapping of argument names to values")
+    check_kwargs(kwargs, origin)
+    builder = _str(doc["builder"], "builder", origin)
+    if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", builder):
+        raise SpecError(f"{origin}: builder {builder!r} is not of the form 'module:function'",
+                        "write e.g. 'torchvision.models:resnet50' or 'mypkg.models:build'")
+    check_builder_trusted(builder, trust_builders, origin)
+    num_classes_arg = _str(doc.get("num_classes_arg", "num_classes"), "num_classes_arg", origin)
+    if not num_classes_arg.isidentifier() or num_classes_arg in kwargs:
+        raise SpecError(f"{origin}: num_classes_arg {num_classes_arg!r} must be an argument name not in kwargs")
     inp = doc["input"]
     _check_keys(inp, _INPUT_KEYS, "input", origin)
     resize = inp.get("resize")
@@ -244,9 +277,9 @@ def parse_spec(text: str, origin: str = "<spec>") -> Spec:
     return Spec(
         name=_str(doc["name"], "name", origin),
         description=str(doc.get("description") or ""),
-        builder=_str(doc["builder"], "builder", origin),
+        builder=builder,
         kwargs=dict(kwargs),
-        num_classes_arg=_str(doc.get("num_classes_arg", "num_classes"), "num_classes_arg", origin),
+        num_classes_arg=num_classes_arg,
         input=preprocess,
         classifiers=_str_list(doc["classifiers"], "classifiers", origin),
         stops=stops,

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
+from typing import Iterable
 
 from ..errors import SpecError
-from .format import Spec, parse_spec
+from .format import MAX_SPEC_CHARS, Spec, parse_spec
 
 BUILTIN_DIR = Path(str(resources.files(__package__) / "builtin"))
 
@@ -14,9 +15,12 @@ def builtin_spec_names() -> list[str]:
     return sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
 
 
-def load_spec(arch: str | None = None, path: str | Path | None = None) -> Spec:
+def load_spec(arch: str | None = None, path: str | Path | None = None, trust_builders: Iterable[str] = ()) -> Spec:
     """Load a built-in spec by name (``arch``) or a user's spec file (``path``); from Python a
-    ``.yaml``/``.yml`` path works as ``arch`` too, as in ``load_spec("small_cnn.yaml")``."""
+    ``.yaml``/``.yml`` path works as ``arch`` too, as in ``load_spec("small_cnn.yaml")``.
+
+    A spec file whose builder is not zipit's or torchvision's is refused unless its module is
+    in ``trust_builders`` (``--trust-builder MODULE``): a file never chooses code to run."""
     if (arch is None) == (path is None):
         raise SpecError("give exactly one of --arch NAME or --spec FILE",
                         f"built-in architectures: {', '.join(builtin_spec_names())}")
@@ -31,9 +35,11 @@ def load_spec(arch: str | None = None, path: str | Path | None = None) -> Spec:
     else:
         file = Path(path)
     try:
+        if file.is_file() and file.stat().st_size > MAX_SPEC_CHARS * 4:
+            raise SpecError(f"spec file {str(file)!r} is too large to be a spec", "check the path")
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecError(f"spec file {str(file)!r} does not exist", "check the path") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(f"spec file {str(file)!r} cannot be read: {exc}") from None
-    return parse_spec(text, origin=str(file) if path is not None else f"spec {arch}")
+    return parse_spec(text, origin=str(file) if path is not None else f"spec {arch}", trust_builders=trust_builders)

@@ -1,0 +1,199 @@
+"""Opening a merged file or a spec never runs code the file chose (issue 14), and CI gates cannot be fooled."""
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+import zipcli
+from zipcli import ZipitError, load_merged, load_spec
+from zipcli.cli import app
+from zipcli.merged import read_metadata, write_atomic
+from zipcli.specs import BUILTIN_DIR, parse_spec
+
+from conftest import handled, make_images, random_model, save_checkpoint, small_spec
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory):
+    root = tmp_path_factory.mktemp("safety")
+    spec = small_spec("resnet20")
+    calib = make_images(root / "calib", 12, 32, seed=2)
+    data = make_images(root / "data", 4, 32, seed=4, classes=["a0", "a1", "b0", "b1", "b2"])
+    a = save_checkpoint(root / "A.pt", random_model(spec, 2, 1, calib).state_dict(), ["a0", "a1"])
+    b = save_checkpoint(root / "B.pt", random_model(spec, 3, 2, calib).state_dict(), ["b0", "b1", "b2"])
+    out = root / "m.safetensors"
+    r = runner.invoke(app, ["merge", str(a), str(b), "--arch", "resnet20", "--calib", str(calib), "--method",
+                            "permute", "-o", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    return {"root": root, "file": out, "data": data, "calib": calib, "paths": [a, b]}
+
+
+def _rewrite(src: Path, dst: Path, edit_spec=None, **meta_changes) -> Path:
+    """A copy of a merged file with its stored spec (a dict) or other metadata edited."""
+    meta = dict(read_metadata(src))
+    if edit_spec is not None:
+        doc = yaml.safe_load(meta["spec"])
+        edit_spec(doc)
+        meta["spec"] = yaml.safe_dump(doc)
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in meta_changes.items()})
+    save_file(load_file(str(src)), str(dst), metadata=meta)
+    return dst
+
+
+def _hostile(marker: Path):
+    def edit(doc):
+        doc["builder"] = "subprocess:run"
+        doc["kwargs"] = {"args": f"touch {marker}", "shell": True}
+        doc["num_classes_arg"] = "check"
+    return edit
+
+
+def test_a_hostile_merged_file_runs_nothing_through_the_cli_or_the_api(merged, tmp_path):
+    marker = tmp_path / "PWNED"
+    bad = _rewrite(merged["file"], tmp_path / "bad.safetensors", _hostile(marker))
+    for args in (["inspect", str(bad)], ["eval", str(bad), "--data", str(merged["data"])],
+                 ["inspect", str(bad), "--json"]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2 and handled(r), r.output
+        assert "subprocess:run" in r.stderr and "--trust-builder subprocess" in r.stderr
+        assert len([line for line in r.stderr.splitlines() if line.strip()]) <= 3
+    with pytest.raises(ZipitError, match="not trusted"):
+        load_merged(bad)
+    assert not marker.exists()
+
+
+def test_a_hostile_spec_runs_nothing_through_the_cli_or_the_api(merged, tmp_path):
+    marker = tmp_path / "PWNED"
+    doc = yaml.safe_load((BUILTIN_DIR / "resnet20.yaml").read_text())
+    _hostile(marker)(doc)
+    spec = tmp_path / "evil.yaml"
+    spec.write_text(yaml.safe_dump(doc))
+    for args in (["specs", "check", str(spec)],
+                 ["merge", *map(str, merged["paths"]), "--spec", str(spec), "--calib", str(merged["calib"]),
+                  "-o", str(tmp_path / "o.safetensors")],
+                 ["eval", *map(str, merged["paths"]), "--spec", str(spec), "--data", str(merged["data"])]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2 and handled(r) and "not trusted" in r.stderr, r.output
+    with pytest.raises(ZipitError, match="not trusted"):
+        load_spec(path=spec)
+    assert not marker.exists() and not (tmp_path / "o.safetensors").exists()
+
+
+def test_trusting_a_module_is_one_explicit_step(merged, tmp_path, monkeypatch):
+    (tmp_path / "mymodels_safety.py").write_text(textwrap.dedent("""
+        from zipcli.models import cifar_resnet20
+
+        def small_cnn(num_classes=10, width=1):
+            return cifar_resnet20(width=width, num_classes=num_classes)
+    """))
+    monkeypatch.chdir(tmp_path)
+    own = _rewrite(merged["file"], tmp_path / "own.safetensors",
+                   lambda doc: doc.update(builder="mymodels_safety:small_cnn"))
+    r = runner.invoke(app, ["inspect", str(own)])
+    assert r.exit_code == 2 and "--trust-builder mymodels_safety" in r.stderr
+    assert runner.invoke(app, ["inspect", str(own), "--trust-builder", "mymodels_safety"]).exit_code == 0
+    assert len(load_merged(own, trust_builders=["mymodels_safety"]).heads) == 2
+    assert "--trust-builder" in runner.invoke(app, ["merge", "--help"]).output
+
+
+def test_builtin_and_torchvision_builders_are_trusted_without_asking():
+    for name in ("resnet20", "resnet50", "mobilenet_v2", "cifar_vgg11"):
+        assert load_spec(name).builder
+    assert parse_spec((BUILTIN_DIR / "resnet18.yaml").read_text()).builder == "torchvision.models:resnet18"
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda d: d["kwargs"].update(widht=2), ["takes no argument 'widht'"]),
+    (lambda d: d["kwargs"].update(width={"nested": 1}), ["kwargs.width", "not plain data"]),
+    (lambda d: d.update(builder="torchvision.models:resnet18", kwargs={"weights": "IMAGENET1K_V1"}),
+     ["kwargs.weights", "download"]),
+    (lambda d: d.update(builder="os:system"), ["'os:system' is not trusted"]),
+    (lambda d: d.update(builder="torchvision.models:get_weight"), ["not trusted"]),
+    (lambda d: d.update(builder="builtins:eval"), ["not trusted"]),
+])
+def test_stored_spec_values_are_checked_before_anything_runs(merged, tmp_path, edit, words):
+    bad = _rewrite(merged["file"], tmp_path / "bad.safetensors", edit)
+    with pytest.raises(ZipitError) as info:
+        load_merged(bad)
+    for word in words:
+        assert word in str(info.value), str(info.value)
+
+
+def test_yaml_aliases_are_refused_at_once():
+    laughs = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+    with pytest.raises(ZipitError, match="aliases"):
+        parse_spec(laughs + "format: 1\n")
+
+
+def test_a_spec_that_does_not_fit_the_tensors_is_refused_before_the_model_is_built(merged, tmp_path):
+    wide = _rewrite(merged["file"], tmp_path / "wide.safetensors", lambda d: d["kwargs"].update(width=100000))
+    with pytest.raises(ZipitError, match="do not match the stored spec"):
+        load_merged(wide)            # built on the meta device first: a 6.4M-channel model costs nothing
+    many = _rewrite(merged["file"], tmp_path / "many.safetensors",
+                    heads=[{"name": f"h{i}", "classes": ["x"]} for i in range(100000)])
+    with pytest.raises(ZipitError, match="heads"):
+        load_merged(many)
+
+
+def test_a_header_that_claims_more_than_the_file_holds(tmp_path):
+    fake = tmp_path / "huge.safetensors"
+    fake.write_bytes((10**12).to_bytes(8, "little") + b"{}")
+    r = runner.invoke(app, ["inspect", str(fake)])
+    assert r.exit_code == 2 and handled(r)
+
+
+def test_gates_fail_when_a_head_has_no_test_images(merged, tmp_path):
+    only_a = tmp_path / "only_a"
+    for cls in ("a0", "a1"):
+        shutil.copytree(merged["data"] / cls, only_a / cls)
+    r = runner.invoke(app, ["eval", str(merged["file"]), "--data", str(only_a), "--min-avg", "0"])
+    assert r.exit_code == 1 and "head B has no test images" in r.stderr, r.output
+    assert runner.invoke(app, ["eval", str(merged["file"]), "--data", str(only_a)]).exit_code == 0
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
+    def fill(_tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(ZipitError, match="No space left"):
+        write_atomic(tmp_path / "m.safetensors", fill, force=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+hostile_values = st.one_of(st.none(), st.booleans(), st.integers(-10**9, 10**9), st.text(max_size=20),
+                           st.lists(st.text(max_size=5), max_size=3), st.dictionaries(st.text(max_size=5),
+                                                                                     st.integers(), max_size=2))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(builder=st.one_of(st.sampled_from(["subprocess:run", "os:system", "builtins:exec", "zipcli.models:cifar_resnet20",
+                                          "torchvision.models:resnet18", "shutil:rmtree", "x", ":", "a:b:c"]),
+                         st.text(max_size=30)),
+       kwargs=st.dictionaries(st.text(max_size=8), hostile_values, max_size=3),
+       heads=st.one_of(hostile_values, st.lists(st.fixed_dictionaries({"name": hostile_values,
+                                                                        "classes": hostile_values}), max_size=3)),
+       stop=hostile_values)
+def test_fuzz_hostile_metadata_never_runs_code_or_crashes(merged, tmp_path_factory, builder, kwargs, heads, stop):
+    folder = tmp_path_factory.mktemp("fuzz")
+    marker = folder / "PWNED"
+    kwargs = {**kwargs, "args": f"touch {marker}", "shell": True, "path": str(marker)}
+    bad = _rewrite(merged["file"], folder / "f.safetensors", lambda d: d.update(builder=builder, kwargs=kwargs),
+                   heads=heads, stop=stop if isinstance(stop, str) else json.dumps(stop))
+    try:
+        load_merged(bad)
+    except ZipitError:
+        pass
+    assert not marker.exists()
