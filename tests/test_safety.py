@@ -197,3 +197,21 @@ def test_fuzz_hostile_metadata_never_runs_code_or_crashes(merged, tmp_path_facto
     except ZipitError:
         pass
     assert not marker.exists()
+
+
+def test_every_image_mode_and_a_symlink_loop_in_the_calibration_folder(merged, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    folder = make_images(tmp_path / "calib", 6, 32, seed=9)
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    rgb.convert("CMYK").save(folder / "img" / "cmyk.jpg")
+    rgb.convert("P").save(folder / "img" / "palette.png")
+    rgb.convert("LA").save(folder / "img" / "gray_alpha.png")
+    (folder / "img" / "loop").symlink_to(folder, target_is_directory=True)   # a folder that contains itself
+    out = tmp_path / "m.safetensors"
+    r = runner.invoke(app, ["merge", *map(str, merged["paths"]), "--arch", "resnet20", "--calib", str(folder),
+                            "--method", "permute", "-o", str(out), "--quiet"])
+    assert r.exit_code == 0 and handled(r), r.output
+    assert json.loads(read_metadata(out)["calibration"])["num_images"] == 9
