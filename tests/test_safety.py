@@ -215,3 +215,27 @@ def test_every_image_mode_and_a_symlink_loop_in_the_calibration_folder(merged, t
                             "--method", "permute", "-o", str(out), "--quiet"])
     assert r.exit_code == 0 and handled(r), r.output
     assert json.loads(read_metadata(out)["calibration"])["num_images"] == 9
+
+
+def test_two_writers_with_force_leave_one_whole_file(tmp_path):
+    import threading
+    import time
+
+    target = tmp_path / "m.safetensors"
+    payloads = [bytes([i]) * 3_000_000 for i in (1, 2)]
+
+    def writer(data):
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                for k in range(0, len(data), 500_000):
+                    f.write(data[k:k + 500_000])
+                    time.sleep(0.01)              # interleave the two writes
+        write_atomic(target, write, force=True)
+
+    threads = [threading.Thread(target=writer, args=(p,)) for p in payloads]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert target.read_bytes() in payloads
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
