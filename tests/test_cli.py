@@ -191,3 +191,19 @@ def test_zoo_pair_end_to_end(tmp_path):
     e = runner.invoke(app, ["eval", str(out), "--data", str(CIFAR / "test"), "--limit", "40", "--json"])
     res = json.loads(e.stdout)["results"][0]
     assert res["heads"][0]["name"] == "r20x1_c10a_s1" and res["avg_task"] > 0.7 and res["joint"] > 0.5
+
+
+def test_eval_compares_merged_files_side_by_side_with_the_sources(tiny, tmp_path):
+    one, two = tmp_path / "l1.safetensors", tmp_path / "l3.safetensors"
+    assert _merge(tiny, one, "--method", "permute", "--stop", "layer1").exit_code == 0
+    assert _merge(tiny, two, "--method", "permute", "--stop", "layer3").exit_code == 0
+    r = runner.invoke(app, ["eval", str(one), str(two), str(tiny["a"]), str(tiny["b"]), "--arch", "resnet20",
+                            "--data", str(tiny["data"]), "--json"])
+    assert r.exit_code == 0, r.output
+    results = json.loads(r.stdout)["results"]
+    assert [(x["model"], x["kind"]) for x in results] == [("l1.safetensors", "merged"), ("l3.safetensors", "merged"),
+                                                          ("A", "source"), ("B", "source"), ("ensemble", "ensemble")]
+    gate = runner.invoke(app, ["eval", str(one), str(two), "--data", str(tiny["data"]), "--min-avg", "1.01"])
+    assert gate.exit_code == 2   # a bar above 1 is not a fraction
+    gate = runner.invoke(app, ["eval", str(one), str(two), "--data", str(tiny["data"]), "--min-avg", "0.999"])
+    assert gate.exit_code == 1 and "l1.safetensors: avg task" in gate.stderr and "l3.safetensors" in gate.stderr

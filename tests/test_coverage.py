@@ -25,7 +25,9 @@ REQUIRED = ["resnet20", "resnet20x2", "resnet20x4", "resnet20x8", "resnet18", "r
             "resnet152", "wide_resnet50_2", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19",
             "vgg19_bn", "mobilenet_v2", "densenet121", "cifar_vgg11"]
 HEAVY = {"resnet101", "resnet152", "wide_resnet50_2", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn",
-         "vgg19", "vgg19_bn"}
+         "vgg19", "vgg19_bn",
+         # the same graphs as resnet20 and resnet18 at other widths and depths: CI runs them, the default run need not
+         "resnet20x4", "resnet20x8", "resnet34"}
 # 32 px inputs, except where the last stages would be 1x1 with too few samples to tell features apart.
 SIZE = {"mobilenet_v2": 64}
 # torchvision VGGs: the conv stack. Their classifier MLP (4096 features observed once per image) cannot

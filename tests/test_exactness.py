@@ -16,6 +16,7 @@ SIZES = {"resnet18": 64, "resnet50": 64}
 # Every stop, both methods: one model per kind of graph (residual, plain, torchvision). Every other
 # built-in merges exactly at its default stop in test_coverage.py.
 SWEEP = ["resnet20", "resnet18", "cifar_vgg11"]
+HEAVY_CASES = {("zipit", "resnet18"), ("zipit", "cifar_vgg11")}
 
 
 def _images(spec, folder, n=8):
@@ -38,8 +39,12 @@ def _permuted_copies(spec, tmp_path, calib, n_models: int, num_classes: int = 7)
     return model, paths
 
 
-@pytest.mark.parametrize("name", SWEEP)
-@pytest.mark.parametrize("method", ["permute", "zipit"])
+# zipit on the larger two runs under -m heavy (CI): resnet20 already sweeps both methods by default
+SWEEP_CASES = [pytest.param(method, name, marks=[pytest.mark.heavy] if (method, name) in HEAVY_CASES else [])
+               for method in ("permute", "zipit") for name in SWEEP]
+
+
+@pytest.mark.parametrize("method, name", SWEEP_CASES)
 def test_merge_with_permuted_copy_is_exact(name, method, tmp_path, calib32, calib64):
     spec = small_spec(name, SIZES.get(name))
     calib = calib64 if name in SIZES else calib32

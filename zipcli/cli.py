@@ -10,21 +10,20 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .checkpoints import parse_classes
-from .console import TRUST, RichReporter, err, print_json, user_errors
+from .console import HELP_SETTINGS, TRUST, RichReporter, click_style_arguments, err, print_json, user_errors
 from .errors import ZipitError
 from .matching import METHODS
-from .pipeline import MergeOptions, merge
 from .specs import builtin_spec_names, load_spec
 
+click_style_arguments()
 app = typer.Typer(
     help="Merge models trained on different tasks into one multi-head model, without training (ZipIt!).",
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
+    context_settings=HELP_SETTINGS,
 )
 
-DEBUG = typer.Option(False, "--debug", help="Show Python tracebacks for errors.")
-QUIET = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr.")
+DEBUG = typer.Option(False, "--debug", metavar="", help="Show Python tracebacks for errors.")
+QUIET = typer.Option(False, "--quiet", "-q", metavar="", help="No progress or summary on stderr.")
 
 
 def _version(value: bool):
@@ -34,7 +33,7 @@ def _version(value: bool):
 
 
 @app.callback()
-def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+def main(version: bool = typer.Option(False, "--version", metavar="", callback=_version, is_eager=True,
                                       help="Print the version and exit.")):
     """zipit merges checkpoints of one architecture, trained on different tasks from different
     initialisations, into one model with a shared trunk and one head per task.
@@ -45,35 +44,36 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 
 @app.command("merge")
 def merge_cmd(
-    checkpoints: List[Path] = typer.Argument(..., help="Two or more checkpoints (.pt, .pth, .safetensors).",
+    checkpoints: List[Path] = typer.Argument(..., metavar="CHECKPOINT", help="Two or more checkpoints (.pt, .pth, .safetensors).",
                                               show_default=False),
-    calib: Path = typer.Option(..., "--calib", help="Folder of calibration images, read recursively "
+    calib: Path = typer.Option(..., "--calib", metavar="DIR", help="Folder of calibration images, read recursively "
                                "(labels are not used; the train split of the tasks is ideal)."),
-    output: Path = typer.Option(Path("merged.safetensors"), "--output", "-o", help="Merged file to write."),
-    arch: Optional[str] = typer.Option(None, "--arch", help=f"Built-in architecture: {', '.join(builtin_spec_names())}."),
-    spec: Optional[Path] = typer.Option(None, "--spec", help="Your own architecture spec (YAML) instead of --arch."),
-    stop: Optional[str] = typer.Option(None, "--stop", help="Share layers up to and including this stage; later "
+    output: Path = typer.Option(Path("merged.safetensors"), "--output", "-o", metavar="FILE", help="Merged file to write."),
+    arch: Optional[str] = typer.Option(None, "--arch", metavar="NAME", help=f"Built-in architecture: {', '.join(builtin_spec_names())}."),
+    spec: Optional[Path] = typer.Option(None, "--spec", metavar="FILE", help="Your own architecture spec (YAML) instead of --arch."),
+    stop: Optional[str] = typer.Option(None, "--stop", metavar="STOP", help="Share layers up to and including this stage; later "
                                        "layers become one head per model. Default: all but the classifiers. "
-                                       "'output' also merges the classifiers (identical classes only)."),
-    method: str = typer.Option("zipit", "--method", help=f"Matching: {', '.join(METHODS)}."),
-    alpha: str = typer.Option("auto", "--alpha", help="zipit: weight of an already merged feature's correlations "
+                                       "'output' also merges the classifiers (identical classes only). "
+                                       "Each architecture's stops: zipit specs list."),
+    method: str = typer.Option("zipit", "--method", metavar="METHOD", help=f"Matching: {', '.join(METHODS)}."),
+    alpha: str = typer.Option("auto", "--alpha", metavar="FLOAT|auto", help="zipit: weight of an already merged feature's correlations "
                               "(repeated matching), in [0, 1]. 'auto' (default): chosen without labels on held-out "
                               "calibration images; 0.3 is the paper's value."),
-    beta: str = typer.Option("auto", "--beta", help="zipit: share of merges allowed within one model, in [0, 1], or "
+    beta: str = typer.Option("auto", "--beta", metavar="FLOAT|auto", help="zipit: share of merges allowed within one model, in [0, 1], or "
                              "'auto' (default; see --alpha); 0.125 is the paper's value."),
-    num_calib: int = typer.Option(512, "--num-calib", help="Calibration images to sample (all if fewer)."),
-    seed: int = typer.Option(0, "--seed", help="Seed for sampling and augmentation."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
-    augment: bool = typer.Option(False, "--augment", help="Random crop and flip on calibration images."),
-    reset_bn: bool = typer.Option(True, "--reset-bn/--no-reset-bn", help="Recompute BatchNorm statistics after merging."),
-    classes: Optional[List[str]] = typer.Option(None, "--classes", help="Class names, once per checkpoint in order: "
+    num_calib: int = typer.Option(512, "--num-calib", metavar="N", help="Calibration images to sample (all if fewer)."),
+    seed: int = typer.Option(0, "--seed", metavar="N", help="Seed for sampling and augmentation."),
+    batch_size: int = typer.Option(64, "--batch-size", metavar="N", help="Images per forward pass."),
+    augment: bool = typer.Option(False, "--augment", metavar="", help="Random crop and flip on calibration images."),
+    reset_bn: bool = typer.Option(True, "--reset-bn/--no-reset-bn", metavar="", help="Recompute BatchNorm statistics after merging."),
+    classes: Optional[List[str]] = typer.Option(None, "--classes", metavar="NAMES|FILE", help="Class names, once per checkpoint in order: "
                                                 "'a,b,c' or a file with one per line. Default: the checkpoint's "
                                                 "JSON sidecar, else class_0, class_1, ..."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype (float32, float16, bfloat16); "
+    device: str = typer.Option("cpu", "--device", metavar="cpu|cuda", help="cpu or cuda."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", metavar="DTYPE", help="Output dtype (float32, float16, bfloat16); "
                                         "default: the first checkpoint's."),
-    force: bool = typer.Option(False, "--force", "-f", help="Overwrite the output file if it exists."),
-    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+    force: bool = typer.Option(False, "--force", "-f", metavar="", help="Overwrite the output file if it exists."),
+    json_out: bool = typer.Option(False, "--json", metavar="", help="Print a JSON summary on stdout."),
     trust_builder: Optional[List[str]] = TRUST,
     quiet: bool = QUIET,
     debug: bool = DEBUG,
@@ -82,6 +82,9 @@ def merge_cmd(
 
     Example: zipit merge a.pt b.pt --arch resnet20 --calib ./imgs --stop layer2 -o merged.safetensors
     """
+    from .checkpoints import parse_classes
+    from .pipeline import MergeOptions, merge
+
     with user_errors(debug):
         if output.exists() and not force:
             raise ZipitError(f"output {str(output)!r} already exists", "pass --force to overwrite it")
@@ -144,8 +147,12 @@ def _render_merge_summary(s: dict) -> None:
     err.print(table)
     t = s["timings"]
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in t.items() if k != "total")
+    cal = s["calibration"]
+    where = [f"{cal['held_out']} more held out to choose alpha and beta"] if cal["held_out"] else []
+    where += [f"{cal['skipped']} unreadable, skipped"] if cal["skipped"] else []
     err.print(f"[green]wrote[/] {escape(s['output'])}: {s['method']} merge of {len(s['heads'])} heads "
-              f"at stop {s['stop']} on {s['calibration']['num_images']} images in {t['total']:.1f}s ({phases})")
+              f"at stop {s['stop']} on {cal['num_images']} images{' (' + '; '.join(where) + ')' if where else ''} "
+              f"in {t['total']:.1f}s ({phases})")
 
 
 def _short(classes: list[str], n: int = 4) -> str:
@@ -162,9 +169,9 @@ def _human(n: float) -> str:
 
 @app.command("inspect")
 def inspect_cmd(
-    file: Path = typer.Argument(..., help="A merged .safetensors, or a plain checkpoint (.pt, .pth, .safetensors).",
+    file: Path = typer.Argument(..., metavar="FILE", help="A merged .safetensors, or a plain checkpoint (.pt, .pth, .safetensors).",
                                 show_default=False),
-    json_out: bool = typer.Option(False, "--json", help="Print the facts as one JSON document on stdout."),
+    json_out: bool = typer.Option(False, "--json", metavar="", help="Print the facts as one JSON document on stdout."),
     trust_builder: Optional[List[str]] = TRUST,
     debug: bool = DEBUG,
 ):
@@ -193,16 +200,20 @@ def _render_merged(f: dict) -> None:
     elif tuning:
         params += f"; not tuned: {tuning['reason']}"
     out.print(f"[bold]{escape(f['file'])}[/]  ({f['format']}, written by zipit {f['zipit_version']})")
-    out.print(f"  architecture  {escape(str(f['spec']))}, shared up to [bold]{f['stop']}[/]")
-    out.print(f"  method        {f['method']} ({params})")
-    out.print(f"  calibration   {cal['num_images']} images from {escape(cal['folder'])}, seed {cal['seed']}, "
-              f"augment {'on' if cal['augment'] else 'off'}, BN reset {'on' if cal['reset_bn'] else 'off'}")
+    facts = Table.grid(padding=(0, 2), pad_edge=True)   # values wrap on words inside their own column
+    facts.add_column(no_wrap=True)
+    facts.add_column()
+    facts.add_row("architecture", f"{escape(str(f['spec']))}, shared up to [bold]{f['stop']}[/]")
+    facts.add_row("method", f"{f['method']} ({escape(params)})")
+    facts.add_row("calibration", f"{cal['num_images']} images from {escape(cal['folder'])}, seed {cal['seed']}, "
+                  f"augment {'on' if cal['augment'] else 'off'}, BN reset {'on' if cal['reset_bn'] else 'off'}")
     for s in f["sources"]:
-        out.print(f"  source        {escape(s['file'])}  sha256 {s['sha256'][:16]}...")
-    out.print(f"  parameters    trunk {_human(p['trunk'])} + heads {_human(p['heads'])} = {_human(p['total'])} "
-              f"(sources together: {_human(p['sources_total'])}, {p['total'] / p['sources_total']:.0%})")
-    out.print(f"  cost          {_human(m['merged'])} MACs per {m['input_size']}px image "
-              f"(sources together: {_human(m['sources_total'])}, {m['merged'] / m['sources_total']:.0%})")
+        facts.add_row("source", f"{escape(s['file'])}  sha256 {s['sha256'][:16]}...")
+    facts.add_row("parameters", f"trunk {_human(p['trunk'])} + heads {_human(p['heads'])} = {_human(p['total'])} "
+                  f"(sources together: {_human(p['sources_total'])}, {p['total'] / p['sources_total']:.0%})")
+    facts.add_row("cost", f"{_human(m['merged'])} MACs per {m['input_size']}px image "
+                  f"(sources together: {_human(m['sources_total'])}, {m['merged'] / m['sources_total']:.0%})")
+    out.print(facts)
     heads = Table(title="heads", title_justify="left", show_edge=False)
     for col, just in (("head", "left"), ("classes", "right"), ("first classes", "left"), ("parameters", "right")):
         heads.add_column(col, justify=just)
@@ -261,28 +272,37 @@ def _render_checkpoint(f: dict) -> None:
 
 @app.command("eval")
 def eval_cmd(
-    files: List[Path] = typer.Argument(..., help="One merged .safetensors, or plain checkpoints.", show_default=False),
-    data: Path = typer.Option(..., "--data", help="Labelled image folder: DIR/<class name>/<images>."),
-    arch: Optional[str] = typer.Option(None, "--arch", help="Architecture of plain checkpoints (built-in name)."),
-    spec: Optional[Path] = typer.Option(None, "--spec", help="Architecture spec file of plain checkpoints."),
-    classes: Optional[List[str]] = typer.Option(None, "--classes", help="Plain checkpoints: class names, as in merge."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="At most N images per class, for a quick look."),
-    batch_size: int = typer.Option(256, "--batch-size", help="Images per forward pass."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    min_avg: Optional[float] = typer.Option(None, "--min-avg", help="Exit 1 if the average per-task accuracy "
+    files: List[Path] = typer.Argument(..., metavar="FILE", show_default=False,
+                                       help="Merged .safetensors files (compared side by side) and/or plain "
+                                            "checkpoints (each alone and their ensemble, the reference; these need "
+                                            "--arch or --spec)."),
+    data: Path = typer.Option(..., "--data", metavar="DIR", help="Labelled image folder: DIR/<class name>/<images>."),
+    arch: Optional[str] = typer.Option(None, "--arch", metavar="NAME", help="Architecture of plain checkpoints (built-in name)."),
+    spec: Optional[Path] = typer.Option(None, "--spec", metavar="FILE", help="Architecture spec file of plain checkpoints."),
+    classes: Optional[List[str]] = typer.Option(None, "--classes", metavar="NAMES|FILE", help="Plain checkpoints: class names, as in merge."),
+    limit: Optional[int] = typer.Option(None, "--limit", metavar="N", help="At most N images per class, for a quick look."),
+    batch_size: int = typer.Option(256, "--batch-size", metavar="N", help="Images per forward pass."),
+    device: str = typer.Option("cpu", "--device", metavar="cpu|cuda", help="cpu or cuda."),
+    min_avg: Optional[float] = typer.Option(None, "--min-avg", metavar="FRACTION", help="Exit 1 if the average per-task accuracy "
                                             "(a fraction) is below this."),
-    min_joint: Optional[float] = typer.Option(None, "--min-joint", help="Exit 1 if joint accuracy is below this."),
-    json_out: bool = typer.Option(False, "--json", help="Print results as JSON on stdout (nothing else there)."),
+    min_joint: Optional[float] = typer.Option(None, "--min-joint", metavar="FRACTION", help="Exit 1 if joint accuracy is below this."),
+    json_out: bool = typer.Option(False, "--json", metavar="", help="Print results as JSON on stdout (nothing else there)."),
     trust_builder: Optional[List[str]] = TRUST,
     quiet: bool = QUIET,
     debug: bool = DEBUG,
 ):
     """Accuracy per task (each head on its own classes), their average, and joint accuracy (softmax per
-    head, argmax over all classes). Plain checkpoints are scored alone and as an ensemble.
+    head, argmax over all classes), for merged files side by side and, as the reference, the source
+    checkpoints alone and as an ensemble.
 
-    Exit codes: 0 results meet --min-avg/--min-joint; 1 below a bar (after printing); 2 bad invocation or
-    unusable input. Preprocessing of a merged file comes from the spec stored in it.
+    Example: zipit eval merged_l2.safetensors merged_l3.safetensors a.pt b.pt --arch resnet20 --data ./test
+
+    The bars --min-avg and --min-joint apply to every merged file given (to the ensemble when only plain
+    checkpoints are given), and a head without test images fails them. Exit codes: 0 every bar met; 1
+    below a bar (after printing); 2 bad invocation or unusable input. Preprocessing of a merged file
+    comes from the spec stored in it.
     """
+    from .checkpoints import parse_classes
     from .evaluate import evaluate_files
 
     with user_errors(debug):
@@ -294,16 +314,19 @@ def eval_cmd(
         arch_spec = load_spec(arch=arch, path=spec, trust_builders=trust_builder or ()) if (arch or spec) else None
         report = evaluate_files(files, data, arch_spec, [parse_classes(c) for c in classes] if classes else None,
                                 limit, batch_size, device, RichReporter(quiet or json_out), trust_builder or ())
-        final = report["results"][-1]
-        failures = [f"{label} {value:.4f} < {bar}" for label, value, bar in
-                    (("avg task", final["avg_task"], min_avg), ("joint", final["joint"], min_joint))
-                    if bar is not None and value is not None and value < bar]
-        if min_avg is not None or min_joint is not None:   # a gate cannot pass on heads it never saw
-            failures += [f"head {h['name']} has no test images (no folder of its classes in {data})"
-                         for h in final["heads"] if not h["images"]]
-            failures += [f"{label}: no image to score" for label, value, bar in
-                         (("avg task", final["avg_task"], min_avg), ("joint", final["joint"], min_joint))
-                         if bar is not None and value is None]
+        gated = [r for r in report["results"] if r["kind"] == "merged"] or report["results"][-1:]
+        failures = []
+        for result in gated:   # every merged file must meet the bars (else the ensemble of the sources)
+            who = f"{result['model']}: " if len(gated) > 1 else ""
+            failures += [f"{who}{label} {value:.4f} < {bar}" for label, value, bar in
+                         (("avg task", result["avg_task"], min_avg), ("joint", result["joint"], min_joint))
+                         if bar is not None and value is not None and value < bar]
+            if min_avg is not None or min_joint is not None:   # a gate cannot pass on heads it never saw
+                failures += [f"{who}head {h['name']} has no test images (no folder of its classes in {data})"
+                             for h in result["heads"] if not h["images"]]
+                failures += [f"{who}{label}: no image to score" for label, value, bar in
+                             (("avg task", result["avg_task"], min_avg), ("joint", result["joint"], min_joint))
+                             if bar is not None and value is None]
         report["passed"] = not failures
         if json_out:
             print_json(report)
@@ -334,6 +357,43 @@ def _render_eval(r: dict) -> None:
                   f"folders no head knows: {escape(', '.join(r['unknown_class_folders']))}")
     if r["skipped_images"]:
         out.print(f"[yellow]note:[/] {r['skipped_images']} unreadable images skipped")
+
+
+@app.command("export")
+def export_cmd(
+    file: Path = typer.Argument(..., metavar="FILE", show_default=False, help="A merged .safetensors file."),
+    output: Path = typer.Option(..., "--output", "-o", metavar="FILE", help="Program to write (.pt2 or .onnx)."),
+    fmt: Optional[str] = typer.Option(None, "--format", metavar="pt2|onnx", help="pt2: a torch.export archive "
+                                      "(torch.export.load(FILE).module()(images) gives one tensor per head); onnx: "
+                                      "ONNX with a dynamic batch axis (needs: pip install \"zipit[onnx]\"). "
+                                      "Default: from the output's suffix."),
+    force: bool = typer.Option(False, "--force", "-f", metavar="", help="Overwrite the output file if it exists."),
+    json_out: bool = typer.Option(False, "--json", metavar="", help="Print what was written as JSON on stdout."),
+    trust_builder: Optional[List[str]] = TRUST,
+    debug: bool = DEBUG,
+):
+    """Export a merged model as a program that runs without zipit, one output per head, any batch size.
+
+    The export checks itself before anything is written: on inputs of 1, 3 and 8 images it must give
+    the merged model's outputs (float rounding aside).
+
+    Example: zipit export merged.safetensors -o merged.pt2
+    """
+    from .export import FORMATS, export_merged
+
+    with user_errors(debug):
+        kind = fmt or output.suffix.lstrip(".")
+        if kind not in FORMATS:
+            raise ZipitError(f"cannot tell the format of {str(output)!r}", "end it in .pt2 or .onnx, or pass --format")
+        if output.exists() and not force:
+            raise ZipitError(f"output {str(output)!r} already exists", "pass --force to overwrite it")
+        facts = export_merged(file, output, kind, force, trust_builder or ())
+        if json_out:
+            print_json(facts)
+        err.print(f"[green]exported[/] {escape(str(file))} -> {escape(str(output))} ({kind}, {len(facts['heads'])} "
+                  f"heads, {facts['input_size']} px input; checked on batches of "
+                  f"{', '.join(map(str, facts['checked_batches']))}: largest relative gap "
+                  f"{facts['max_relative_gap']:.1g})", soft_wrap=not err.is_terminal)
 
 
 from .cli_specs import specs_app  # noqa: E402  (the 'zipit specs' commands live in their own module)

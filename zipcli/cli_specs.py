@@ -9,16 +9,16 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .console import TRUST, err, out, print_json, user_errors
+from .console import HELP_SETTINGS, TRUST, err, out, print_json, user_errors
 from .errors import SpecError, ZipitError
 
 specs_app = typer.Typer(
     help="Architecture specs: trace your own model into one, check one, list the built-ins.",
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
+    context_settings=HELP_SETTINGS,
 )
 
-DEBUG = typer.Option(False, "--debug", help="Show Python tracebacks for errors.")
+DEBUG = typer.Option(False, "--debug", metavar="", help="Show Python tracebacks for errors.")
 KWARGS = typer.Option(None, "--kw", metavar="NAME=VALUE",
                       help="A keyword argument for the builder, repeatable: --kw width=2 --kw dropout=0.1. "
                            "Values are read as int, float, true/false or none where they look like one, "
@@ -75,24 +75,24 @@ LIST_HELP = (
 
 @specs_app.command("trace", help=TRACE_HELP)
 def trace_cmd(
-    builder: str = typer.Argument(..., show_default=False,
+    builder: str = typer.Argument(..., show_default=False, metavar="BUILDER",
                                   help="What builds the model: a torchvision name (resnet34, "
                                        "torchvision.models.resnet34) or your own module:function, "
                                        "importable from PYTHONPATH (mymodels:small_cnn)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Spec file to write (YAML). "
+    output: Optional[Path] = typer.Option(None, "--output", "-o", metavar="FILE", help="Spec file to write (YAML). "
                                           "Default: print it on stdout."),
     kw: Optional[List[str]] = KWARGS,
-    name: Optional[str] = typer.Option(None, "--name", help="The spec's name. Default: the builder's function name."),
-    preset: str = typer.Option("imagenet", "--input", help="Input preprocessing: imagenet (224 px crop of a "
+    name: Optional[str] = typer.Option(None, "--name", metavar="NAME", help="The spec's name. Default: the builder's function name."),
+    preset: str = typer.Option("imagenet", "--input", metavar="imagenet|cifar", help="Input preprocessing: imagenet (224 px crop of a "
                                "256 px resize, ImageNet mean/std) or cifar (32 px, CIFAR mean/std; a 32-px "
                                "model needs it). To change it, trace again."),
-    size: Optional[int] = typer.Option(None, "--size", help="Crop size in pixels, overriding the preset's."),
-    num_classes_arg: str = typer.Option("num_classes", "--num-classes-arg", help="The builder's argument for the "
+    size: Optional[int] = typer.Option(None, "--size", metavar="PIXELS", help="Crop size in pixels, overriding the preset's."),
+    num_classes_arg: str = typer.Option("num_classes", "--num-classes-arg", metavar="NAME", help="The builder's argument for the "
                                         "number of classes, which it must accept (merge sets it from each "
                                         "checkpoint)."),
-    stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop points to offer, repeatable (module names). "
+    stop: Optional[List[str]] = typer.Option(None, "--stop", metavar="STOP", help="Stop points to offer, repeatable (module names). "
                                              "Default: every stage boundary the tracer finds."),
-    force: bool = typer.Option(False, "--force", "-f", help="Overwrite the output file if it exists."),
+    force: bool = typer.Option(False, "--force", "-f", metavar="", help="Overwrite the output file if it exists."),
     debug: bool = DEBUG,
 ):
     """Parse, call spec_document, write atomically (the help text is TRACE_HELP)."""
@@ -128,12 +128,12 @@ def trace_cmd(
         where = f"wrote {escape(str(output))}" if output else "spec on stdout"
         err.print(f"[green]traced[/] {escape(canonical)}: {len(doc['spaces'])} feature spaces, classifier "
                   f"{escape(', '.join(doc['classifiers']))}, stops {escape(', '.join(doc['stops']))} "
-                  f"(default {escape(doc['default_stop'])}); {where}", soft_wrap=True)
+                  f"(default {escape(doc['default_stop'])}); {where}", soft_wrap=not err.is_terminal)
         if num_classes_arg in kwargs:
             err.print(f"  note: --kw {num_classes_arg}= is for tracing only; merge takes the number of classes "
-                      "from each checkpoint", soft_wrap=True)
+                      "from each checkpoint", soft_wrap=not err.is_terminal)
         if output:
-            err.print(f"  next: zipit specs check {escape(str(output))}", soft_wrap=True)
+            err.print(f"  next: zipit specs check {escape(str(output))}", soft_wrap=not err.is_terminal)
 
 
 def _load(spec_arg: str, trust_builders):
@@ -149,13 +149,13 @@ def _load(spec_arg: str, trust_builders):
 
 @specs_app.command("check", help=CHECK_HELP)
 def check_cmd(
-    spec: str = typer.Argument(..., show_default=False, help="A spec file, or the name of a built-in."),
-    builder: Optional[str] = typer.Option(None, "--builder", help="Build the model with this builder instead of "
+    spec: str = typer.Argument(..., show_default=False, metavar="SPEC", help="A spec file, or the name of a built-in."),
+    builder: Optional[str] = typer.Option(None, "--builder", metavar="BUILDER", help="Build the model with this builder instead of "
                                           "the spec's (same syntax as for trace)."),
     kw: Optional[List[str]] = KWARGS,
-    size: Optional[int] = typer.Option(None, "--size", help="Input size for the check (default: the spec's); "
+    size: Optional[int] = typer.Option(None, "--size", metavar="PIXELS", help="Input size for the check (default: the spec's); "
                                        "a smaller one is faster."),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    json_out: bool = typer.Option(False, "--json", metavar="", help="Print the result as JSON on stdout."),
     trust_builder: Optional[List[str]] = TRUST,
     debug: bool = DEBUG,
 ):
@@ -172,21 +172,28 @@ def check_cmd(
         result = check_spec(loaded, canonical_builder(builder) if builder else None, parse_kwargs(kw), size)
         facts = {"spec": result.spec, "builder": result.builder, "size": result.size, "spaces": result.spaces,
                  "self_check": result.self_check, "tolerance": SELF_CHECK_TOLERANCE, "tensors": result.tensors,
-                 "tensors_in_spaces": result.in_spaces, "problems": result.problems, "passed": result.passed}
+                 "tensors_in_spaces": result.in_spaces, "outside_spaces": result.outside_why,
+                 "problems": result.problems, "passed": result.passed}
         if json_out:
             print_json(facts)
         mark = "[green]passed[/]" if result.passed else "[bold red]failed[/]"
         err.print(f"{mark} {escape(result.spec)} ({escape(result.builder)}, {result.size} px): {result.spaces} "
                   f"feature spaces; self-check {result.self_check:.1e} (tolerance {SELF_CHECK_TOLERANCE:g}); "
-                  f"coverage {result.in_spaces}/{result.tensors} tensors in spaces", soft_wrap=True)
+                  f"coverage {result.in_spaces}/{result.tensors} tensors in spaces", soft_wrap=not err.is_terminal)
+        outside = [m for m in result.outside if m not in loaded.classifiers]
+        if outside:
+            reasons = sorted(set(result.outside_why[m] for m in outside))
+            err.print(f"  not in any space: {len(outside)} layer(s) besides the classifiers, "
+                      f"{escape(', '.join(outside[:6]))}{', ...' if len(outside) > 6 else ''} "
+                      f"({escape('; '.join(reasons))})", soft_wrap=not err.is_terminal)
         for problem in result.problems:
-            err.print(f"  [red]-[/] {escape(problem)}", soft_wrap=True)
+            err.print(f"  [red]-[/] {escape(problem)}", soft_wrap=not err.is_terminal)
         if not result.passed:
             raise SystemExit(2)
 
 
 @specs_app.command("list", help=LIST_HELP)
-def list_cmd(json_out: bool = typer.Option(False, "--json", help="Print the list as JSON on stdout."),
+def list_cmd(json_out: bool = typer.Option(False, "--json", metavar="", help="Print the list as JSON on stdout."),
              debug: bool = DEBUG):
     """Render the built-ins as a table (the help text is LIST_HELP)."""
     from .specs import builtin_spec_names, load_spec

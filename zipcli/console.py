@@ -13,7 +13,8 @@ from contextlib import contextmanager
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 
 from .errors import ZipitError
 
@@ -21,10 +22,29 @@ TRUST = typer.Option(None, "--trust-builder", metavar="MODULE",
                      help="Trust this module's model builders for this run, repeatable. A spec or merged file "
                           "names the function that builds its model; zipit imports only its own models and "
                           "torchvision's unless you trust the module here (e.g. --trust-builder mymodels).")
-QUIET = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr.")
+QUIET = typer.Option(False, "--quiet", "-q", metavar="", help="No progress or summary on stderr.")
+
+def click_style_arguments() -> None:
+    """Show arguments as Click tools do (``CHECKPOINT...``), not as Typer's ``{checkpoints}...``
+    with a Python type (``<list[Path]>``): an argument with a metavar shows just that."""
+    try:
+        from typer.core import TyperArgument
+    except ImportError:  # another Typer: keep its rendering
+        return
+    if hasattr(TyperArgument, "display_type_rich"):
+        plain = TyperArgument.display_type_rich
+        TyperArgument.display_type_rich = lambda self, ctx: None if self.metavar else plain(self, ctx)
+    if hasattr(TyperArgument, "_usage_display_name"):
+        usage = TyperArgument._usage_display_name
+        TyperArgument._usage_display_name = lambda self: (
+            (self.metavar if self.required else f"[{self.metavar}]") + ("..." if self.nargs != 1 else "")
+            if self.metavar else usage(self))
+
+
+HELP_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 120}
 
 err = Console(stderr=True, highlight=False)
-out = Console(highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=not err.is_terminal)
 
 
 class RichReporter:
@@ -38,8 +58,9 @@ class RichReporter:
     def start(self, phase: str, total: int | None = None) -> None:
         if self.quiet:
             return
-        self.progress = Progress(TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), console=err, transient=False)
+        self.progress = Progress(TextColumn("{task.description:<17}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err,
+                                 transient=False)
         self.progress.start()
         self.task = self.progress.add_task(phase, total=total)
 
@@ -53,11 +74,11 @@ class RichReporter:
             self.progress = None
 
     def warn(self, message: str) -> None:
-        err.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
+        err.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=not err.is_terminal)
 
     def info(self, message: str) -> None:
         if not self.quiet:
-            (self.progress.console if self.progress is not None else err).print(escape(message), soft_wrap=True)
+            (self.progress.console if self.progress is not None else err).print(escape(message), soft_wrap=not err.is_terminal)
 
 
 def print_json(data) -> None:
@@ -78,9 +99,9 @@ def user_errors(debug: bool):
     except ZipitError as exc:
         if debug:
             raise
-        err.print(f"[bold red]error:[/] {escape(exc.message)}", soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(exc.message)}", soft_wrap=not err.is_terminal)
         if exc.hint:
-            err.print(f"  [dim]hint:[/] {escape(exc.hint)}", soft_wrap=True)
+            err.print(f"  [dim]hint:[/] {escape(exc.hint)}", soft_wrap=not err.is_terminal)
         raise SystemExit(exc.exit_code)
     except KeyboardInterrupt:
         if debug:

@@ -41,3 +41,11 @@ class OutputError(ZipitError):
 
 class MergedFileError(ZipitError):
     """A file is not a readable zipit merge."""
+
+
+class ZipitWarning(UserWarning):
+    """Something a Python caller should know (images skipped, class names missing, a fallback taken)."""
+
+
+class ExportError(ZipitError):
+    """A merged model cannot be exported, or the export does not reproduce it."""

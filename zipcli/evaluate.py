@@ -124,41 +124,43 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, list[str]]]
 def evaluate_files(files: list, data: str | Path, spec=None, classes: list[list[str]] | None = None,
                    limit: int | None = None, batch_size: int = 256, device: str = "cpu", report=None,
                    trust_builders: Iterable[str] = ()) -> dict:
-    """Score one merged file, or plain checkpoints (each alone, and their ensemble if several)."""
+    """Score merged files side by side (each under its file name), and plain checkpoints (each alone,
+    and their ensemble if several: the reference a merge is measured against)."""
     report = report or SilentReporter()
     files = [Path(f) for f in files]
     merged = [f for f in files if f.suffix == ".safetensors" and f.is_file() and is_merged_file(read_metadata(f))]
-    if merged:
-        if len(files) != 1:
-            raise ZipitError("give one merged file, or plain checkpoints, not both", "run eval once per merged file")
-        model = load_merged(files[0], device, trust_builders)
-        runs = [("merged", model, [h.name for h in model.heads], [h.classes for h in model.heads])]
-        pre = model.spec.input
-    else:
+    plain = [f for f in files if f not in merged]
+    runs = []   # (label, kind, model, head names, head classes, preprocessing)
+    for f in merged:
+        model = load_merged(f, device, trust_builders)
+        label = f.name if [g.name for g in merged].count(f.name) == 1 else str(f)
+        runs.append((label, "merged", model, [h.name for h in model.heads], [h.classes for h in model.heads],
+                     model.spec.input))
+    if plain:
         if spec is None:
-            raise ZipitError("plain checkpoints need an architecture (--arch or --spec)", "e.g. --arch resnet20")
-        sources = load_sources(files, spec, classes, device, min_models=1)
-        runs = [(s.checkpoint.name, Ensemble([s.model]), [s.checkpoint.name], [s.classes]) for s in sources]
+            raise ZipitError(f"plain checkpoint {str(plain[0])!r} needs an architecture (--arch or --spec)",
+                             "e.g. --arch resnet20; a merged file carries its own")
+        sources = load_sources(plain, spec, classes, device, min_models=1)
+        runs += [(s.checkpoint.name, "source", Ensemble([s.model]), [s.checkpoint.name], [s.classes], spec.input)
+                 for s in sources]
         if len(sources) > 1:
-            runs.append(("ensemble", Ensemble([s.model for s in sources]), [s.checkpoint.name for s in sources],
-                         [s.classes for s in sources]))
-        pre = spec.input
+            runs.append(("ensemble", "ensemble", Ensemble([s.model for s in sources]),
+                         [s.checkpoint.name for s in sources], [s.classes for s in sources], spec.input))
     items = labelled_images(data, limit)
     folders = sorted({label for _, label in items})
-    known = {c for _, _, _, cs in runs for group in cs for c in group}
+    known = {c for run in runs for group in run[4] for c in group}
     if not known & set(folders):
         raise ZipitError(f"no class folder of {str(data)!r} matches a class of the model(s)",
                          f"folders: {', '.join(folders[:5])}...; classes: {', '.join(sorted(known)[:5])}...")
     skipped: list = []
     results = []
-    for label, model, names, head_classes in runs:
-        report.start(f"eval {label}"[:16], len(items))
+    for label, kind, model, names, head_classes, pre in runs:
+        report.start(f"eval {label}", len(items))
         try:
             r = evaluate(model, labelled_batches(items, pre, batch_size, skipped), names, head_classes, device,
                          on_batch=report.advance)
         finally:
             report.done()
-        results.append({"model": label, **r})
+        results.append({"model": label, "kind": kind, **r})
     return {"data": str(data), "images": len(items), "skipped_images": len({p for p, _ in skipped}),
             "unknown_class_folders": sorted(set(folders) - known), "results": results}
-

@@ -10,7 +10,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from .errors import ZipitError
 
@@ -81,6 +80,8 @@ def match_permute(corr: np.ndarray, n_models: int) -> Match:
     optimum, every cost >= 0 and a zero in each column) lets its augmenting
     paths end sooner: about twice as fast on real correlations.
     """
+    from scipy.optimize import linear_sum_assignment   # here: scipy costs a second to import
+
     o = _check(corr, n_models)
     assign = np.empty((n_models, o), dtype=np.int64)
     assign[0] = np.arange(o)

@@ -73,7 +73,7 @@ def flat_state(model: MergedModel) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in _named_state(model).items()}
 
 
-def write_atomic(path: Path, write, force: bool) -> None:
+def write_atomic(path: Path, write, force: bool, suffix: str = ".tmp") -> None:
     """Write via a temporary file in the destination folder, renamed into place when complete."""
     path = Path(path)
     if path.exists() and not force:
@@ -84,7 +84,7 @@ def write_atomic(path: Path, write, force: bool) -> None:
     if not folder.is_dir():
         raise OutputError(f"output folder {str(folder)!r} does not exist", "create it first")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=folder)
     except OSError as exc:
         raise OutputError(f"cannot write in {str(folder)!r}: {exc.strerror}", "choose a writable folder") from None
     os.close(fd)

@@ -21,7 +21,7 @@ from .correlation import collect_correlations
 from .errors import CalibrationError, ZipitError
 from .matching import METHODS, Match, check_zipit_params, match
 from .merged import HeadInfo, MergedModel, merge_metadata, save_merged, skeleton
-from .report import Reporter, SilentReporter
+from .report import LoggingReporter, Reporter
 from .specs.format import OUTPUT_STOP, Spec
 from .specs.graph import ModelGraph
 from .tuning import FALLBACK, MAX_BN_IMAGES, HeldOut, Setting, TuningResult, candidate_settings, tune
@@ -104,7 +104,7 @@ class MergeJob:
     def __init__(self, checkpoints: list[str | Path], spec: Spec, calib: str | Path,
                  options: MergeOptions | None = None, report: Reporter | None = None):
         self.options = options = options or MergeOptions()
-        self.report = report = report or SilentReporter()
+        self.report = report = report or LoggingReporter()
         options.validate(len(checkpoints))
         t0 = time.perf_counter()
         self.spec, self.calib, self.timings = spec, calib, {}

@@ -10,6 +10,7 @@ import importlib
 import inspect
 import os
 import sys
+import warnings
 from typing import Callable
 
 import torch.nn as nn
@@ -98,7 +99,10 @@ def build(builder: str, kwargs: dict) -> nn.Module:
     func = resolve_builder(builder)
     check_arguments(builder, func, kwargs)
     try:
-        model = func(**kwargs)
+        with warnings.catch_warnings():   # e.g. torchvision's notes on weight initialisation: random
+            warnings.simplefilter("ignore", FutureWarning)   # weights are all zipit ever builds
+            warnings.simplefilter("ignore", UserWarning)
+            model = func(**kwargs)
     except Exception as exc:  # the user's code: any error means the arguments do not fit
         raise SpecError(f"builder {builder} failed: {exc.__class__.__name__}: {exc}",
                         "check the builder's keyword arguments (--kw NAME=VALUE)") from None
@@ -117,7 +121,10 @@ def build_model(spec: Spec, num_classes: int) -> nn.Module:
     check_arguments(spec.builder, func, kwargs, f"check the spec's kwargs and its num_classes_arg (the builder's "
                     f"argument for the number of classes); the builder takes: {_argument_names(func)}")
     try:
-        model = func(**kwargs)
+        with warnings.catch_warnings():   # e.g. torchvision's notes on weight initialisation: random
+            warnings.simplefilter("ignore", FutureWarning)   # weights are all zipit ever builds
+            warnings.simplefilter("ignore", UserWarning)
+            model = func(**kwargs)
     except ZipitError:
         raise
     except Exception as exc:

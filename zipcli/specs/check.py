@@ -31,7 +31,8 @@ class SpecCheck:
     problems: list[str] = field(default_factory=list)
     tensors: int = 0
     in_spaces: int = 0
-    outside: list[str] = field(default_factory=list)
+    outside: list[str] = field(default_factory=list)        # layers with tensors in no feature space ...
+    outside_why: dict[str, str] = field(default_factory=dict)  # ... and why that is fine (or not)
 
     @property
     def passed(self) -> bool:
@@ -62,7 +63,7 @@ def check_spec(spec: Spec, builder: str | None = None, kwargs: dict | None = Non
         problems.insert(0, f"permuting every space changes the outputs by {error:.2g} (relative): some member is "
                            "in the wrong space or missing")
     return SpecCheck(spec.name, builder, size, len(spec.spaces), error, problems, cov.tensors, cov.in_spaces,
-                     cov.outside)
+                     cov.outside, {m: _why_outside(graph, m) for m in cov.outside})
 
 
 @torch.no_grad()
@@ -82,3 +83,13 @@ def _check_observe_points(graph: ModelGraph, example: torch.Tensor) -> list[str]
         for h in handles:
             h.remove()
     return problems
+
+
+def _why_outside(graph: ModelGraph, module: str) -> str:
+    """Why a layer's tensors belong to no feature space: fine for classifiers (kept per model) and for
+    layers the forward pass never calls (auxiliary heads used only in training, which merge drops)."""
+    if module in graph.spec.classifiers:
+        return "classifier, kept per model"
+    if module not in graph.calls:
+        return "not called by the model's forward pass (e.g. a training-only auxiliary head)"
+    return "in no feature space"

@@ -42,7 +42,7 @@ def _in_modules(module: str, trusted: Iterable[str]) -> bool:
 def check_builder_trusted(builder: str, trust: Iterable[str], origin: str) -> None:
     """Refuse, before any import, a builder that is neither zipit's nor in a module the user trusts."""
     module = builder.partition(":")[0]
-    if trusted_by_zipit(builder) or _in_modules(module, trust):
+    if _in_modules(module, trust) or trusted_by_zipit(builder):
         return
     raise SpecError(f"{origin}: builder {builder!r} is not trusted, and zipit imports no code that a file names",
                     f"if you trust the module, say so for this run: --trust-builder {module} "
