@@ -130,10 +130,10 @@ def _render_tuning(tuning: dict | None) -> None:
     for c in tuning["candidates"]:
         final = c["images"] == tuning["held_out_images"] and c["images"] > fewest
         err.print(f"  alpha {c['alpha']:<5g} beta {c['beta']:<7g} divergence {c['score']:.4f} ({c['images']} images"
-                  f"{', finalist' if final else ''})")
+                  f"{', finalist' if final else ''})", soft_wrap=not err.is_terminal)
     chosen = tuning["chosen"]
     err.print(f"chose alpha {chosen['alpha']:g}, beta {chosen['beta']:g} (lowest divergence from the sources on "
-              f"{tuning['held_out_images']} held-out calibration images)")
+              f"{tuning['held_out_images']} held-out calibration images)", soft_wrap=not err.is_terminal)
 
 
 def _render_merge_summary(s: dict) -> None:
@@ -152,7 +152,7 @@ def _render_merge_summary(s: dict) -> None:
     where += [f"{cal['skipped']} unreadable, skipped"] if cal["skipped"] else []
     err.print(f"[green]wrote[/] {escape(s['output'])}: {s['method']} merge of {len(s['heads'])} heads "
               f"at stop {s['stop']} on {cal['num_images']} images{' (' + '; '.join(where) + ')' if where else ''} "
-              f"in {t['total']:.1f}s ({phases})")
+              f"in {t['total']:.1f}s ({phases})", soft_wrap=not err.is_terminal)
 
 
 def _short(classes: list[str], n: int = 4) -> str:
@@ -333,7 +333,7 @@ def eval_cmd(
         else:
             _render_eval(report)
         if failures:
-            err.print(f"[bold red]below the bar:[/] {'; '.join(failures)}")
+            err.print(f"[bold red]below the bar:[/] {'; '.join(failures)}", soft_wrap=not err.is_terminal)
             raise SystemExit(1)
 
 
