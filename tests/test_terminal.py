@@ -87,3 +87,9 @@ def test_every_command_wraps_on_words_at_80_and_100_columns(files, tmp_path, mon
             assert max(len(line) for line in lines) <= width, (args, width)
             split = sorted(w for w in _words(text) if w not in reference and not re.fullmatch(r"\(?[\d:.]+s?[,)]*", w))
             assert not split, (args, width, split[:5])       # a fragment of a word is no word of the reference
+
+
+def test_specs_list_marks_the_default_stop_without_styles():
+    r = runner.invoke(app, ["specs", "list"])           # piped: no bold to see
+    row = next(line for line in r.output.splitlines() if line.strip().startswith("resnet20 "))
+    assert "layer3*" in row and "layer1*" not in row

@@ -68,7 +68,7 @@ CHECK_HELP = (
 )
 LIST_HELP = (
     "The built-in architectures and their stop points.\n\n"
-    "Use one with merge --arch NAME and --stop STOP; the default stop is in bold.\n\n"
+    "Use one with merge --arch NAME and --stop STOP; the default stop is marked with *.\n\n"
     "Example: zipit specs list"
 )
 
@@ -206,9 +206,9 @@ def list_cmd(json_out: bool = typer.Option(False, "--json", metavar="", help="Pr
                          "default_stop": s.default_stop} for s in specs])
             return
         table = Table(show_edge=False)
-        for col in ("name", "input", "spaces", "stops (default in bold)"):
+        for col in ("name", "input", "spaces", "stops (default marked *)"):
             table.add_column(col, justify="right" if col in ("input", "spaces") else "left")
         for s in specs:
-            stops = ", ".join(f"[bold]{escape(x)}[/]" if x == s.default_stop else escape(x) for x in s.stops)
+            stops = ", ".join(f"[bold]{escape(x)}*[/]" if x == s.default_stop else escape(x) for x in s.stops)
             table.add_row(escape(s.name), f"{s.input.size}px", str(len(s.spaces)), stops)
         out.print(table)
