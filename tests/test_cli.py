@@ -65,7 +65,7 @@ def test_merge_refuses_to_overwrite_and_leaves_no_temporary(tiny, tmp_path):
     assert r.exit_code == 2 and "--force" in r.output
     assert out.read_bytes() == b"previous"
     assert _merge(tiny, out, "--force").exit_code == 0
-    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.config.json", "m.md", "m.safetensors"]
 
 
 def test_merge_is_deterministic(tiny, tmp_path):

@@ -1,6 +1,7 @@
 """The ``zipit`` command: parse, call the library, render. No merging logic lives here."""
 from __future__ import annotations
 
+import shlex
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -73,6 +74,8 @@ def merge_cmd(
     dtype: Optional[str] = typer.Option(None, "--dtype", metavar="DTYPE", help="Output dtype (float32, float16, bfloat16); "
                                         "default: the first checkpoint's."),
     force: bool = typer.Option(False, "--force", "-f", metavar="", help="Overwrite the output file if it exists."),
+    card: bool = typer.Option(True, "--card/--no-card", metavar="", help="Also write a model card (OUTPUT with .md) "
+                              "and a config (.config.json: id2label per head, the input as timm describes it)."),
     json_out: bool = typer.Option(False, "--json", metavar="", help="Print a JSON summary on stdout."),
     trust_builder: Optional[List[str]] = TRUST,
     quiet: bool = QUIET,
@@ -82,6 +85,7 @@ def merge_cmd(
 
     Example: zipit merge a.pt b.pt --arch resnet20 --calib ./imgs --stop layer2 -o merged.safetensors
     """
+    from .card import card_paths
     from .checkpoints import parse_classes
     from .pipeline import MergeOptions, merge
 
@@ -90,6 +94,11 @@ def merge_cmd(
             raise ZipitError(f"output {str(output)!r} already exists", "pass --force to overwrite it")
         if output.suffix != ".safetensors":
             raise ZipitError(f"output {str(output)!r} must end in .safetensors", "e.g. -o merged.safetensors")
+        beside = [str(p) for p in card_paths(output)] if card else []
+        for path in beside:
+            if Path(path).exists() and not force:
+                raise ZipitError(f"output {path!r} (the model card or config beside the merged file) already exists",
+                                 "pass --force to overwrite it, or --no-card")
         arch_spec = load_spec(arch=arch, path=spec, trust_builders=trust_builder or ())
         options = MergeOptions(method=method, alpha=_auto_or_float(alpha, "--alpha"),
                                beta=_auto_or_float(beta, "--beta"), stop=stop, num_calib=num_calib, seed=seed,
@@ -97,13 +106,20 @@ def merge_cmd(
                                dtype=dtype, classes=[parse_classes(c) for c in classes] if classes else None)
         t0 = time.perf_counter()
         result = merge(checkpoints, arch_spec, calib, options, RichReporter(quiet))
-        result.save(output, force=force)
+        command = ["zipit", "merge", *map(str, checkpoints), *(["--arch", arch] if arch else ["--spec", str(spec)]),
+                   *[x for t in (trust_builder or []) for x in ("--trust-builder", t)], "--calib", str(calib),
+                   "--stop", result.metadata["stop"], "--method", method, "--alpha", alpha, "--beta", beta,
+                   "--num-calib", str(num_calib), "--seed", str(seed), "--batch-size", str(batch_size),
+                   *(["--augment"] if augment else []), *([] if reset_bn else ["--no-reset-bn"]),
+                   *[x for c in (classes or []) for x in ("--classes", c)], *(["--dtype", dtype] if dtype else []),
+                   "-o", str(output)]
+        result.save(output, force=force, card=card, command=shlex.join(command))
         total = time.perf_counter() - t0
         summary = {"output": str(output), "spec": arch_spec.name, "stop": result.metadata["stop"],
                    "method": method, "params": result.metadata["params"],
                    "heads": result.metadata["heads"], "calibration": result.metadata["calibration"],
                    "timings": {k: round(v, 3) for k, v in result.timings.items()} | {"total": round(total, 3)},
-                   "spaces": result.metadata["spaces"]}
+                   "spaces": result.metadata["spaces"], "beside": beside}
         if not quiet:
             _render_tuning(summary["params"].get("tuning"))
             _render_merge_summary(summary)
@@ -150,7 +166,8 @@ def _render_merge_summary(s: dict) -> None:
     cal = s["calibration"]
     where = [f"{cal['held_out']} more held out to choose alpha and beta"] if cal["held_out"] else []
     where += [f"{cal['skipped']} unreadable, skipped"] if cal["skipped"] else []
-    err.print(f"[green]wrote[/] {escape(s['output'])}: {s['method']} merge of {len(s['heads'])} heads "
+    also = f" (and {', '.join(escape(Path(p).name) for p in s['beside'])})" if s.get("beside") else ""
+    err.print(f"[green]wrote[/] {escape(s['output'])}{also}: {s['method']} merge of {len(s['heads'])} heads "
               f"at stop {s['stop']} on {cal['num_images']} images{' (' + '; '.join(where) + ')' if where else ''} "
               f"in {t['total']:.1f}s ({phases})", soft_wrap=not err.is_terminal)
 

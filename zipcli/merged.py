@@ -75,30 +75,44 @@ def flat_state(model: MergedModel) -> dict[str, torch.Tensor]:
 
 def write_atomic(path: Path, write, force: bool, suffix: str = ".tmp") -> None:
     """Write via a temporary file in the destination folder, renamed into place when complete."""
-    path = Path(path)
-    if path.exists() and not force:
-        raise OutputError(f"output {str(path)!r} already exists", "pass --force (Python: force=True) to overwrite it")
-    if path.is_dir():
-        raise OutputError(f"output {str(path)!r} is a folder", "give a file name ending in .safetensors")
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise OutputError(f"output folder {str(folder)!r} does not exist", "create it first")
+    write_all_atomic([(Path(path), write, suffix)], force)
+
+
+def write_all_atomic(items: list[tuple[Path, object, str]], force: bool) -> None:
+    """Write a set of files (``(path, write(tmp), temp suffix)``) via temporaries beside them; nothing is
+    renamed into place until every one is complete, and the first (the model) goes last."""
+    for path, _, _ in items:
+        if path.exists() and not force:
+            raise OutputError(f"output {str(path)!r} already exists",
+                              "pass --force (Python: force=True) to overwrite it")
+        if path.is_dir():
+            raise OutputError(f"output {str(path)!r} is a folder", "give a file name, e.g. merged.safetensors")
+        folder = path.parent if str(path.parent) else Path(".")
+        if not folder.is_dir():
+            raise OutputError(f"output folder {str(folder)!r} does not exist", "create it first")
+    temps: list[tuple[str, Path]] = []
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=folder)
-    except OSError as exc:
-        raise OutputError(f"cannot write in {str(folder)!r}: {exc.strerror}", "choose a writable folder") from None
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        for path, write, suffix in items:
+            folder = path.parent if str(path.parent) else Path(".")
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=folder)
+            except OSError as exc:
+                raise OutputError(f"cannot write in {str(folder)!r}: {exc.strerror}",
+                                  "choose a writable folder") from None
+            os.close(fd)
+            temps.append((tmp, path))
+            write(tmp)
+            os.chmod(tmp, 0o644)
+        for tmp, path in reversed(temps):
+            os.replace(tmp, path)
     except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        for tmp, _ in temps:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
         if isinstance(exc, OSError):   # a full disk, a vanished folder: nothing was written
-            raise OutputError(f"cannot write {str(path)!r}: {exc.strerror or exc}",
+            raise OutputError(f"cannot write {str(items[0][0])!r}: {exc.strerror or exc}",
                               "free some space or choose another folder; nothing was written") from None
         raise
 
@@ -112,12 +126,16 @@ def merge_metadata(*, spec: Spec, stop: str, method: str, params: dict, calibrat
 
 
 def save_merged(model: MergedModel, metadata: dict[str, object], path: Path, force: bool = False,
-                dtype: torch.dtype | None = None) -> None:
-    """Write the model's tensors (cast to ``dtype``; the model itself is left as it is) and metadata."""
+                dtype: torch.dtype | None = None, beside: dict[Path, str] | None = None) -> None:
+    """Write the model's tensors (cast to ``dtype``; the model itself is left as it is) and metadata,
+    and the text files ``beside`` it (model card, config) as one set: all of them or none."""
     meta = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()}
     tensors = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
                for k, v in flat_state(model).items()}
-    write_atomic(path, lambda tmp: save_deterministic(tensors, tmp, meta), force)
+    items = [(Path(path), lambda tmp: save_deterministic(tensors, tmp, meta), ".tmp")]
+    items += [(p, lambda tmp, text=text: Path(tmp).write_text(text, encoding="utf-8"), ".tmp")
+              for p, text in (beside or {}).items()]
+    write_all_atomic(items, force)
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

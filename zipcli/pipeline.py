@@ -16,6 +16,7 @@ import torch
 
 from .bn import reset_batchnorm
 from .calibration import MIN_HOLDOUT, ImageStream, list_images, sample_images, split_holdout
+from .card import card_files
 from .checkpoints import load_sources
 from .correlation import collect_correlations
 from .errors import CalibrationError, ZipitError
@@ -81,9 +82,13 @@ class MergeResult:
     metadata: dict[str, object]
     timings: dict[str, float] = field(default_factory=dict)
 
-    def save(self, path: str | Path, force: bool = False) -> None:
-        """Write the merged file (atomically); the model in memory is left as it is."""
-        save_merged(self.model, self.metadata, Path(path), force=force, dtype=DTYPES[self.metadata["dtype"]])
+    def save(self, path: str | Path, force: bool = False, card: bool = True, command: str | None = None) -> None:
+        """Write the merged file and, with ``card``, its model card and config beside it (``merged.md``,
+        ``merged.config.json``), all or none; the model in memory is left as it is. ``command`` is
+        the command line that reproduces the merge, for the card."""
+        beside = card_files(self.metadata, path, command) if card else None
+        save_merged(self.model, self.metadata, Path(path), force=force, dtype=DTYPES[self.metadata["dtype"]],
+                    beside=beside)
 
 
 def merge(checkpoints: list[str | Path], spec: Spec, calib: str | Path, options: MergeOptions | None = None,

@@ -1,0 +1,105 @@
+"""What is written beside every merged file: a model card for people and a config for programs.
+
+``merged.safetensors`` gets ``merged.md`` (what was merged, how, from which files, how to load it
+and how to make it again) and ``merged.config.json`` (per head an ``id2label`` map; the input as
+timm's ``pretrained_cfg`` describes it). Both are made from the file's metadata alone.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .specs.format import parse_spec
+from .specs.trust import ANY
+
+CONFIG_FORMAT = "zipit-config/1"
+
+
+def card_paths(model_path: str | Path) -> tuple[Path, Path]:
+    """(model card, config) beside ``model_path``: ``merged.md`` and ``merged.config.json``."""
+    model_path = Path(model_path)
+    return model_path.with_suffix(".md"), model_path.with_suffix(".config.json")
+
+
+def _input(metadata: dict) -> dict:
+    """The preprocessing in timm's ``pretrained_cfg`` terms (the stored spec is only parsed, never built)."""
+    pre = parse_spec(metadata["spec"], origin="stored spec", trust_builders=ANY).input
+    return {"input_size": [3, pre.size, pre.size], "crop_pct": round(pre.size / pre.resize, 4) if pre.resize else 1.0,
+            "crop_mode": "center", "resize": pre.resize, "interpolation": "bilinear", "mean": list(pre.mean),
+            "std": list(pre.std)}
+
+
+def model_config(metadata: dict) -> dict:
+    params = {k: v for k, v in metadata["params"].items() if k != "tuning"}
+    return {
+        "format": CONFIG_FORMAT, "architecture": metadata["spec_name"], "stop": metadata["stop"],
+        "method": metadata["method"], "params": params, "dtype": metadata["dtype"],
+        "heads": [{"name": h["name"], "source": h["source"], "num_classes": len(h["classes"]),
+                   "id2label": {str(i): c for i, c in enumerate(h["classes"])},
+                   "label2id": {c: i for i, c in enumerate(h["classes"])}} for h in metadata["heads"]],
+        "pretrained_cfg": _input(metadata),
+        "sources": [{"file": s["file"], "sha256": s["sha256"]} for s in metadata["sources"]],
+    }
+
+
+def model_card(metadata: dict, file_name: str, command: str | None = None) -> str:
+    cal, params = metadata["calibration"], metadata["params"]
+    setting = ", ".join(f"{k} {v:g}" for k, v in params.items() if k != "tuning") or "no parameters"
+    tuning = params.get("tuning")
+    if tuning and tuning.get("candidates"):
+        setting += (f" (chosen without labels among {len(tuning['candidates'])} candidates on "
+                    f"{tuning['held_out_images']} held-out calibration images)")
+    pre = _input(metadata)
+    size = pre["input_size"][1]
+    resize = f"resize the shorter side to {pre['resize']} px, " if pre["resize"] else ""
+    lines = [
+        f"# {file_name}",
+        "",
+        f"A multi-head model merged by zipit {metadata['zipit_version']} from {len(metadata['sources'])} "
+        f"`{metadata['spec_name']}` checkpoints without training: layers up to `{metadata['stop']}` are shared, "
+        "each source keeps its own head after that.",
+        "",
+        f"- Method: `{metadata['method']}`, {setting}.",
+        f"- Calibration: {cal['num_images']} unlabelled images from `{cal['folder']}` (seed {cal['seed']}"
+        f"{', ' + str(cal['held_out']) + ' more held out for tuning' if cal.get('held_out') else ''}), "
+        f"BatchNorm reset {'on' if cal['reset_bn'] else 'off'}.",
+        f"- Input: {resize}centre-crop {size} px, RGB scaled to [0, 1], normalised with mean {pre['mean']} "
+        f"and std {pre['std']} (bilinear).",
+        "",
+        "## Sources",
+        "",
+        "| file | sha256 | classes |",
+        "| --- | --- | --- |",
+        *[f"| `{s['file']}` | `{s['sha256']}` | {len(s['classes'])} |" for s in metadata["sources"]],
+        "",
+        "## Heads (outputs, in order)",
+        "",
+        "| # | head | classes |",
+        "| --- | --- | --- |",
+        *[f"| {i} | `{h['name']}` | {', '.join(h['classes'])} |" for i, h in enumerate(metadata["heads"])],
+        "",
+        "## Accuracy",
+        "",
+        f"Not measured when the file was written. Measure it on a labelled folder (`DIR/<class>/<images>`): "
+        f"`zipit eval {file_name} --data DIR`.",
+        "",
+        "## Use it",
+        "",
+        "```python",
+        "import zipcli",
+        f"model = zipcli.load_merged({file_name!r})   # one logits tensor per head",
+        "```",
+        "",
+        f"Or without zipit: `zipit export {file_name} -o model.pt2`, then "
+        "`torch.export.load('model.pt2').module()(images)`.",
+    ]
+    if command:
+        lines += ["", "## Reproduce", "", "```bash", command, "```"]
+    return "\n".join(lines) + "\n"
+
+
+def card_files(metadata: dict, model_path: str | Path, command: str | None = None) -> dict[Path, str]:
+    """{path: text} of the card and the config for a merged file written to ``model_path``."""
+    card, config = card_paths(model_path)
+    return {card: model_card(metadata, Path(model_path).name, command),
+            config: json.dumps(model_config(metadata), indent=2) + "\n"}
