@@ -106,3 +106,10 @@ def calib32(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def calib64(tmp_path_factory) -> Path:
     return make_images(tmp_path_factory.mktemp("calib64"), 12, 64)
+
+
+def resnet20_pair(root: Path, calib: Path, classes=(["a0", "a1"], ["b0", "b1", "b2"])) -> tuple[Path, Path]:
+    """Two differently initialised ResNet-20 checkpoints A.pt and B.pt in ``root``, with class sidecars."""
+    spec = small_spec("resnet20")
+    return tuple(save_checkpoint(root / f"{name}.pt", random_model(spec, len(c), seed, calib).state_dict(), list(c))
+                 for name, c, seed in (("A", classes[0], 1), ("B", classes[1], 2)))

@@ -12,7 +12,7 @@ from zipcli.cli import app
 from zipcli.errors import ZipitError
 from zipcli.merged import read_metadata, write_all_atomic
 
-from conftest import make_images, random_model, save_checkpoint, small_spec
+from conftest import make_images, resnet20_pair
 
 runner = CliRunner()
 
@@ -20,10 +20,8 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("card")
-    spec = small_spec("resnet20")
     calib = make_images(root / "calib", 12, 32, seed=2)
-    a = save_checkpoint(root / "A.pt", random_model(spec, 2, 1, calib).state_dict(), ["cat", "dog"])
-    b = save_checkpoint(root / "B.pt", random_model(spec, 3, 2, calib).state_dict(), ["car", "bus", "van"])
+    a, b = resnet20_pair(root, calib, (["cat", "dog"], ["car", "bus", "van"]))
     return {"a": a, "b": b, "calib": calib}
 
 

@@ -14,13 +14,12 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-import zipcli
 from zipcli import ZipitError, load_merged, load_spec
 from zipcli.cli import app
 from zipcli.merged import read_metadata, write_atomic
 from zipcli.specs import BUILTIN_DIR, parse_spec
 
-from conftest import handled, make_images, random_model, save_checkpoint, small_spec
+from conftest import handled, make_images, resnet20_pair
 
 runner = CliRunner()
 
@@ -28,11 +27,9 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def merged(tmp_path_factory):
     root = tmp_path_factory.mktemp("safety")
-    spec = small_spec("resnet20")
     calib = make_images(root / "calib", 12, 32, seed=2)
     data = make_images(root / "data", 4, 32, seed=4, classes=["a0", "a1", "b0", "b1", "b2"])
-    a = save_checkpoint(root / "A.pt", random_model(spec, 2, 1, calib).state_dict(), ["a0", "a1"])
-    b = save_checkpoint(root / "B.pt", random_model(spec, 3, 2, calib).state_dict(), ["b0", "b1", "b2"])
+    a, b = resnet20_pair(root, calib)
     out = root / "m.safetensors"
     r = runner.invoke(app, ["merge", str(a), str(b), "--arch", "resnet20", "--calib", str(calib), "--method",
                             "permute", "-o", str(out), "--quiet"])

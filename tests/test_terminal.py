@@ -13,7 +13,7 @@ import zipcli.cli_specs
 import zipcli.console
 from zipcli.cli import app
 
-from conftest import make_images, random_model, save_checkpoint, small_spec
+from conftest import make_images, resnet20_pair
 
 runner = CliRunner()
 COMMANDS = [[], ["merge"], ["inspect"], ["eval"], ["specs"], ["specs", "trace"], ["specs", "check"], ["specs", "list"]]
@@ -37,11 +37,9 @@ def test_help_fits_the_terminal_and_shows_no_python_types(command, width, monkey
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("term")
-    spec = small_spec("resnet20")
     calib = make_images(root / "calib", 40, 32, seed=2)
     data = make_images(root / "data", 3, 32, seed=4, classes=["a0", "a1", "b0", "b1", "b2"])
-    a = save_checkpoint(root / "A.pt", random_model(spec, 2, 1, calib).state_dict(), ["a0", "a1"])
-    b = save_checkpoint(root / "B.pt", random_model(spec, 3, 2, calib).state_dict(), ["b0", "b1", "b2"])
+    a, b = resnet20_pair(root, calib)
     return {"root": root, "a": a, "b": b, "calib": calib, "data": data}
 
 

@@ -2,15 +2,15 @@
 
 ``merged.safetensors`` gets ``merged.md`` (what was merged, how, from which files, how to load it
 and how to make it again) and ``merged.config.json`` (per head an ``id2label`` map; the input as
-timm's ``pretrained_cfg`` describes it). Both are made from the file's metadata alone.
+timm's ``pretrained_cfg`` describes it). Both are made from the file's metadata and the
+model's preprocessing.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from .specs.format import parse_spec
-from .specs.trust import ANY
+from .specs.format import Preprocess
 
 CONFIG_FORMAT = "zipit-config/1"
 
@@ -21,15 +21,14 @@ def card_paths(model_path: str | Path) -> tuple[Path, Path]:
     return model_path.with_suffix(".md"), model_path.with_suffix(".config.json")
 
 
-def _input(metadata: dict) -> dict:
-    """The preprocessing in timm's ``pretrained_cfg`` terms (the stored spec is only parsed, never built)."""
-    pre = parse_spec(metadata["spec"], origin="stored spec", trust_builders=ANY).input
+def _input(pre: Preprocess) -> dict:
+    """The preprocessing in timm's ``pretrained_cfg`` terms."""
     return {"input_size": [3, pre.size, pre.size], "crop_pct": round(pre.size / pre.resize, 4) if pre.resize else 1.0,
             "crop_mode": "center", "resize": pre.resize, "interpolation": "bilinear", "mean": list(pre.mean),
             "std": list(pre.std)}
 
 
-def model_config(metadata: dict) -> dict:
+def model_config(metadata: dict, pre: Preprocess) -> dict:
     params = {k: v for k, v in metadata["params"].items() if k != "tuning"}
     return {
         "format": CONFIG_FORMAT, "architecture": metadata["spec_name"], "stop": metadata["stop"],
@@ -37,19 +36,19 @@ def model_config(metadata: dict) -> dict:
         "heads": [{"name": h["name"], "source": h["source"], "num_classes": len(h["classes"]),
                    "id2label": {str(i): c for i, c in enumerate(h["classes"])},
                    "label2id": {c: i for i, c in enumerate(h["classes"])}} for h in metadata["heads"]],
-        "pretrained_cfg": _input(metadata),
+        "pretrained_cfg": _input(pre),
         "sources": [{"file": s["file"], "sha256": s["sha256"]} for s in metadata["sources"]],
     }
 
 
-def model_card(metadata: dict, file_name: str, command: str | None = None) -> str:
+def model_card(metadata: dict, pre: Preprocess, file_name: str, command: str | None = None) -> str:
     cal, params = metadata["calibration"], metadata["params"]
     setting = ", ".join(f"{k} {v:g}" for k, v in params.items() if k != "tuning") or "no parameters"
     tuning = params.get("tuning")
     if tuning and tuning.get("candidates"):
         setting += (f" (chosen without labels among {len(tuning['candidates'])} candidates on "
                     f"{tuning['held_out_images']} held-out calibration images)")
-    pre = _input(metadata)
+    pre = _input(pre)
     size = pre["input_size"][1]
     resize = f"resize the shorter side to {pre['resize']} px, " if pre["resize"] else ""
     lines = [
@@ -98,8 +97,9 @@ def model_card(metadata: dict, file_name: str, command: str | None = None) -> st
     return "\n".join(lines) + "\n"
 
 
-def card_files(metadata: dict, model_path: str | Path, command: str | None = None) -> dict[Path, str]:
+def card_files(metadata: dict, pre: Preprocess, model_path: str | Path,
+               command: str | None = None) -> dict[Path, str]:
     """{path: text} of the card and the config for a merged file written to ``model_path``."""
     card, config = card_paths(model_path)
-    return {card: model_card(metadata, Path(model_path).name, command),
-            config: json.dumps(model_config(metadata), indent=2) + "\n"}
+    return {card: model_card(metadata, pre, Path(model_path).name, command),
+            config: json.dumps(model_config(metadata, pre), indent=2) + "\n"}

@@ -86,7 +86,7 @@ class MergeResult:
         """Write the merged file and, with ``card``, its model card and config beside it (``merged.md``,
         ``merged.config.json``), all or none; the model in memory is left as it is. ``command`` is
         the command line that reproduces the merge, for the card."""
-        beside = card_files(self.metadata, path, command) if card else None
+        beside = card_files(self.metadata, self.model.spec.input, path, command) if card else None
         save_merged(self.model, self.metadata, Path(path), force=force, dtype=DTYPES[self.metadata["dtype"]],
                     beside=beside)
 

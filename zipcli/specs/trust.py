@@ -9,6 +9,7 @@ any import. Keyword arguments must be plain data, and never ask for downloads.
 """
 from __future__ import annotations
 
+from functools import cache
 from typing import Iterable
 
 from ..errors import SpecError
@@ -18,6 +19,7 @@ TORCHVISION_MODULE = "torchvision.models"
 DOWNLOAD_KWARGS = frozenset({"weights", "weights_backbone", "pretrained", "pretrained_backbone"})
 
 
+@cache
 def _torchvision_builders() -> frozenset[str]:
     """torchvision's registered classification builders (importing torchvision.models is trusted)."""
     import torchvision.models as models
