@@ -16,7 +16,8 @@ from zipcli.cli import app
 from conftest import make_images, resnet20_pair
 
 runner = CliRunner()
-COMMANDS = [[], ["merge"], ["inspect"], ["eval"], ["specs"], ["specs", "trace"], ["specs", "check"], ["specs", "list"]]
+COMMANDS = [[], ["merge"], ["inspect"], ["eval"], ["sweep"], ["export"], ["specs"], ["specs", "trace"], ["specs", "check"],
+            ["specs", "list"]]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 PYTHON_TYPES = re.compile(r"<(bool|str|int|float|path|list\[[^\]]*\])>|\{\w+\}")
 
@@ -74,6 +75,8 @@ def test_every_command_wraps_on_words_at_80_and_100_columns(files, tmp_path, mon
          "--num-calib", "24", "--alpha", "0.5", "--force"],
         ["inspect", merged],
         ["eval", merged, "A.pt", "B.pt", "--arch", "resnet20", "--data", "data"],
+        ["sweep", "A.pt", "B.pt", "--arch", "resnet20", "--calib", "calib", "--num-calib", "24", "--alpha", "0.5",
+         "--beta", "0.125", "--data", "data", "--stop", "layer1"],
         ["specs", "check", "resnet20", "--size", "32"],
         ["specs", "list"],
     ]

@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .merged import write_atomic
 from .specs.format import Preprocess
 
 CONFIG_FORMAT = "zipit-config/1"
+ACCURACY_HEADING = "## Accuracy"
 
 
 def card_paths(model_path: str | Path) -> tuple[Path, Path]:
@@ -77,10 +79,10 @@ def model_card(metadata: dict, pre: Preprocess, file_name: str, command: str | N
         "| --- | --- | --- |",
         *[f"| {i} | `{h['name']}` | {', '.join(h['classes'])} |" for i, h in enumerate(metadata["heads"])],
         "",
-        "## Accuracy",
+        ACCURACY_HEADING,
         "",
         f"Not measured when the file was written. Measure it on a labelled folder (`DIR/<class>/<images>`): "
-        f"`zipit eval {file_name} --data DIR`.",
+        f"`zipit eval {file_name} --data DIR` (it writes the figures here).",
         "",
         "## Use it",
         "",
@@ -103,3 +105,43 @@ def card_files(metadata: dict, pre: Preprocess, model_path: str | Path,
     card, config = card_paths(model_path)
     return {card: model_card(metadata, pre, Path(model_path).name, command),
             config: json.dumps(model_config(metadata, pre), indent=2) + "\n"}
+
+
+def accuracy_section(result: dict, data: str, images: int, limit: int | None) -> str:
+    """The card's accuracy section for one ``zipit eval`` result of the merged file."""
+    sample = f"at most {limit} images per class of " if limit else ""
+    lines = [ACCURACY_HEADING, "",
+             f"Measured by `zipit eval` on {sample}`{data}` ({images} labelled images): each head on the images "
+             "of its own classes, their average, and joint accuracy (softmax per head, argmax over every class).",
+             "", "| head | images | accuracy |", "| --- | --- | --- |"]
+    lines += [f"| `{h['name']}` | {h['images']} | {_fraction(h['accuracy'])} |" for h in result["heads"]]
+    lines += [f"| average per task | | {_fraction(result['avg_task'])} |",
+              f"| joint | {result['joint_images']} | {_fraction(result['joint'])} |"]
+    return "\n".join(lines) + "\n"
+
+
+def _fraction(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
+def with_accuracy(card: str, section: str) -> str | None:
+    """``card`` with its accuracy section replaced by ``section``; None if it has no such section
+    (a card written by hand or by another tool is left alone)."""
+    start = card.find(f"\n{ACCURACY_HEADING}\n")
+    if start < 0:
+        return None
+    end = card.find("\n## ", start + len(ACCURACY_HEADING) + 2)
+    return card[:start + 1] + section + (card[end:] if end >= 0 else "")
+
+
+def record_accuracy(model_path: str | Path, result: dict, data: str, images: int, limit: int | None = None) -> Path | None:
+    """Write ``result`` (one merged file's ``zipit eval`` figures) into the model card beside
+    ``model_path``, atomically; the card's path, or None when there is no card zipit can update."""
+    card = card_paths(model_path)[0]
+    if not card.is_file():
+        return None
+    updated = with_accuracy(card.read_text(encoding="utf-8"), accuracy_section(result, data, images, limit))
+    if updated is None:
+        return None
+    write_atomic(card, lambda tmp: Path(tmp).write_text(updated, encoding="utf-8"), force=True, suffix=".md")
+    return card

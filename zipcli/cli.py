@@ -11,7 +11,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .console import HELP_SETTINGS, TRUST, RichReporter, click_style_arguments, err, print_json, user_errors
+from .console import (DEBUG, HELP_SETTINGS, QUIET, TRUST, RichReporter, auto_or_float, click_style_arguments, err,
+                      print_json, user_errors)
 from .errors import ZipitError
 from .matching import METHODS
 from .specs import builtin_spec_names, load_spec
@@ -22,10 +23,6 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
     context_settings=HELP_SETTINGS,
 )
-
-DEBUG = typer.Option(False, "--debug", metavar="", help="Show Python tracebacks for errors.")
-QUIET = typer.Option(False, "--quiet", "-q", metavar="", help="No progress or summary on stderr.")
-
 
 def _version(value: bool):
     if value:
@@ -100,8 +97,8 @@ def merge_cmd(
                 raise ZipitError(f"output {path!r} (the model card or config beside the merged file) already exists",
                                  "pass --force to overwrite it, or --no-card")
         arch_spec = load_spec(arch=arch, path=spec, trust_builders=trust_builder or ())
-        options = MergeOptions(method=method, alpha=_auto_or_float(alpha, "--alpha"),
-                               beta=_auto_or_float(beta, "--beta"), stop=stop, num_calib=num_calib, seed=seed,
+        options = MergeOptions(method=method, alpha=auto_or_float(alpha, "--alpha"),
+                               beta=auto_or_float(beta, "--beta"), stop=stop, num_calib=num_calib, seed=seed,
                                batch_size=batch_size, augment=augment, reset_bn=reset_bn, device=device,
                                dtype=dtype, classes=[parse_classes(c) for c in classes] if classes else None)
         t0 = time.perf_counter()
@@ -125,17 +122,6 @@ def merge_cmd(
             _render_merge_summary(summary)
         if json_out:
             print_json(summary)
-
-
-def _auto_or_float(value: str, option: str) -> float | None:
-    """'auto' -> None (tune it); otherwise a number."""
-    if value.strip().lower() == "auto":
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        raise ZipitError(f"{option} {value!r} is neither a number nor 'auto'",
-                         f"e.g. {option} 0.3 or {option} auto") from None
 
 
 def _render_tuning(tuning: dict | None) -> None:
@@ -303,6 +289,8 @@ def eval_cmd(
     min_avg: Optional[float] = typer.Option(None, "--min-avg", metavar="FRACTION", help="Exit 1 if the average per-task accuracy "
                                             "(a fraction) is below this."),
     min_joint: Optional[float] = typer.Option(None, "--min-joint", metavar="FRACTION", help="Exit 1 if joint accuracy is below this."),
+    card: bool = typer.Option(True, "--card/--no-card", metavar="", help="Write each merged file's figures into its "
+                              "model card (the .md beside it, if zipit wrote one)."),
     json_out: bool = typer.Option(False, "--json", metavar="", help="Print results as JSON on stdout (nothing else there)."),
     trust_builder: Optional[List[str]] = TRUST,
     quiet: bool = QUIET,
@@ -319,6 +307,7 @@ def eval_cmd(
     below a bar (after printing); 2 bad invocation or unusable input. Preprocessing of a merged file
     comes from the spec stored in it.
     """
+    from .card import record_accuracy
     from .checkpoints import parse_classes
     from .evaluate import evaluate_files
 
@@ -345,10 +334,19 @@ def eval_cmd(
                              (("avg task", result["avg_task"], min_avg), ("joint", result["joint"], min_joint))
                              if bar is not None and value is None]
         report["passed"] = not failures
+        report["cards_updated"] = []
+        if card:
+            for result in report["results"]:
+                if result["kind"] == "merged":
+                    written = record_accuracy(result["file"], result, str(data), report["images"], limit)
+                    report["cards_updated"] += [str(written)] if written else []
         if json_out:
             print_json(report)
         else:
             _render_eval(report)
+        if report["cards_updated"] and not quiet:
+            err.print(f"recorded the figures in {escape(', '.join(report['cards_updated']))}",
+                      soft_wrap=not err.is_terminal)
         if failures:
             err.print(f"[bold red]below the bar:[/] {'; '.join(failures)}", soft_wrap=not err.is_terminal)
             raise SystemExit(1)
@@ -414,5 +412,7 @@ def export_cmd(
 
 
 from .cli_specs import specs_app  # noqa: E402  (the 'zipit specs' commands live in their own module)
+from .cli_sweep import sweep_cmd  # noqa: E402  (and so does 'zipit sweep')
 
+app.command("sweep")(sweep_cmd)
 app.add_typer(specs_app, name="specs")

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .console import HELP_SETTINGS, TRUST, err, out, print_json, user_errors
+from .console import DEBUG, HELP_SETTINGS, TRUST, err, out, print_json, user_errors
 from .errors import SpecError, ZipitError
 
 specs_app = typer.Typer(
@@ -18,7 +18,6 @@ specs_app = typer.Typer(
     context_settings=HELP_SETTINGS,
 )
 
-DEBUG = typer.Option(False, "--debug", metavar="", help="Show Python tracebacks for errors.")
 KWARGS = typer.Option(None, "--kw", metavar="NAME=VALUE",
                       help="A keyword argument for the builder, repeatable: --kw width=2 --kw dropout=0.1. "
                            "Values are read as int, float, true/false or none where they look like one, "

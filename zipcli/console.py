@@ -23,6 +23,7 @@ TRUST = typer.Option(None, "--trust-builder", metavar="MODULE",
                           "names the function that builds its model; zipit imports only its own models and "
                           "torchvision's unless you trust the module here (e.g. --trust-builder mymodels).")
 QUIET = typer.Option(False, "--quiet", "-q", metavar="", help="No progress or summary on stderr.")
+DEBUG = typer.Option(False, "--debug", metavar="", help="Show Python tracebacks for errors.")
 
 def click_style_arguments() -> None:
     """Show arguments as Click tools do (``CHECKPOINT...``), not as Typer's ``{checkpoints}...``
@@ -79,6 +80,17 @@ class RichReporter:
     def info(self, message: str) -> None:
         if not self.quiet:
             (self.progress.console if self.progress is not None else err).print(escape(message), soft_wrap=not err.is_terminal)
+
+
+def auto_or_float(value: str, option: str) -> float | None:
+    """'auto' -> None (tune it); otherwise a number."""
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise ZipitError(f"{option} {value!r} is neither a number nor 'auto'",
+                         f"e.g. {option} 0.3 or {option} auto") from None
 
 
 def print_json(data) -> None:

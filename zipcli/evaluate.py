@@ -130,22 +130,22 @@ def evaluate_files(files: list, data: str | Path, spec=None, classes: list[list[
     files = [Path(f) for f in files]
     merged = [f for f in files if f.suffix == ".safetensors" and f.is_file() and is_merged_file(read_metadata(f))]
     plain = [f for f in files if f not in merged]
-    runs = []   # (label, kind, model, head names, head classes, preprocessing)
+    runs = []   # (label, kind, model, head names, head classes, preprocessing, file)
     for f in merged:
         model = load_merged(f, device, trust_builders)
         label = f.name if [g.name for g in merged].count(f.name) == 1 else str(f)
         runs.append((label, "merged", model, [h.name for h in model.heads], [h.classes for h in model.heads],
-                     model.spec.input))
+                     model.spec.input, str(f)))
     if plain:
         if spec is None:
             raise ZipitError(f"plain checkpoint {str(plain[0])!r} needs an architecture (--arch or --spec)",
                              "e.g. --arch resnet20; a merged file carries its own")
         sources = load_sources(plain, spec, classes, device, min_models=1)
-        runs += [(s.checkpoint.name, "source", Ensemble([s.model]), [s.checkpoint.name], [s.classes], spec.input)
-                 for s in sources]
+        runs += [(s.checkpoint.name, "source", Ensemble([s.model]), [s.checkpoint.name], [s.classes], spec.input,
+                  str(s.checkpoint.path)) for s in sources]
         if len(sources) > 1:
             runs.append(("ensemble", "ensemble", Ensemble([s.model for s in sources]),
-                         [s.checkpoint.name for s in sources], [s.classes for s in sources], spec.input))
+                         [s.checkpoint.name for s in sources], [s.classes for s in sources], spec.input, None))
     items = labelled_images(data, limit)
     folders = sorted({label for _, label in items})
     known = {c for run in runs for group in run[4] for c in group}
@@ -154,13 +154,13 @@ def evaluate_files(files: list, data: str | Path, spec=None, classes: list[list[
                          f"folders: {', '.join(folders[:5])}...; classes: {', '.join(sorted(known)[:5])}...")
     skipped: list = []
     results = []
-    for label, kind, model, names, head_classes, pre in runs:
+    for label, kind, model, names, head_classes, pre, file in runs:
         report.start(f"eval {label}", len(items))
         try:
             r = evaluate(model, labelled_batches(items, pre, batch_size, skipped), names, head_classes, device,
                          on_batch=report.advance)
         finally:
             report.done()
-        results.append({"model": label, "kind": kind, **r})
+        results.append({"model": label, "kind": kind, "file": file, **r})
     return {"data": str(data), "images": len(items), "skipped_images": len({p for p, _ in skipped}),
             "unknown_class_folders": sorted(set(folders) - known), "results": results}

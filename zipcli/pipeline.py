@@ -107,7 +107,9 @@ class MergeJob:
     """
 
     def __init__(self, checkpoints: list[str | Path], spec: Spec, calib: str | Path,
-                 options: MergeOptions | None = None, report: Reporter | None = None):
+                 options: MergeOptions | None = None, report: Reporter | None = None,
+                 hold_out: bool | None = None):
+        """``hold_out``: keep held-out images for label-free scoring (default: when the options tune)."""
         self.options = options = options or MergeOptions()
         self.report = report = report or LoggingReporter()
         options.validate(len(checkpoints))
@@ -115,9 +117,8 @@ class MergeJob:
         self.spec, self.calib, self.timings = spec, calib, {}
         self.sources = load_sources(list(checkpoints), spec, options.classes, options.device)
         self.graph = ModelGraph(spec, self.sources[0].model)
-        self.stop = options.stop or spec.default_stop
-        self.plan = self.graph.plan(self.stop)
-        self._check_classes()
+        self._warn_unnamed_classes()
+        self.use_stop(options.stop or spec.default_stop)
         all_files = list_images(calib)
         stream = ImageStream(sample_images(all_files, options.num_calib, options.seed), spec.input,
                              options.batch_size, options.augment, options.seed)
@@ -125,35 +126,40 @@ class MergeJob:
             report.warn(f"{calib} holds {len(stream)} images, fewer than the {options.num_calib} asked for "
                         "(num_calib, --num-calib): using all of them")
         self.held_files: list[Path] = []
-        if options.tunes:
+        if options.tunes if hold_out is None else hold_out:
             fit_files, self.held_files = split_holdout(all_files, stream.files, options.seed)
             stream = stream.with_files(fit_files)
-            if not self.held_files:
+            if not self.held_files and options.tunes:
                 fixed = options.fixed_setting
                 report.warn(f"only {len(stream)} calibration images: too few to hold any out for tuning alpha and "
                             f"beta; using alpha {fixed.alpha:g}, beta {fixed.beta:g} (tuning needs {MIN_HOLDOUT} "
                             f"images beyond the sample, or a sample of {4 * MIN_HOLDOUT} or more: num_calib, --num-calib)")
         self.stream = stream
         self._warned_skips = 0
-        self.heads = ([HeadInfo("merged", self.sources[0].classes, ",".join(s.checkpoint.name for s in self.sources))]
-                      if self.stop == OUTPUT_STOP else
-                      [HeadInfo(s.checkpoint.name, s.classes, s.checkpoint.path.name) for s in self.sources])
         self.states = [{k: v.detach().cpu() for k, v in s.model.state_dict().items()} for s in self.sources]
         self.correlations: dict[str, np.ndarray] = {}
         self.images_read = False
         self.tuning: TuningResult | None = None
         self.timings["load"] = time.perf_counter() - t0
 
-    def _check_classes(self) -> None:
+    def use_stop(self, stop: str) -> None:
+        """Cut the trunk after ``stop`` from now on. Correlations measured for a deeper stop serve a
+        shallower one: a space's correlation does not depend on where the trunk is cut."""
+        self.stop, self.plan = stop, self.graph.plan(stop)
+        if stop == OUTPUT_STOP and any(s.classes != self.sources[0].classes for s in self.sources):
+            raise ZipitError("stop 'output' merges the classifiers, which needs identical classes in every model",
+                             f"use a stage stop ({', '.join(self.spec.stops)}) for models with different classes")
+        self.heads = ([HeadInfo("merged", self.sources[0].classes, ",".join(s.checkpoint.name for s in self.sources))]
+                      if stop == OUTPUT_STOP else
+                      [HeadInfo(s.checkpoint.name, s.classes, s.checkpoint.path.name) for s in self.sources])
+
+    def _warn_unnamed_classes(self) -> None:
         unnamed = [s.checkpoint.path.name for s in self.sources
                    if not self.options.classes and s.checkpoint.classes is None]
         if unnamed:
             self.report.warn(f"{', '.join(unnamed)}: no class names, heads get class_0, class_1, ... (zipit eval "
                              "matches class folders by name); name them with classes (--classes a,b,...) once per "
                              'checkpoint, or a JSON sidecar {"classes": [...]} beside each (a.pt -> a.json)')
-        if self.stop == OUTPUT_STOP and any(s.classes != self.sources[0].classes for s in self.sources):
-            raise ZipitError("stop 'output' merges the classifiers, which needs identical classes in every model",
-                             f"use a stage stop ({', '.join(self.spec.stops)}) for models with different classes")
 
     def _warn_skipped(self) -> None:
         """One warning per pass that found unreadable images."""
@@ -194,7 +200,12 @@ class MergeJob:
 
     def held_out(self) -> HeldOut | None:
         """The held-out images (never used for correlations) and the source models' logits on them;
-        None if fewer than ``MIN_HOLDOUT`` of them could be read."""
+        None if fewer than ``MIN_HOLDOUT`` of them could be read. Read once, however often asked."""
+        if not hasattr(self, "_held"):
+            self._held = self._read_held_out()
+        return self._held
+
+    def _read_held_out(self) -> HeldOut | None:
         batches = list(self.stream.with_files(self.held_files, augment=False).batches())
         if sum(len(b) for b in batches) < MIN_HOLDOUT:
             return None

@@ -1,0 +1,110 @@
+"""zipit sweep: each point is the merge and evaluation a user would get by hand; eval records its figures
+in the model card."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from zipcli.cli import app
+
+from conftest import handled, make_images, resnet20_pair
+
+runner = CliRunner()
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+PAIR = [str(EXAMPLES / "zoo" / "r20x1_c10a_s1.pt"), str(EXAMPLES / "zoo" / "r20x1_c10b_s2.pt")]
+CALIB = ["--arch", "resnet20", "--calib", str(EXAMPLES / "calib"), "--num-calib", "64", "--quiet"]
+TEST = ["--data", str(EXAMPLES / "test"), "--limit", "8"]
+
+
+def _json(args) -> dict:
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+@pytest.mark.parametrize("setting", [["--alpha", "0.3", "--beta", "0.125"], []], ids=["fixed", "default"])
+def test_sweep_equals_separate_merge_and_eval_at_every_stop(setting, tmp_path):
+    stops = ["layer1", "layer2", "layer3"] if setting else ["layer1", "layer3"]   # tuning: two stops suffice
+    swept = _json(["sweep", *PAIR, *CALIB, *TEST, *setting, "--json", *[x for s in stops for x in ("--stop", s)]])
+    assert [(p["stop"], p["method"]) for p in swept["points"]] == [(s, m) for s in stops for m in ("zipit", "permute")]
+    for point in swept["points"]:
+        out = tmp_path / f"{point['stop']}_{point['method']}.safetensors"
+        merged = _json(["merge", *PAIR, *CALIB, *setting, "--stop", point["stop"], "--method", point["method"],
+                        "-o", str(out), "--json", "--no-card"])
+        assert {k: v for k, v in merged["params"].items() if k != "tuning"} == \
+            {k: v for k, v in point["params"].items() if k != "tuning"}
+        evaluated = _json(["eval", str(out), *TEST, "--json"])["results"][0]
+        assert [h["images"] for h in evaluated["heads"]] == [h["images"] for h in point["accuracy"]["heads"]]
+        for got, want in zip(point["accuracy"]["heads"], evaluated["heads"]):
+            assert got["accuracy"] == pytest.approx(want["accuracy"], abs=1e-9), point
+        assert point["accuracy"]["joint"] == pytest.approx(evaluated["joint"], abs=1e-9)
+    ensemble = _json(["eval", *PAIR, "--arch", "resnet20", *TEST, "--json"])["results"][-1]
+    assert swept["reference"]["avg_task"] == pytest.approx(ensemble["avg_task"])
+    shares = [(p["parameters"] / swept["source_parameters"], p["macs"] / swept["source_macs"])
+              for p in swept["points"] if p["method"] == "permute"]
+    assert all(0 < b[0] < a[0] <= 1 and 0 < b[1] < a[1] <= 1 for a, b in zip(shares, shares[1:]))  # deeper: cheaper
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    calib = make_images(root / "calib", 60, 32, seed=2)
+    a, b = resnet20_pair(root, calib)
+    return {"root": root, "a": str(a), "b": str(b), "calib": str(calib)}
+
+
+def test_without_labels_points_get_the_divergence_and_a_plot_is_drawn(pair, tmp_path):
+    pytest.importorskip("matplotlib")
+    plot = tmp_path / "sweep.png"
+    swept = _json(["sweep", pair["a"], pair["b"], "--arch", "resnet20", "--calib", pair["calib"], "--num-calib", "40",
+                   "--method", "permute", "--method", "average", "--json", "-p", str(plot), "--quiet"])
+    assert swept["data"] is None and swept["reference"] is None
+    assert [(p["stop"], p["method"]) for p in swept["points"]] == [
+        (s, m) for s in ("layer1", "layer2", "layer3") for m in ("permute", "average")]
+    assert all(p["accuracy"] is None and p["divergence"] >= 0 for p in swept["points"])
+    assert swept["calibration"]["held_out"] > 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = runner.invoke(app, ["sweep", pair["a"], pair["b"], "--arch", "resnet20", "--calib", pair["calib"],
+                                "-p", str(plot)])
+    assert again.exit_code == 2 and "already exists" in again.output and "--force" in again.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "bogus"], "unknown method 'bogus'"),
+    (["--stop", "layer9"], "unknown stop 'layer9'"),
+    (["--stop", "output"], "stage stops"),
+    (["-p", "sweep.jpg"], "must end in .png"),
+    (["--data", "nowhere"], "does not exist"),
+])
+def test_bad_sweeps_end_in_one_error_line(pair, args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["sweep", pair["a"], pair["b"], "--arch", "resnet20", "--calib", pair["calib"], *args])
+    assert r.exit_code == 2 and handled(r), r.output
+    lines = r.output.strip().splitlines()                       # the error, then its hint
+    assert message in lines[0] and lines[0].startswith("error:") and len(lines) <= 2, r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_records_its_figures_in_the_card_and_no_card_leaves_it(pair, tmp_path):
+    out = tmp_path / "m.safetensors"
+    data = make_images(tmp_path / "data", 10, 32, seed=5, classes=["a0", "a1", "b0", "b1", "b2"])
+    r = runner.invoke(app, ["merge", pair["a"], pair["b"], "--arch", "resnet20", "--calib", pair["calib"],
+                            "--method", "permute", "-o", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    card = tmp_path / "m.md"
+    before = card.read_text()
+    assert "Not measured" in before
+    kept = _json(["eval", str(out), "--data", str(data), "--json", "--no-card"])
+    assert kept["cards_updated"] == [] and card.read_text() == before
+    result = _json(["eval", str(out), "--data", str(data), "--json"])
+    assert result["cards_updated"] == [str(card)]
+    text = card.read_text()
+    figures = result["results"][0]
+    assert "Not measured" not in text and f"| joint | {figures['joint_images']} | {figures['joint']:.4f} |" in text
+    assert text.split("## Accuracy")[0] == before.split("## Accuracy")[0]            # the rest is untouched
+    assert text.split("## Use it")[1] == before.split("## Use it")[1]
+    assert _json(["eval", str(out), "--data", str(data), "--json"])["results"] == result["results"]
+    assert card.read_text() == text                                                 # recording twice changes nothing

@@ -1,0 +1,152 @@
+"""Every stop and method of one merge from one calibration pass, scored side by side (``zipit sweep``).
+
+A space's correlations depend on the source models and the images, not on where the trunk is cut,
+and the deepest stop's spaces include every shallower stop's. So the images go through the sources
+once; each point (stop, method) then costs only its matching and zip, its BatchNorm reset, its
+tuning where alpha and beta are left open, and its scoring. Each point is the model that
+``zipit merge`` with the same options writes.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+from .errors import ZipitError
+from .evaluate import Ensemble, evaluate, labelled_batches, labelled_images
+from .inspection import count_macs
+from .pipeline import MergeJob, MergeOptions
+from .report import LoggingReporter, Reporter
+from .specs.format import OUTPUT_STOP, Spec
+from .tuning import head_outputs, score
+
+DEFAULT_METHODS = ("zipit", "permute")
+CACHE_BYTES = 2**30     # labelled images are decoded once and kept when they fit in this; else per point
+
+
+@dataclass
+class SweepPoint:
+    stop: str
+    method: str
+    params: dict                # the setting used (zipit: alpha and beta; the chosen ones when tuned)
+    parameters: int             # of the merged model, all heads included
+    macs: int                   # per image at the spec's input size
+    accuracy: dict | None       # ``evaluate``'s result on the labelled folder, if one was given
+    divergence: float | None    # label-free: the tuning criterion on held-out images (lower is better)
+
+
+@dataclass
+class SweepResult:
+    spec: str
+    points: list[SweepPoint]
+    source_parameters: int      # the sources together: what running them side by side costs
+    source_macs: int
+    reference: dict | None      # the sources run separately (their ensemble) on the labelled folder
+    data: str | None
+    calibration: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sweep(checkpoints: Sequence[str | Path], spec: Spec, calib: str | Path,
+          methods: Sequence[str] = DEFAULT_METHODS, stops: Sequence[str] | None = None,
+          options: MergeOptions | None = None, data: str | Path | None = None, limit: int | None = None,
+          report: Reporter | None = None) -> SweepResult:
+    """Merge at every stop (default: the spec's stage stops) with every method and score each merge:
+    accuracy on ``data`` (a labelled folder, at most ``limit`` images per class) or, without it,
+    the label-free divergence on held-out calibration images. ``options.method`` and
+    ``options.stop`` are ignored; the other options apply to every point.
+
+    With a labelled folder and no method left to tune, every point calibrates on the whole sample,
+    as ``zipit merge`` does. Otherwise images are held out as for tuning; a folder without spare
+    images beyond the sample gives up part of the sample, for every method alike.
+    """
+    base = options or MergeOptions()
+    report = report or LoggingReporter()
+    methods, stops = list(dict.fromkeys(methods)), list(dict.fromkeys(stops or spec.stops))
+    if not methods:
+        raise ZipitError("no method to sweep", "name one or more (methods, --method)")
+    if OUTPUT_STOP in stops:
+        raise ZipitError("sweep covers stage stops; stop 'output' merges the classifiers",
+                         "merge at 'output' with zipit merge --stop output")
+    for m in methods:
+        replace(base, method=m).validate(len(checkpoints))
+    tuned = any(replace(base, method=m).tunes for m in methods)
+    labelled = _Labelled(data, limit, spec, base.batch_size) if data is not None else None
+    first = next((m for m in methods if m != "average"), methods[0])
+    job = MergeJob(checkpoints, spec, calib, replace(base, method=first, stop=stops[-1]), report,
+                   hold_out=tuned or data is None)
+    deepest = _deepest(job, stops)
+    held = None
+    if data is None:
+        held = job.held_out() if job.held_files else None
+        if held is None:
+            raise ZipitError(f"{calib}: too few spare calibration images to score merges without labels",
+                             "give a labelled test folder (data, --data DIR), or more calibration images")
+    if labelled is not None and not labelled.folders & {c for s in job.sources for c in s.classes}:
+        raise ZipitError(f"no class folder of {str(data)!r} matches a class of the checkpoints",
+                         f"folders: {', '.join(sorted(labelled.folders)[:5])}...; name the checkpoints' classes "
+                         "(--classes or a JSON sidecar) as the folders are named")
+
+    job.use_stop(deepest)
+    job.calibrate()
+    source_models = [s.model for s in job.sources]
+    size = spec.input.size
+    source_macs = sum(count_macs(m, size) for m in source_models)
+    source_params = sum(sum(p.numel() for p in m.parameters()) for m in source_models)
+    reference = None
+    if labelled is not None:
+        reference = labelled.score(Ensemble(source_models), [s.checkpoint.name for s in job.sources],
+                                   [s.classes for s in job.sources], base.device, report, "ensemble")
+    points = []
+    for stop in stops:
+        job.use_stop(stop)
+        for method in methods:
+            job.options, job.tuning = replace(base, method=method, stop=stop), None
+            result = job.finish(job.choose_setting())
+            model, heads = result.model, job.heads
+            accuracy = divergence = None
+            if labelled is not None:
+                accuracy = labelled.score(model, [h.name for h in heads], [h.classes for h in heads], base.device,
+                                          report, f"eval {stop} {method}")
+            else:
+                divergence = score(head_outputs(model, held.images, len(heads)), held.targets)
+            points.append(SweepPoint(stop, method, result.metadata["params"], sum(p.numel() for p in model.parameters()),
+                                     count_macs(model, size), accuracy, divergence))
+    return SweepResult(spec.name, points, source_params, source_macs, reference,
+                       None if data is None else str(data), result.metadata["calibration"])
+
+
+def _deepest(job: MergeJob, stops: list[str]) -> str:
+    """The stop whose merged spaces include every other stop's: its calibration serves them all."""
+    spaces = {}
+    for stop in stops:
+        job.use_stop(stop)                          # also checks that the stop exists
+        spaces[stop] = set(job.plan.merged_spaces)
+    deepest = max(stops, key=lambda s: len(spaces[s]))
+    if any(not spaces[s] <= spaces[deepest] for s in stops):
+        raise ZipitError(f"the stops {', '.join(stops)} do not nest: no single calibration pass serves them all",
+                         "sweep the stops of one branch of the model at a time (stops, --stop)")
+    return deepest
+
+
+class _Labelled:
+    """A labelled test folder, decoded once when it fits in ``CACHE_BYTES``."""
+
+    def __init__(self, data, limit, spec: Spec, batch_size: int):
+        self.items = labelled_images(data, limit)
+        self.folders = {label for _, label in self.items}
+        self.pre, self.batch_size = spec.input, batch_size
+        self.keep = len(self.items) * 3 * spec.input.size ** 2 * 4 <= CACHE_BYTES
+        self.cache = None
+
+    def score(self, model, names, classes, device, report, label) -> dict:
+        if self.keep and self.cache is None:
+            self.cache = list(labelled_batches(self.items, self.pre, self.batch_size))
+        batches = self.cache if self.cache is not None else labelled_batches(self.items, self.pre, self.batch_size)
+        report.start(label, len(self.items))
+        try:
+            return evaluate(model, batches, names, classes, device, on_batch=report.advance)
+        finally:
+            report.done()
