@@ -10,6 +10,8 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
+from .distributed import SINGLE, Ranks
+
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
@@ -21,17 +23,28 @@ class _PooledMoments:
     """
 
     def __init__(self, layer: nn.Module):
-        self.layer, self.count, self.sum, self.sumsq = layer, 0, None, None
+        self.layer, self.count = layer, 0
+        self.sum = torch.zeros(layer.num_features, dtype=torch.float64, device=layer.running_mean.device)
+        self.sumsq = torch.zeros_like(self.sum)
+        self.tracked = 0 if layer.num_batches_tracked is None else int(layer.num_batches_tracked)
         self.handle = layer.register_forward_pre_hook(self)
 
     def __call__(self, _module, args):
         x = args[0].detach()
         dims = [0] + list(range(2, x.dim()))
-        s = x.sum(dims).double()            # one chunk in float32; the running sums in float64
-        ss = (x * x).sum(dims).double()
-        self.sum = s if self.sum is None else self.sum + s
-        self.sumsq = ss if self.sumsq is None else self.sumsq + ss
+        self.sum += x.sum(dims).double()     # one chunk in float32; the running sums in float64
+        self.sumsq += (x * x).sum(dims).double()
         self.count += x.numel() // x.shape[1]
+
+    def sum_over(self, ranks: Ranks) -> None:
+        """The sums over every rank's images (and the chunks every rank's layer counted)."""
+        tracked = self.layer.num_batches_tracked
+        steps = 0 if tracked is None else int(tracked) - self.tracked
+        total = ranks.sum(torch.cat([self.sum, self.sumsq, self.sum.new_tensor([self.count, steps])]))
+        n = len(self.sum)
+        self.sum, self.sumsq, self.count = total[:n], total[n:2 * n], int(total[-2])
+        if tracked is not None:
+            tracked.fill_(self.tracked + int(total[-1]))
 
     def store(self) -> None:
         mean = self.sum / self.count
@@ -44,12 +57,13 @@ class _PooledMoments:
 
 @torch.no_grad()
 def reset_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], device="cpu",
-                    on_batch: Callable[[int], None] | None = None, chunk: int = 16) -> int:
+                    on_batch: Callable[[int], None] | None = None, chunk: int = 16, ranks: Ranks = SINGLE) -> int:
     """Measure every BN layer's input statistics over all images, in train mode.
 
     Images go through in chunks of at most ``chunk`` (bounded memory); layers
     normalise with chunk statistics on the way, as in training, while the running
-    statistics are pooled over all images. Returns the number of BN layers reset.
+    statistics are pooled over all images (of every rank's shard, with ``ranks``).
+    Returns the number of BN layers reset.
     """
     layers = [m for m in model.modules() if isinstance(m, BN_TYPES) and m.track_running_stats]
     if not layers:
@@ -60,14 +74,23 @@ def reset_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], device="c
         m.momentum = 0.0    # leave running stats alone during the passes; set them from the pooled sums
         moments.append(_PooledMoments(m))
     model.train()
-    try:
+
+    def local_pass() -> int:
         seen = 0
         for batch in batches:
             for x in batch.split(chunk):
                 model(x.to(device))
-                seen += 1
+                seen += x.shape[0]
                 if on_batch:
                     on_batch(x.shape[0])
+        return seen
+
+    try:
+        seen = ranks.together(local_pass)
+        if ranks.many:
+            seen = int(ranks.sum(torch.tensor([seen])))
+            for pooled in moments:
+                pooled.sum_over(ranks)
         if seen == 0:
             raise ValueError("no calibration batches for BatchNorm reset")
         for pooled in moments:

@@ -84,9 +84,12 @@ def merge_cmd(
     """
     from .card import card_paths
     from .checkpoints import parse_classes
+    from .distributed import leave, ranks_from_env
     from .pipeline import MergeOptions, merge
 
     with user_errors(debug):
+        ranks = ranks_from_env(device)          # alone, or one of the processes torchrun started
+        quiet = quiet or not ranks.main
         if output.exists() and not force:
             raise ZipitError(f"output {str(output)!r} already exists", "pass --force to overwrite it")
         if output.suffix != ".safetensors":
@@ -102,7 +105,7 @@ def merge_cmd(
                                batch_size=batch_size, augment=augment, reset_bn=reset_bn, device=device,
                                dtype=dtype, classes=[parse_classes(c) for c in classes] if classes else None)
         t0 = time.perf_counter()
-        result = merge(checkpoints, arch_spec, calib, options, RichReporter(quiet))
+        result = merge(checkpoints, arch_spec, calib, options, RichReporter(quiet, speaks=ranks.main), ranks)
         command = ["zipit", "merge", *map(str, checkpoints), *(["--arch", arch] if arch else ["--spec", str(spec)]),
                    *[x for t in (trust_builder or []) for x in ("--trust-builder", t)], "--calib", str(calib),
                    "--stop", result.metadata["stop"], "--method", method, "--alpha", alpha, "--beta", beta,
@@ -110,7 +113,9 @@ def merge_cmd(
                    *(["--augment"] if augment else []), *([] if reset_bn else ["--no-reset-bn"]),
                    *[x for c in (classes or []) for x in ("--classes", c)], *(["--dtype", dtype] if dtype else []),
                    "-o", str(output)]
-        result.save(output, force=force, card=card, command=shlex.join(command))
+        ranks.together(lambda: result.save(output, force=force, card=card, command=shlex.join(command))
+                       if ranks.main else None)
+        leave(ranks)
         total = time.perf_counter() - t0
         summary = {"output": str(output), "spec": arch_spec.name, "stop": result.metadata["stop"],
                    "method": method, "params": result.metadata["params"],
@@ -120,7 +125,7 @@ def merge_cmd(
         if not quiet:
             _render_tuning(summary["params"].get("tuning"))
             _render_merge_summary(summary)
-        if json_out:
+        if json_out and ranks.main:
             print_json(summary)
 
 

@@ -6,6 +6,7 @@ goes to stderr.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from contextlib import contextmanager
@@ -51,8 +52,9 @@ out = Console(highlight=False, soft_wrap=not err.is_terminal)
 class RichReporter:
     """Progress bars on stderr for each phase of a long job; silent with ``quiet``."""
 
-    def __init__(self, quiet: bool = False):
-        self.quiet = quiet
+    def __init__(self, quiet: bool = False, speaks: bool = True):
+        """``speaks``: print warnings (the other ranks of a torchrun job leave them to rank 0)."""
+        self.quiet, self.speaks = quiet, speaks
         self.progress = None
         self.task = None
 
@@ -75,11 +77,17 @@ class RichReporter:
             self.progress = None
 
     def warn(self, message: str) -> None:
-        err.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=not err.is_terminal)
+        if self.speaks:
+            err.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=not err.is_terminal)
 
     def info(self, message: str) -> None:
         if not self.quiet:
             (self.progress.console if self.progress is not None else err).print(escape(message), soft_wrap=not err.is_terminal)
+
+
+def speaks_for_job() -> bool:
+    """False in the ranks other than 0 of a torchrun job: rank 0 alone prints for the job."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def auto_or_float(value: str, option: str) -> float | None:
@@ -111,6 +119,8 @@ def user_errors(debug: bool):
     except ZipitError as exc:
         if debug:
             raise
+        if not speaks_for_job():
+            raise SystemExit(exc.exit_code) from None
         err.print(f"[bold red]error:[/] {escape(exc.message)}", soft_wrap=not err.is_terminal)
         if exc.hint:
             err.print(f"  [dim]hint:[/] {escape(exc.hint)}", soft_wrap=not err.is_terminal)
@@ -118,6 +128,8 @@ def user_errors(debug: bool):
     except KeyboardInterrupt:
         if debug:
             raise
+        if not speaks_for_job():
+            raise SystemExit(130) from None
         err.print("[bold red]interrupted[/]: nothing was written")
         raise SystemExit(130)
     except (SystemExit, MemoryError):
@@ -125,6 +137,8 @@ def user_errors(debug: bool):
     except Exception as exc:  # a bug in zipit: say so, briefly
         if debug:
             raise
+        if not speaks_for_job():
+            raise SystemExit(1) from None
         err.print(f"[bold red]internal error:[/] {escape(exc.__class__.__name__)}: {escape(str(exc)[:300])}")
         err.print("  [dim]hint:[/] rerun with --debug for the traceback, and please report it")
         raise SystemExit(1)

@@ -14,10 +14,13 @@ exactly once.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn as nn
 
 from .calibration import ImageStream
+from .distributed import Ranks
 from .errors import CalibrationError, MergeError
 from .specs.format import Space, Spec
 from .specs.graph import StopPlan, observed_channels
@@ -97,6 +100,16 @@ class CorrelationAccumulator:
             raise ValueError("no samples were accumulated")
         mean = self.moments[:-1, -1] / n
         return self.moments[:-1, :-1] / n - torch.outer(mean, mean)
+
+    def recentre(self, shift: torch.Tensor) -> None:
+        """Express the sums about another shift (exact in float64), so that sums from other
+        processes, each about its own first chunk's mean, can be added."""
+        d = (self.shift.double() - shift.double()).to(self.moments.device)
+        m, s1, n = self.moments, self.moments[:-1, -1].clone(), self.moments[-1, -1]
+        m[:-1, :-1] += torch.outer(d, s1) + torch.outer(s1, d) + n * torch.outer(d, d)
+        m[:-1, -1] += n * d
+        m[-1, :-1] = m[:-1, -1]
+        self.shift = shift.to(self.shift.dtype).to(self.shift.device)
 
     def correlation(self) -> torch.Tensor:
         cov = self.covariance()
@@ -195,3 +208,13 @@ def collect_correlations(models: list[nn.Module], spec: Spec, plan: StopPlan, st
         raise CalibrationError(f"none of the {len(stream)} calibration images could be read",
                                "check the image files (see the warnings above)")
     return acc
+
+
+def sum_over_ranks(acc: dict[str, CorrelationAccumulator], names: Sequence[str], ranks: Ranks) -> None:
+    """Make every rank's accumulators hold the sums over all ranks' images (in place)."""
+    if not ranks.many:
+        return
+    for name in names:
+        a = acc[name]
+        a.recentre(ranks.broadcast(a.shift))
+        a.moments = ranks.sum(a.moments)

@@ -18,7 +18,8 @@ from .bn import reset_batchnorm
 from .calibration import MIN_HOLDOUT, ImageStream, list_images, sample_images, split_holdout
 from .card import card_files
 from .checkpoints import load_sources
-from .correlation import collect_correlations
+from .correlation import collect_correlations, sum_over_ranks
+from .distributed import SINGLE, Ranks
 from .errors import CalibrationError, ZipitError
 from .matching import METHODS, Match, check_zipit_params, match
 from .merged import HeadInfo, MergedModel, merge_metadata, save_merged, skeleton
@@ -92,9 +93,11 @@ class MergeResult:
 
 
 def merge(checkpoints: list[str | Path], spec: Spec, calib: str | Path, options: MergeOptions | None = None,
-          report: Reporter | None = None) -> MergeResult:
-    """Merge two or more checkpoints of one architecture into a multi-head model (no printing)."""
-    job = MergeJob(checkpoints, spec, calib, options, report)
+          report: Reporter | None = None, ranks: Ranks = SINGLE) -> MergeResult:
+    """Merge two or more checkpoints of one architecture into a multi-head model (no printing).
+    Under torchrun, pass ``ranks=zipcli.distributed.ranks_from_env(device)``: every rank calls
+    this and gets the same result; let rank 0 alone save it."""
+    job = MergeJob(checkpoints, spec, calib, options, report, ranks=ranks)
     job.calibrate()
     return job.finish(job.choose_setting())
 
@@ -108,10 +111,16 @@ class MergeJob:
 
     def __init__(self, checkpoints: list[str | Path], spec: Spec, calib: str | Path,
                  options: MergeOptions | None = None, report: Reporter | None = None,
-                 hold_out: bool | None = None):
-        """``hold_out``: keep held-out images for label-free scoring (default: when the options tune)."""
+                 hold_out: bool | None = None, ranks: Ranks = SINGLE):
+        """``hold_out``: keep held-out images for label-free scoring (default: when the options tune).
+        ``ranks``: this process's place in a distributed merge (``distributed.ranks_from_env``)."""
         self.options = options = options or MergeOptions()
-        self.report = report = report or LoggingReporter()
+        self.report = report or LoggingReporter()
+        self.ranks = ranks
+        ranks.together(lambda: self._setup(checkpoints, spec, calib, hold_out))
+
+    def _setup(self, checkpoints, spec: Spec, calib, hold_out: bool | None) -> None:
+        options, report, ranks = self.options, self.report, self.ranks
         options.validate(len(checkpoints))
         t0 = time.perf_counter()
         self.spec, self.calib, self.timings = spec, calib, {}
@@ -134,7 +143,13 @@ class MergeJob:
                 report.warn(f"only {len(stream)} calibration images: too few to hold any out for tuning alpha and "
                             f"beta; using alpha {fixed.alpha:g}, beta {fixed.beta:g} (tuning needs {MIN_HOLDOUT} "
                             f"images beyond the sample, or a sample of {4 * MIN_HOLDOUT} or more: num_calib, --num-calib)")
-        self.stream = stream
+        self.stream = stream                                    # every fit image
+        self.shard = stream.with_files(ranks.shard(stream.files, options.batch_size))   # what this rank reads
+        batches = -(-len(stream) // options.batch_size)
+        if ranks.many and batches < ranks.world:
+            raise CalibrationError(f"{len(stream)} calibration images make {batches} batches of {options.batch_size}, "
+                                   f"too few for {ranks.world} processes (each needs one)",
+                                   "use fewer processes, or a smaller batch size (batch_size, --batch-size)")
         self._warned_skips = 0
         self.states = [{k: v.detach().cpu() for k, v in s.model.state_dict().items()} for s in self.sources]
         self.correlations: dict[str, np.ndarray] = {}
@@ -163,7 +178,7 @@ class MergeJob:
 
     def _warn_skipped(self) -> None:
         """One warning per pass that found unreadable images."""
-        skipped = self.stream.skipped
+        skipped = self.shard.skipped
         if len(skipped) > self._warned_skips:
             first = skipped[self._warned_skips]
             self.report.warn(f"skipped {len(skipped) - self._warned_skips} unreadable image(s), "
@@ -175,8 +190,9 @@ class MergeJob:
         Plain averaging needs no correlations: its images are read by the BatchNorm reset only."""
         t = time.perf_counter()
         if self.options.method != "average":
-            acc = collect_correlations([s.model for s in self.sources], self.spec, self.plan, self.stream,
-                                       self.options.device, self.report)
+            acc = self.ranks.together(lambda: collect_correlations(
+                [s.model for s in self.sources], self.spec, self.plan, self.shard, self.options.device, self.report))
+            sum_over_ranks(acc, self.plan.merged_spaces, self.ranks)
             self.correlations = {name: acc.pop(name).correlation().cpu().numpy() for name in self.plan.merged_spaces}
             self.images_read = True
             self._warn_skipped()
@@ -240,7 +256,8 @@ class MergeJob:
                              f"{o.fixed_setting.alpha:g}, beta {o.fixed_setting.beta:g}")
         bn_images = self.bn_subset() if held is not None else None
         self.tuning = tune(lambda s: self.prepare(s, bn_images), held,
-                           candidate_settings(len(self.sources), o.alpha, o.beta), o.fixed_setting, self.report)
+                           candidate_settings(len(self.sources), o.alpha, o.beta), o.fixed_setting, self.report,
+                           self.ranks)
         if self.tuning.trials:
             self.timings["tuning"] = time.perf_counter() - t
         return self.tuning.chosen
@@ -259,9 +276,9 @@ class MergeJob:
 
         t = time.perf_counter()
         if o.reset_bn:
-            report.start("batchnorm reset", self.stream.readable)
+            report.start("batchnorm reset", self.shard.readable)
             try:
-                reset_batchnorm(model, self.stream.batches(), o.device, on_batch=report.advance)
+                reset_batchnorm(model, self.shard.batches(), o.device, on_batch=report.advance, ranks=self.ranks)
             except ValueError:
                 raise CalibrationError("no calibration image could be read for the BatchNorm reset",
                                        "check the image files") from None
@@ -278,13 +295,17 @@ class MergeJob:
             params = {"alpha": setting.alpha, "beta": setting.beta}
             if self.tuning is not None:
                 params["tuning"] = self.tuning.to_metadata()
-        stream = self.stream
-        calibration = {"folder": str(self.calib), "num_images": stream.readable if self.images_read else 0,
+        readable, skipped = self.shard.readable, len(self.shard.skipped)
+        if self.ranks.many:     # every rank read its own shard
+            readable, skipped = map(int, self.ranks.sum(torch.tensor([readable, skipped])).tolist())
+        calibration = {"folder": str(self.calib), "num_images": readable if self.images_read else 0,
                        "held_out": len(self.held_files), "requested": o.num_calib, "seed": o.seed,
                        "augment": o.augment, "batch_size": o.batch_size, "reset_bn": o.reset_bn,
-                       "skipped": len(stream.skipped)}
+                       "skipped": skipped}
         sources = [{"file": s.checkpoint.path.name, "sha256": s.checkpoint.sha256, "classes": s.classes}
                    for s in self.sources]
+        if self.ranks.many:
+            self.timings["collectives"] = self.ranks.waited
         model.metadata = merge_metadata(spec=self.spec, stop=self.stop, method=o.method, params=params,
                                         calibration=calibration, sources=sources, heads=self.heads, spaces=spaces,
                                         dtype=dtype)

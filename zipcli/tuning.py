@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from .calibration import MIN_HOLDOUT
+from .distributed import SINGLE, Ranks
 
 MAX_BN_IMAGES = 64          # images for each candidate's BatchNorm reset (its cost dominates screening)
 FALLBACK = (0.3, 0.125)     # the paper's defaults, used when nothing can be held out
@@ -132,7 +133,8 @@ class TuningResult:
 
 
 def search(prepare: Callable[[Setting], tuple[Hashable, Callable[[], nn.Module]]], held: HeldOut,
-           settings: Sequence[Setting], on_trial: Callable[[Trial], None] | None = None) -> TuningResult:
+           settings: Sequence[Setting], on_screened: Callable[[int], None] | None = None,
+           ranks: Ranks = SINGLE) -> TuningResult:
     """Score every setting; the lowest score wins, ties go to the earlier setting.
 
     ``prepare(setting)`` gives a key for the setting's matching and a function
@@ -140,38 +142,63 @@ def search(prepare: Callable[[Setting], tuple[Hashable, Callable[[], nn.Module]]
     held-out set is large enough, every candidate is first screened on a stride
     of it and only the ``FINALISTS`` best are scored on all of it: the scoring
     passes are most of tuning's cost, and a screened-out candidate is rarely close.
+    With several ``ranks`` the distinct candidates are dealt out among them and
+    the scores summed, so every rank ends with the same result. ``on_screened(k)``:
+    k more settings are screened (progress).
     """
     n = len(held.targets)
     stride = SCREEN_EVERY if len(held.images) // SCREEN_EVERY >= MIN_SCREEN else 1
     screen_images, rest_images = held.images[::stride], _rest(held.images, stride)
     screen_targets = [t[::stride] for t in held.targets]
-    entries: dict[Hashable, dict] = {}      # per distinct matching: score, first index, screen logits, model
-    trials, keys = [], []
-    for i, s in enumerate(settings):
+    keys, makers = [], {}
+    for s in settings:
         key, make = prepare(s)
         keys.append(key)
-        if key not in entries:
-            model = make()
-            heads = head_outputs(model, screen_images, n)
-            entries[key] = {"score": score(heads, screen_targets), "first": i, "heads": heads, "model": model}
-            for e in _ranked(entries)[FINALISTS if stride > 1 else len(entries):]:
-                e["model"] = None           # can no longer be a finalist: free it
-        trials.append(Trial(s, entries[key]["score"], len(screen_images)))
-        if on_trial:
-            on_trial(trials[-1])
+        makers.setdefault(key, make)
+    distinct = list(makers)                 # in order of first appearance
+    first = {key: keys.index(key) for key in distinct}
+    mine: dict[Hashable, dict] = {}         # this rank's candidates: score, first index, screen logits, model
+
+    def screen() -> None:
+        for j, key in enumerate(distinct):
+            if ranks.owns(j):
+                model = makers[key]()
+                heads = head_outputs(model, screen_images, n)
+                mine[key] = {"score": score(heads, screen_targets), "first": first[key], "heads": heads, "model": model}
+                for e in _ranked(mine)[FINALISTS if stride > 1 else len(mine):]:
+                    e["model"] = None       # can no longer be a finalist: free it
+            if on_screened:             # the settings this matching stands for
+                on_screened(keys.count(key))
+
+    ranks.together(screen)
+    scores = dict(zip(distinct, _gathered(mine, distinct, ranks)))
+    trials = [Trial(s, scores[k], len(screen_images)) for s, k in zip(settings, keys)]
     if stride > 1:
+        finalists = sorted(distinct, key=lambda k: (scores[k], first[k]))[:FINALISTS]
         targets = [torch.cat([a, _rest(t, stride)]) for a, t in zip(screen_targets, held.targets)]
-        for e in _ranked(entries)[:FINALISTS]:
-            rest = head_outputs(e["model"], rest_images, n)
-            e["score"] = score([torch.cat([a, b]) for a, b in zip(e["heads"], rest)], targets)
-            e["final"] = True
-        trials = [Trial(t.setting, entries[k]["score"], len(held.images)) if entries[k].get("final") else t
+
+        def final() -> None:
+            for key in finalists:
+                if key in mine:
+                    e = mine[key]
+                    rest = head_outputs(e["model"], rest_images, n)
+                    e["score"] = score([torch.cat([a, b]) for a, b in zip(e["heads"], rest)], targets)
+
+        ranks.together(final)
+        final_scores = dict(zip(finalists, _gathered({k: mine[k] for k in finalists if k in mine}, finalists, ranks)))
+        trials = [Trial(t.setting, final_scores[k], len(held.images)) if k in final_scores else t
                   for t, k in zip(trials, keys)]
         finalists = [t for t in trials if t.images == len(held.images)]
     else:
         finalists = trials
     best = min(finalists, key=lambda t: t.score)   # min keeps the first of equal scores
     return TuningResult(trials, best.setting, len(held.images))
+
+
+def _gathered(entries: dict[Hashable, dict], keys: list[Hashable], ranks: Ranks) -> list[float]:
+    """Every rank's scores of ``keys`` (each scored by one rank), on every rank."""
+    local = torch.tensor([entries[k]["score"] if k in entries else 0.0 for k in keys], dtype=torch.float64)
+    return ranks.sum(local).tolist()
 
 
 def _ranked(entries: dict) -> list[dict]:
@@ -186,13 +213,13 @@ def _rest(x: torch.Tensor, stride: int) -> torch.Tensor:
 
 
 def tune(prepare: Callable[[Setting], tuple[Hashable, Callable[[], nn.Module]]], held: HeldOut | None,
-         settings: Sequence[Setting], fallback: Setting, report) -> TuningResult:
+         settings: Sequence[Setting], fallback: Setting, report, ranks: Ranks = SINGLE) -> TuningResult:
     """Search ``settings`` on ``held`` with progress on ``report``; without a held-out set, the
     fallback with the reason. The caller renders the result (``TuningResult.to_metadata``)."""
     if held is None:
         return TuningResult([], fallback, 0, reason=f"too few readable calibration images to hold out {MIN_HOLDOUT}")
     report.start("tuning alpha/beta", len(settings))
     try:
-        return search(prepare, held, settings, on_trial=lambda _trial: report.advance())
+        return search(prepare, held, settings, on_screened=report.advance, ranks=ranks)
     finally:
         report.done()
