@@ -144,7 +144,8 @@ def test_auto_never_reads_labels_or_held_out_images_for_correlations(pair, monke
         return real(models, spec, plan, stream, device, report)
 
     monkeypatch.setattr(zipcli.pipeline, "collect_correlations", spy)
-    result = merge(pair["paths"], pair["spec"], pair["calib"], MergeOptions(stop="layer2", alpha=None, beta=None))
+    result = merge(pair["paths"], pair["spec"], pair["calib"],
+                   MergeOptions(method="zipit", stop="layer2", alpha=None, beta=None))
     tuning = result.metadata["params"]["tuning"]
     assert result.metadata["calibration"]["held_out"] == 18 and tuning["held_out_images"] == 18
     assert len(seen["files"]) == 72 - 18 == result.metadata["calibration"]["num_images"]
@@ -160,7 +161,8 @@ def test_auto_is_deterministic_for_a_seed_and_recorded_by_the_cli(pair, tmp_path
     outs = [tmp_path / f"{i}.safetensors" for i in range(2)]
     for out in outs:
         r = runner.invoke(app, ["merge", *map(str, pair["paths"]), "--arch", "resnet20", "--calib", str(pair["calib"]),
-                                "--stop", "layer1", "--alpha", "auto", "--beta", "auto", "-o", str(out)])
+                                "--stop", "layer1", "--method", "zipit", "--alpha", "auto", "--beta", "auto", "-o",
+                                str(out)])
         assert r.exit_code == 0, r.output
         assert "chose alpha" in r.output and "divergence" in r.output
     assert outs[0].read_bytes() == outs[1].read_bytes()
@@ -176,7 +178,7 @@ def test_too_few_images_fall_back_with_a_warning(pair, tmp_path):
     calib = make_images(tmp_path / "few", 20, 32, seed=9)
     out = tmp_path / "m.safetensors"
     r = runner.invoke(app, ["merge", *map(str, pair["paths"]), "--arch", "resnet20", "--calib", str(calib),
-                            "--alpha", "auto", "--beta", "auto", "-o", str(out)])
+                            "--method", "zipit", "--alpha", "auto", "--beta", "auto", "-o", str(out)])
     assert r.exit_code == 0, r.output
     assert "too few to hold any out" in r.output
     params = json.loads(read_metadata(out)["params"])
@@ -185,18 +187,41 @@ def test_too_few_images_fall_back_with_a_warning(pair, tmp_path):
 
 
 def test_explicit_values_override_auto(pair, tmp_path):
-    result = merge(pair["paths"], pair["spec"], pair["calib"], MergeOptions(alpha=0.5, beta=0.25, stop="layer1"))
+    result = merge(pair["paths"], pair["spec"], pair["calib"],
+                   MergeOptions(method="zipit", alpha=0.5, beta=0.25, stop="layer1"))
     assert result.metadata["params"] == {"alpha": 0.5, "beta": 0.25}
     r = runner.invoke(app, ["merge", *map(str, pair["paths"]), "--arch", "resnet20", "--calib", str(pair["calib"]),
                             "--alpha", "x", "-o", str(tmp_path / "m.safetensors")])
     assert r.exit_code == 2 and "--alpha 'x'" in r.output and "auto" in r.output
 
 
-def test_auto_is_the_default_for_zipit_only(pair, tmp_path):
-    assert MergeOptions().tunes and not MergeOptions(method="permute").tunes
+def test_the_default_chooses_between_permute_and_zipit_and_says_why(pair, tmp_path, monkeypatch):
+    assert MergeOptions().method == "auto" and MergeOptions().tunes and not MergeOptions(method="permute").tunes
+    monkeypatch.setattr(zipcli.evaluate, "labelled_images", lambda *a, **k: pytest.fail("read labels"))
     out = tmp_path / "m.safetensors"
     r = runner.invoke(app, ["merge", *map(str, pair["paths"]), "--arch", "resnet20", "--calib", str(pair["calib"]),
                             "--stop", "layer1", "-o", str(out)])
     assert r.exit_code == 0, r.output
-    tuning = json.loads(read_metadata(out)["params"])["tuning"]
-    assert tuning["held_out_images"] >= MIN_HOLDOUT and tuning["candidates"]
+    meta = read_metadata(out)
+    params = json.loads(meta["params"])
+    choice = params["choice"]
+    lo, hi = choice["interval"]
+    assert lo <= choice["difference"] <= hi
+    assert choice["difference"] == pytest.approx(choice["zipit"]["divergence"] - choice["permute"]["divergence"], abs=1e-5)
+    assert meta["method"] == choice["chosen"] == ("zipit" if hi < 0 else "permute")        # conservative rule
+    assert (choice["zipit"]["alpha"], choice["zipit"]["beta"]) == (params["tuning"]["chosen"]["alpha"],
+                                                                   params["tuning"]["chosen"]["beta"])
+    assert f"chose {choice['chosen']}" in r.output and "95% interval" in r.output
+    shown = runner.invoke(app, ["inspect", str(out)])
+    assert "why" in shown.output and "95% interval" in shown.output
+
+
+def test_choice_rule_prefers_permute_unless_zipit_is_clearly_better():
+    from zipcli.tuning import MethodChoice, Setting as S
+
+    noise = torch.randn(400, generator=torch.Generator().manual_seed(0))
+    permute = 1.0 + noise.abs()
+    assert MethodChoice.from_divergences(S(1, 0.5), permute - 0.5, permute).method == "zipit"     # clearly lower
+    assert MethodChoice.from_divergences(S(1, 0.5), permute + 0.5, permute).method == "permute"
+    tied = permute + 0.3 * torch.randn(400, generator=torch.Generator().manual_seed(1))   # lower on average by chance?
+    assert MethodChoice.from_divergences(S(1, 0.5), tied - 0.001, permute).method == "permute"   # within its noise

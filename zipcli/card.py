@@ -15,6 +15,7 @@ from .specs.format import Preprocess
 
 CONFIG_FORMAT = "zipit-config/1"
 ACCURACY_HEADING = "## Accuracy"
+SETTING_KEYS = ("alpha", "beta")     # a method's own parameters (tuning and choice records are not)
 
 
 def card_paths(model_path: str | Path) -> tuple[Path, Path]:
@@ -31,7 +32,7 @@ def _input(pre: Preprocess) -> dict:
 
 
 def model_config(metadata: dict, pre: Preprocess) -> dict:
-    params = {k: v for k, v in metadata["params"].items() if k != "tuning"}
+    params = {k: v for k, v in metadata["params"].items() if k in SETTING_KEYS}
     return {
         "format": CONFIG_FORMAT, "architecture": metadata["spec_name"], "stop": metadata["stop"],
         "method": metadata["method"], "params": params, "dtype": metadata["dtype"],
@@ -45,11 +46,16 @@ def model_config(metadata: dict, pre: Preprocess) -> dict:
 
 def model_card(metadata: dict, pre: Preprocess, file_name: str, command: str | None = None) -> str:
     cal, params = metadata["calibration"], metadata["params"]
-    setting = ", ".join(f"{k} {v:g}" for k, v in params.items() if k != "tuning") or "no parameters"
-    tuning = params.get("tuning")
-    if tuning and tuning.get("candidates"):
+    setting = ", ".join(f"{k} {v:g}" for k, v in params.items() if k in SETTING_KEYS) or "no parameters"
+    tuning, choice = params.get("tuning"), params.get("choice")
+    if tuning and tuning.get("candidates") and metadata["method"] == "zipit":
         setting += (f" (chosen without labels among {len(tuning['candidates'])} candidates on "
                     f"{tuning['held_out_images']} held-out calibration images)")
+    if choice and "interval" in choice:
+        lo, hi = choice["interval"]
+        setting += (f"; chosen by the default over {'permute' if choice['chosen'] == 'zipit' else 'zipit'}: held-out "
+                    f"divergence zipit {choice['zipit']['divergence']:.4f}, permute "
+                    f"{choice['permute']['divergence']:.4f}, 95% interval of the difference {lo:+.4f} to {hi:+.4f}")
     pre = _input(pre)
     size = pre["input_size"][1]
     resize = f"resize the shorter side to {pre['resize']} px, " if pre["resize"] else ""

@@ -53,7 +53,10 @@ def merge_cmd(
                                        "layers become one head per model. Default: all but the classifiers. "
                                        "'output' also merges the classifiers (identical classes only). "
                                        "Each architecture's stops: zipit specs list."),
-    method: str = typer.Option("zipit", "--method", metavar="METHOD", help=f"Matching: {', '.join(METHODS)}."),
+    method: str = typer.Option("auto", "--method", metavar="METHOD", help=f"Matching: auto, {', '.join(METHODS)}. "
+                               "auto (default): permute, unless zipit (with --alpha/--beta, chosen or given) "
+                               "reproduces the sources better on held-out calibration images by more than the "
+                               "score's noise."),
     alpha: str = typer.Option("auto", "--alpha", metavar="FLOAT|auto", help="zipit: weight of an already merged feature's correlations "
                               "(repeated matching), in [0, 1]. 'auto' (default): chosen without labels on held-out "
                               "calibration images; 0.3 is the paper's value."),
@@ -118,12 +121,13 @@ def merge_cmd(
         leave(ranks)
         total = time.perf_counter() - t0
         summary = {"output": str(output), "spec": arch_spec.name, "stop": result.metadata["stop"],
-                   "method": method, "params": result.metadata["params"],
+                   "method": result.metadata["method"], "params": result.metadata["params"],
                    "heads": result.metadata["heads"], "calibration": result.metadata["calibration"],
                    "timings": {k: round(v, 3) for k, v in result.timings.items()} | {"total": round(total, 3)},
                    "spaces": result.metadata["spaces"], "beside": beside}
         if not quiet:
             _render_tuning(summary["params"].get("tuning"))
+            _render_choice(summary["params"].get("choice"))
             _render_merge_summary(summary)
         if json_out and ranks.main:
             print_json(summary)
@@ -143,6 +147,20 @@ def _render_tuning(tuning: dict | None) -> None:
               f"{tuning['held_out_images']} held-out calibration images)", soft_wrap=not err.is_terminal)
 
 
+def _render_choice(choice: dict | None) -> None:
+    """Why the default merged with permute or zipit: both divergences, their difference and its noise."""
+    if not choice:
+        return
+    if "interval" not in choice:
+        err.print(f"chose {choice['chosen']}: {choice['reason']}", soft_wrap=not err.is_terminal)
+        return
+    lo, hi = choice["interval"]
+    err.print(f"chose {choice['chosen']}: divergence zipit {choice['zipit']['divergence']:.4f}, permute "
+              f"{choice['permute']['divergence']:.4f}, difference {choice['difference']:+.4f} (95% interval "
+              f"{lo:+.4f} to {hi:+.4f} on {choice['held_out_images']} held-out images; zipit only if wholly below 0)",
+              soft_wrap=not err.is_terminal)
+
+
 def _render_merge_summary(s: dict) -> None:
     table = Table(title=None, show_edge=False, pad_edge=False)
     table.add_column("head")
@@ -155,7 +173,7 @@ def _render_merge_summary(s: dict) -> None:
     t = s["timings"]
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in t.items() if k != "total")
     cal = s["calibration"]
-    where = [f"{cal['held_out']} more held out to choose alpha and beta"] if cal["held_out"] else []
+    where = [f"{cal['held_out']} more held out for tuning"] if cal["held_out"] else []
     where += [f"{cal['skipped']} unreadable, skipped"] if cal["skipped"] else []
     also = f" (and {', '.join(escape(Path(p).name) for p in s['beside'])})" if s.get("beside") else ""
     err.print(f"[green]wrote[/] {escape(s['output'])}{also}: {s['method']} merge of {len(s['heads'])} heads "
@@ -200,19 +218,22 @@ def inspect_cmd(
 def _render_merged(f: dict) -> None:
     from .console import out
     cal, p, m = f["calibration"], f["parameters"], f["macs"]
-    tuning = f["params"].get("tuning")
-    params = ", ".join(f"{k} {v}" for k, v in f["params"].items() if k != "tuning") or "none"
+    tuning, choice = f["params"].get("tuning"), f["params"].get("choice")
+    params = ", ".join(f"{k} {v}" for k, v in f["params"].items() if k not in ("tuning", "choice")) or "none"
+    whose = "" if f["method"] == "zipit" else "zipit's alpha, beta "
     if tuning and tuning["candidates"]:
-        params += f"; tuned: lowest divergence of {len(tuning['candidates'])} candidates on " \
+        params += f"; {whose}tuned: lowest divergence of {len(tuning['candidates'])} candidates on " \
                   f"{tuning['held_out_images']} held-out images"
     elif tuning:
-        params += f"; not tuned: {tuning['reason']}"
+        params += f"; {whose}not tuned: {tuning['reason']}"
     out.print(f"[bold]{escape(f['file'])}[/]  ({f['format']}, written by zipit {f['zipit_version']})")
     facts = Table.grid(padding=(0, 2), pad_edge=True)   # values wrap on words inside their own column
     facts.add_column(no_wrap=True)
     facts.add_column()
     facts.add_row("architecture", f"{escape(str(f['spec']))}, shared up to [bold]{f['stop']}[/]")
     facts.add_row("method", f"{f['method']} ({escape(params)})")
+    if choice:
+        facts.add_row("why", escape(_choice_text(choice)))
     facts.add_row("calibration", f"{cal['num_images']} images from {escape(cal['folder'])}, seed {cal['seed']}, "
                   f"augment {'on' if cal['augment'] else 'off'}, BN reset {'on' if cal['reset_bn'] else 'off'}")
     for s in f["sources"]:
@@ -239,30 +260,51 @@ def _render_merged(f: dict) -> None:
         out.print(_tuning_grid(tuning))
 
 
+def _choice_text(choice: dict) -> str:
+    if "interval" not in choice:
+        return f"{choice['chosen']}: {choice['reason']}"
+    lo, hi = choice["interval"]
+    return (f"{choice['chosen']}: divergence zipit {choice['zipit']['divergence']:.4f} (alpha "
+            f"{choice['zipit']['alpha']:g}, beta {choice['zipit']['beta']:g}), permute "
+            f"{choice['permute']['divergence']:.4f}; difference {choice['difference']:+.4f}, 95% interval "
+            f"{lo:+.4f} to {hi:+.4f} on {choice['held_out_images']} held-out images (zipit only if wholly below 0)")
+
+
 def _tuning_grid(tuning: dict) -> Table:
-    """Candidates' held-out divergence as a beta x alpha grid: chosen in bold, screened out (scored on
-    fewer images) dimmed."""
+    """Candidates' held-out divergence as a beta x alpha grid, one row per beta: the screening score of
+    every candidate, then the finalists' scores on all held-out images (a screening score and a
+    final score are on different images and are not compared)."""
     alphas = sorted({c["alpha"] for c in tuning["candidates"]})
     full = tuning["held_out_images"]
-    grid = Table(title=f"alpha/beta tuning: divergence from the sources on {full} held-out images, chosen in bold "
-                 "(dim: screened out on fewer images)", title_justify="left", show_edge=False)
+    screened = min(c["images"] for c in tuning["candidates"])
+    two = screened < full
+    title = (f"alpha/beta tuning: divergence from the sources (lower is better); screened on {screened} held-out "
+             f"images, the finalists then on all {full}; chosen: *" if two else
+             f"alpha/beta tuning: divergence from the sources on {full} held-out images (lower is better); chosen: *")
+    grid = Table(title=title, title_justify="left", show_edge=False)
     grid.add_column("beta \\ alpha")
     for a in alphas:
         grid.add_column(f"{a:g}", justify="right")
     chosen = (tuning["chosen"]["alpha"], tuning["chosen"]["beta"])
+    kinds = [("screened", "screen_score"), ("final", "final")] if two else [("", "score")]
     for b in sorted({c["beta"] for c in tuning["candidates"]}):
         cells = {c["alpha"]: c for c in tuning["candidates"] if c["beta"] == b}
-        grid.add_row(f"{b:g}", *(_grid_cell(cells.get(a), (a, b) == chosen, full) for a in alphas))
+        for label, key in kinds:
+            grid.add_row(f"{b:g} {label}".strip(), *(_grid_cell(cells.get(a), key, full, (a, b) == chosen)
+                                                    for a in alphas))
     return grid
 
 
-def _grid_cell(candidate: dict | None, chosen: bool, full: int) -> str:
+def _grid_cell(candidate: dict | None, key: str, full: int, chosen: bool) -> str:
     if candidate is None:
         return "–"
-    text = f"{candidate['score']:.4f}"
-    if chosen:
-        return f"[bold]{text}[/]"
-    return f"[dim]{text}[/]" if candidate.get("images", full) < full else text
+    if key == "final":
+        value = candidate["score"] if candidate["images"] == full else None
+    else:
+        value = candidate.get(key, candidate["score"] if candidate["images"] < full else None)
+    if value is None:
+        return ""
+    return f"{value:.4f}{'*' if chosen and key != 'screen_score' else ''}"
 
 
 def _render_checkpoint(f: dict) -> None:

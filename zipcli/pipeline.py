@@ -26,9 +26,11 @@ from .merged import HeadInfo, MergedModel, merge_metadata, save_merged, skeleton
 from .report import LoggingReporter, Reporter
 from .specs.format import OUTPUT_STOP, Spec
 from .specs.graph import ModelGraph
-from .tuning import FALLBACK, MAX_BN_IMAGES, HeldOut, Setting, TuningResult, candidate_settings, tune
+from .tuning import (FALLBACK, MAX_BN_IMAGES, HeldOut, MethodChoice, Setting, TuningResult, candidate_settings,
+                     head_outputs, image_divergences, tune)
 from .zip import Zipper
 
+AUTO = "auto"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -37,7 +39,7 @@ class MergeOptions:
     """How to merge; defaults follow the paper and its data-usage appendix. Each field is also a
     ``zipit merge`` option of the same name (``num_calib`` is ``--num-calib``)."""
 
-    method: str = "zipit"
+    method: str = "auto"         # auto: permute, unless zipit is better by more than the score's noise
     alpha: float | None = None   # zipit: weight of a merged feature's correlations (repeated matching); None: tune
     beta: float | None = None    # zipit: share of merges allowed within one model; None: tune
     stop: str | None = None      # None: the spec's default (everything but the classifiers)
@@ -52,8 +54,14 @@ class MergeOptions:
 
     @property
     def tunes(self) -> bool:
-        """zipit with alpha or beta left open: chosen on held-out calibration images."""
-        return self.method == "zipit" and (self.alpha is None or self.beta is None)
+        """Something is chosen on held-out calibration images: the method (auto), or zipit's alpha
+        or beta left open."""
+        return self.method == AUTO or (self.method == "zipit" and (self.alpha is None or self.beta is None))
+
+    @property
+    def matching(self) -> str:
+        """The matching method of the settings searched: zipit's, for auto."""
+        return "zipit" if self.method == AUTO else self.method
 
     @property
     def fixed_setting(self) -> Setting:
@@ -62,9 +70,9 @@ class MergeOptions:
                        FALLBACK[1] if self.beta is None else self.beta)
 
     def validate(self, n_models: int) -> None:
-        if self.method not in METHODS:
-            raise ZipitError(f"unknown method {self.method!r}", f"valid methods (--method): {', '.join(METHODS)}")
-        if self.method == "zipit":
+        if self.method not in (AUTO, *METHODS):
+            raise ZipitError(f"unknown method {self.method!r}", f"valid methods (--method): {AUTO}, {', '.join(METHODS)}")
+        if self.matching == "zipit":
             check_zipit_params(self.alpha, self.beta, n_models)
         for name, value in (("num_calib", self.num_calib), ("batch_size", self.batch_size)):
             if value < 1:
@@ -99,7 +107,7 @@ def merge(checkpoints: list[str | Path], spec: Spec, calib: str | Path, options:
     this and gets the same result; let rank 0 alone save it."""
     job = MergeJob(checkpoints, spec, calib, options, report, ranks=ranks)
     job.calibrate()
-    return job.finish(job.choose_setting())
+    return job.finish(*job.choose())
 
 
 class MergeJob:
@@ -140,9 +148,11 @@ class MergeJob:
             stream = stream.with_files(fit_files)
             if not self.held_files and options.tunes:
                 fixed = options.fixed_setting
-                report.warn(f"only {len(stream)} calibration images: too few to hold any out for tuning alpha and "
-                            f"beta; using alpha {fixed.alpha:g}, beta {fixed.beta:g} (tuning needs {MIN_HOLDOUT} "
-                            f"images beyond the sample, or a sample of {4 * MIN_HOLDOUT} or more: num_calib, --num-calib)")
+                using = ("permute (the default needs held-out images to prefer zipit)" if options.method == AUTO
+                         else f"alpha {fixed.alpha:g}, beta {fixed.beta:g}")
+                report.warn(f"only {len(stream)} calibration images: too few to hold any out for tuning; using "
+                            f"{using} (tuning needs {MIN_HOLDOUT} images beyond the sample, or a sample of "
+                            f"{4 * MIN_HOLDOUT} or more: num_calib, --num-calib)")
         self.stream = stream                                    # every fit image
         self.shard = stream.with_files(ranks.shard(stream.files, options.batch_size))   # what this rank reads
         batches = -(-len(stream) // options.batch_size)
@@ -155,6 +165,7 @@ class MergeJob:
         self.correlations: dict[str, np.ndarray] = {}
         self.images_read = False
         self.tuning: TuningResult | None = None
+        self.choice: MethodChoice | None = None
         self.timings["load"] = time.perf_counter() - t0
 
     def use_stop(self, stop: str) -> None:
@@ -198,10 +209,10 @@ class MergeJob:
             self._warn_skipped()
         self.timings["calibration"] = time.perf_counter() - t
 
-    def match(self, setting: Setting) -> dict[str, Match]:
-        """Match every merged space with ``setting``."""
-        n = len(self.sources)
-        return {name: match(self.options.method, self.correlations.get(name, np.eye(n * self.graph.space_size[name])),
+    def match(self, setting: Setting, method: str | None = None) -> dict[str, Match]:
+        """Match every merged space with ``method`` (default: the options') and ``setting``."""
+        n, method = len(self.sources), method or self.options.matching
+        return {name: match(method, self.correlations.get(name, np.eye(n * self.graph.space_size[name])),
                             n, setting.alpha, setting.beta)
                 for name in self.plan.merged_spaces}
 
@@ -244,10 +255,31 @@ class MergeJob:
         """The fit images each tuning candidate's BatchNorm is reset on."""
         return self.stream.first(MAX_BN_IMAGES).to(self.options.device)
 
+    def choose(self) -> tuple[Setting, str]:
+        """(setting, method) to merge with: the options', or for auto, zipit's best setting if the
+        held-out evidence that it beats permute exceeds its noise, else permute (the simpler)."""
+        o = self.options
+        setting = self.choose_setting()
+        if o.method != AUTO:
+            return setting, o.method
+        held = self.held_out() if self.held_files else None
+        if held is None:
+            self.choice = MethodChoice.without_evidence(setting)
+            return setting, self.choice.method
+        t = time.perf_counter()
+        bn_images = self.bn_subset()
+        divergences = {}
+        for method in ("permute", "zipit"):
+            model = self.candidate(self.match(setting, method), bn_images)
+            divergences[method] = image_divergences(head_outputs(model, held.images, len(self.heads)), held.targets)
+        self.choice = MethodChoice.from_divergences(setting, divergences["zipit"], divergences["permute"])
+        self.timings["tuning"] = self.timings.get("tuning", 0.0) + time.perf_counter() - t
+        return setting, self.choice.method
+
     def choose_setting(self) -> Setting:
         """The options' alpha and beta, or, where left open, the best candidate on held-out images."""
         o = self.options
-        if not o.tunes:
+        if not o.tunes or (o.alpha is not None and o.beta is not None):
             return o.fixed_setting
         t = time.perf_counter()
         held = self.held_out() if self.held_files else None
@@ -262,11 +294,13 @@ class MergeJob:
             self.timings["tuning"] = time.perf_counter() - t
         return self.tuning.chosen
 
-    def finish(self, setting: Setting) -> MergeResult:
-        """The final merge with ``setting``: match, zip, BatchNorm reset on every fit image, metadata."""
+    def finish(self, setting: Setting, method: str | None = None) -> MergeResult:
+        """The final merge with ``method`` (default: the options') and ``setting``: match, zip,
+        BatchNorm reset on every fit image, metadata."""
         o, report = self.options, self.report
+        method = method or o.matching
         t = time.perf_counter()
-        matches = self.match(setting)
+        matches = self.match(setting, method)
         model = self.build(matches)
         spaces = [self._space_summary(name, matches[name]) for name in self.plan.merged_spaces]
         for s in spaces:
@@ -291,10 +325,12 @@ class MergeJob:
         first_dtype = next(v.dtype for v in self.sources[0].checkpoint.state_dict.values() if v.is_floating_point())
         dtype = o.dtype or next(k for k, v in DTYPES.items() if v == first_dtype)
         params: dict[str, object] = {}
-        if o.method == "zipit":
+        if method == "zipit":
             params = {"alpha": setting.alpha, "beta": setting.beta}
-            if self.tuning is not None:
-                params["tuning"] = self.tuning.to_metadata()
+        if self.tuning is not None and method in ("zipit", "permute"):
+            params["tuning"] = self.tuning.to_metadata()
+        if o.method == AUTO and self.choice is not None:
+            params["choice"] = self.choice.to_metadata()
         readable, skipped = self.shard.readable, len(self.shard.skipped)
         if self.ranks.many:     # every rank read its own shard
             readable, skipped = map(int, self.ranks.sum(torch.tensor([readable, skipped])).tolist())
@@ -306,7 +342,7 @@ class MergeJob:
                    for s in self.sources]
         if self.ranks.many:
             self.timings["collectives"] = self.ranks.waited
-        model.metadata = merge_metadata(spec=self.spec, stop=self.stop, method=o.method, params=params,
+        model.metadata = merge_metadata(spec=self.spec, stop=self.stop, method=method, params=params,
                                         calibration=calibration, sources=sources, heads=self.heads, spaces=spaces,
                                         dtype=dtype)
         return MergeResult(model.eval(), model.metadata, self.timings)

@@ -103,8 +103,8 @@ def sweep(checkpoints: Sequence[str | Path], spec: Spec, calib: str | Path,
     for stop in stops:
         job.use_stop(stop)
         for method in methods:
-            job.options, job.tuning = replace(base, method=method, stop=stop), None
-            result = job.finish(job.choose_setting())
+            job.options, job.tuning, job.choice = replace(base, method=method, stop=stop), None, None
+            result = job.finish(*job.choose())
             model, heads = result.model, job.heads
             accuracy = divergence = None
             if labelled is not None:

@@ -102,6 +102,30 @@ def divergence(heads: list[torch.Tensor], targets: list[torch.Tensor], claimed_o
     return sum(kls) / len(kls) if kls else 0.0
 
 
+def image_divergences(heads: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
+    """Per held-out image: KL(source || head) of the source that claims the image, weighted so that
+    the mean over images is ``score`` (each head counts equally, whatever it claims), so that two
+    candidates can be compared image by image."""
+    owner = claims(targets)
+    kl = torch.stack([(t.log_softmax(1).exp() * (t.log_softmax(1) - h.log_softmax(1))).sum(1)
+                      for h, t in zip(heads, targets)]).gather(0, owner[None]).squeeze(0)
+    counts = torch.bincount(owner, minlength=len(heads)).double()
+    weight = len(owner) / (int((counts > 0).sum()) * counts[owner])
+    return kl.double() * weight
+
+
+def paired_interval(a: torch.Tensor, b: torch.Tensor, level: float = 0.95, resamples: int = 2000,
+                    seed: int = 0) -> tuple[float, float]:
+    """Paired-bootstrap interval of mean(a - b) over images: how far the difference between two
+    candidates' scores could move with another draw of held-out images."""
+    diff = (a - b).double()
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(diff), (resamples, len(diff)), generator=gen)
+    means = diff[idx].mean(1)
+    tail = (1 - level) / 2
+    return float(means.quantile(tail)), float(means.quantile(1 - tail))
+
+
 def score(heads: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
     """The tuning criterion (lower is better): how far each head's predicted distribution is from
     its source's, on the images that source claims. Smoother than top-1 agreement, so a small
@@ -114,6 +138,7 @@ class Trial:
     setting: Setting
     score: float
     images: int                 # held-out images behind the score (screened-out candidates: fewer)
+    screen_score: float | None = None   # the score on the screening stride (finalists: before re-scoring)
 
 
 @dataclass
@@ -129,7 +154,50 @@ class TuningResult:
                 "held_out_images": self.held_out, "reason": self.reason,
                 "chosen": {"alpha": self.chosen.alpha, "beta": self.chosen.beta},
                 "candidates": [{"alpha": t.setting.alpha, "beta": t.setting.beta, "score": round(t.score, 6),
-                                "images": t.images} for t in self.trials]}
+                                "images": t.images,
+                                **({} if t.screen_score is None else {"screen_score": round(t.screen_score, 6)})}
+                               for t in self.trials]}
+
+
+@dataclass
+class MethodChoice:
+    """The default's choice between permute and zipit's best setting, and the evidence for it.
+
+    Permute is the simpler method and wins unless zipit's mean divergence on the held-out images
+    is lower by more than the score's noise: the whole paired-bootstrap interval of
+    (zipit - permute) must lie below 0.
+    """
+
+    method: str
+    setting: Setting
+    zipit: float | None = None          # mean per-image divergence on the held-out images
+    permute: float | None = None
+    interval: tuple[float, float] | None = None
+    images: int = 0
+
+    @classmethod
+    def from_divergences(cls, setting: Setting, zipit: torch.Tensor, permute: torch.Tensor) -> "MethodChoice":
+        lo, hi = paired_interval(zipit, permute, LEVEL)
+        return cls("zipit" if hi < 0 else "permute", setting, float(zipit.mean()), float(permute.mean()),
+                   (lo, hi), len(zipit))
+
+    @classmethod
+    def without_evidence(cls, setting: Setting) -> "MethodChoice":
+        return cls("permute", setting)
+
+    def to_metadata(self) -> dict:
+        rule = (f"permute unless zipit's mean divergence is lower with the whole {LEVEL:.0%} paired-bootstrap "
+                "interval of the difference below 0")
+        if self.interval is None:
+            return {"chosen": self.method, "rule": rule, "reason": "no held-out images: no evidence against permute"}
+        return {"chosen": self.method, "rule": rule, "held_out_images": self.images,
+                "zipit": {"alpha": self.setting.alpha, "beta": self.setting.beta, "divergence": round(self.zipit, 6)},
+                "permute": {"divergence": round(self.permute, 6)},
+                "difference": round(self.zipit - self.permute, 6),
+                "interval": [round(self.interval[0], 6), round(self.interval[1], 6)]}
+
+
+LEVEL = 0.95
 
 
 def search(prepare: Callable[[Setting], tuple[Hashable, Callable[[], nn.Module]]], held: HeldOut,
@@ -172,7 +240,7 @@ def search(prepare: Callable[[Setting], tuple[Hashable, Callable[[], nn.Module]]
 
     ranks.together(screen)
     scores = dict(zip(distinct, _gathered(mine, distinct, ranks)))
-    trials = [Trial(s, scores[k], len(screen_images)) for s, k in zip(settings, keys)]
+    trials = [Trial(s, scores[k], len(screen_images), scores[k]) for s, k in zip(settings, keys)]
     if stride > 1:
         finalists = sorted(distinct, key=lambda k: (scores[k], first[k]))[:FINALISTS]
         targets = [torch.cat([a, _rest(t, stride)]) for a, t in zip(screen_targets, held.targets)]
@@ -186,7 +254,7 @@ def search(prepare: Callable[[Setting], tuple[Hashable, Callable[[], nn.Module]]
 
         ranks.together(final)
         final_scores = dict(zip(finalists, _gathered({k: mine[k] for k in finalists if k in mine}, finalists, ranks)))
-        trials = [Trial(t.setting, final_scores[k], len(held.images)) if k in final_scores else t
+        trials = [Trial(t.setting, final_scores[k], len(held.images), t.screen_score) if k in final_scores else t
                   for t, k in zip(trials, keys)]
         finalists = [t for t in trials if t.images == len(held.images)]
     else:

@@ -1,0 +1,106 @@
+"""Issue 18's validation: on every pair, at every stop, the default against permute and the paper's values.
+
+Usage: python bench/validate_default.py [--pairs NAME,...] [--extra DIR] [--num-calib 512] [--test-limit N]
+
+Pairs: the zoo pair, the three pairs of the three-way zoo (../shared/zoo), and the pairs trained
+for this issue in --extra (see docs/tuning.md for how to recreate them). For each pair the
+calibration images (../shared/datasets/cifar10/train) go through the sources once; at each stop it
+merges (a) zipit with alpha and beta tuned without labels as the default does, (b) permute, (c) zipit
+with the paper's 0.3/0.125, and scores each on the test images (accuracy, never seen by the merge)
+and by the label-free divergence on the held-out calibration images, with its paired-bootstrap
+interval of (zipit tuned - permute). Prints one JSON line per (pair, stop) and a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from zipcli.evaluate import evaluate, labelled_batches, labelled_images
+from zipcli.pipeline import MergeJob, MergeOptions
+from zipcli.report import SilentReporter
+from zipcli.specs import load_spec
+from zipcli.tuning import FALLBACK, Setting, head_outputs, image_divergences, paired_interval
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+ZOO = SHARED / "zoo"
+PAIRS = {
+    "zoo a+b": (ZOO / "r20x1_c10a_s1.pt", ZOO / "r20x1_c10b_s2.pt"),
+    "x3 a+b": (ZOO / "r20x1_c10x3a_s21.pt", ZOO / "r20x1_c10x3b_s22.pt"),
+    "x3 a+c": (ZOO / "r20x1_c10x3a_s21.pt", ZOO / "r20x1_c10x3c_s23.pt"),
+    "x3 b+c": (ZOO / "r20x1_c10x3b_s22.pt", ZOO / "r20x1_c10x3c_s23.pt"),
+}
+EXTRA = {"p+q": ("r20x1_c10p_s31.pt", "r20x1_c10q_s32.pt"), "r+s": ("r20x1_c10r_s41.pt", "r20x1_c10s_s42.pt")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", default=None, help="comma-separated names (default: all found)")
+    ap.add_argument("--extra", default="/work/zoo-extra")
+    ap.add_argument("--num-calib", type=int, default=512)
+    ap.add_argument("--test-limit", type=int, default=None, help="test images per class (default: all 1000)")
+    args = ap.parse_args()
+    pairs = dict(PAIRS)
+    pairs.update({k: (Path(args.extra) / a, Path(args.extra) / b) for k, (a, b) in EXTRA.items()
+                  if (Path(args.extra) / a).is_file() and (Path(args.extra) / b).is_file()})
+    if args.pairs:
+        pairs = {k: pairs[k] for k in args.pairs.split(",")}
+    spec = load_spec("resnet20")
+    items = labelled_images(SHARED / "datasets/cifar10/test", args.test_limit)
+    test = list(labelled_batches(items, spec.input, 500))
+    rows = []
+    for name, (a, b) in pairs.items():
+        t0 = time.perf_counter()
+        base = MergeOptions(num_calib=args.num_calib, stop="layer3")
+        job = MergeJob([a, b], spec, SHARED / "datasets/cifar10/train", base, SilentReporter())
+        job.calibrate()
+        held, bn_images = job.held_out(), job.bn_subset()
+        names, classes = [s.checkpoint.name for s in job.sources], [s.classes for s in job.sources]
+        for stop in spec.stops:
+            job.use_stop(stop)
+            row = {"pair": name, "stop": stop}
+            runs = {"default": ("zipit", None), "permute": ("permute", Setting(*FALLBACK)),
+                    "paper": ("zipit", Setting(*FALLBACK))}
+            per_image = {}
+            for label, (method, setting) in runs.items():
+                job.options, job.tuning = replace(base, method=method, stop=stop), None
+                chosen = setting or job.choose_setting()
+                final = job.finish(chosen).model
+                acc = evaluate(final, test, names, classes)
+                candidate = job.candidate(job.match(chosen), bn_images)     # as tuning scores it
+                per_image[label] = image_divergences(head_outputs(candidate, held.images, 2), held.targets)
+                row[label] = {"avg": acc["avg_task"], "joint": acc["joint"],
+                              "divergence": float(per_image[label].mean()),
+                              **({"alpha": chosen.alpha, "beta": chosen.beta} if method == "zipit" else {})}
+            lo, hi = paired_interval(per_image["default"], per_image["permute"])
+            row["default_minus_permute"] = {"divergence": row["default"]["divergence"] - row["permute"]["divergence"],
+                                            "interval95": [lo, hi]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        print(f"# {name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    table(rows)
+
+
+def table(rows: list[dict]) -> None:
+    """The default (auto: zipit's tuned setting if its whole interval lies below permute, else
+    permute) beside tuned zipit, permute and the paper's values."""
+    print("\n| pair | stop | default (auto): pick, avg | zipit tuned (α/β) | permute | paper 0.3/0.125 | "
+          "divergence zipit − permute [95%] |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        d = r["default_minus_permute"]
+        pick = "zipit" if d["interval95"][1] < 0 else "permute"
+        auto = r["default" if pick == "zipit" else "permute"]["avg"]
+        print(f"| {r['pair']} | {r['stop']} | {pick}, {auto:.4f} ({auto - r['permute']['avg']:+.4f}) | "
+              f"{r['default']['avg']:.4f} ({r['default']['alpha']:g}/{r['default']['beta']:g}) | "
+              f"{r['permute']['avg']:.4f} | {r['paper']['avg']:.4f} | "
+              f"{d['divergence']:+.4f} [{d['interval95'][0]:+.4f}, {d['interval95'][1]:+.4f}] |")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()
