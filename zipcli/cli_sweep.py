@@ -25,7 +25,7 @@ def sweep_cmd(
     arch: Optional[str] = typer.Option(None, "--arch", metavar="NAME", help="Built-in architecture (zipit specs list)."),
     spec: Optional[Path] = typer.Option(None, "--spec", metavar="FILE", help="Your own architecture spec (YAML) instead of --arch."),
     method: Optional[List[str]] = typer.Option(None, "--method", metavar="METHOD", help=f"Method to sweep, repeatable "
-                                               f"({', '.join(METHODS)}). Default: zipit and permute."),
+                                               f"(auto, {', '.join(METHODS)}). Default: zipit and permute."),
     stop: Optional[List[str]] = typer.Option(None, "--stop", metavar="STOP", help="Stop to sweep, repeatable. Default: "
                                              "every stage stop of the architecture."),
     alpha: str = typer.Option("auto", "--alpha", metavar="FLOAT|auto", help="zipit's alpha, as in merge ('auto': "
