@@ -11,8 +11,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .console import (DEBUG, HELP_SETTINGS, QUIET, TRUST, RichReporter, auto_or_float, click_style_arguments, err,
-                      print_json, user_errors)
+from .console import (AUGMENT, BATCH_SIZE, DEBUG, HELP_SETTINGS, NUM_CALIB, QUIET, RESET_BN, SEED, TRUST,
+                      RichReporter, auto_or_float, click_style_arguments, err, print_json, user_errors)
 from .errors import ZipitError
 from .matching import METHODS
 from .specs import builtin_spec_names, load_spec
@@ -62,11 +62,11 @@ def merge_cmd(
                               "calibration images; 0.3 is the paper's value."),
     beta: str = typer.Option("auto", "--beta", metavar="FLOAT|auto", help="zipit: share of merges allowed within one model, in [0, 1], or "
                              "'auto' (default; see --alpha); 0.125 is the paper's value."),
-    num_calib: int = typer.Option(512, "--num-calib", metavar="N", help="Calibration images to sample (all if fewer)."),
-    seed: int = typer.Option(0, "--seed", metavar="N", help="Seed for sampling and augmentation."),
-    batch_size: int = typer.Option(64, "--batch-size", metavar="N", help="Images per forward pass."),
-    augment: bool = typer.Option(False, "--augment", metavar="", help="Random crop and flip on calibration images."),
-    reset_bn: bool = typer.Option(True, "--reset-bn/--no-reset-bn", metavar="", help="Recompute BatchNorm statistics after merging."),
+    num_calib: int = NUM_CALIB,
+    seed: int = SEED,
+    batch_size: int = BATCH_SIZE,
+    augment: bool = AUGMENT,
+    reset_bn: bool = RESET_BN,
     classes: Optional[List[str]] = typer.Option(None, "--classes", metavar="NAMES|FILE", help="Class names, once per checkpoint in order: "
                                                 "'a,b,c' or a file with one per line. Default: the checkpoint's "
                                                 "JSON sidecar, else class_0, class_1, ..."),

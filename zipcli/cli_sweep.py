@@ -8,7 +8,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .console import DEBUG, QUIET, TRUST, RichReporter, auto_or_float, err, out, print_json, user_errors
+from .console import (AUGMENT, BATCH_SIZE, DEBUG, NUM_CALIB, QUIET, RESET_BN, SEED, TRUST, RichReporter,
+                      auto_or_float, err, out, print_json, user_errors)
 from .errors import ZipitError
 from .matching import METHODS
 
@@ -31,11 +32,11 @@ def sweep_cmd(
     alpha: str = typer.Option("auto", "--alpha", metavar="FLOAT|auto", help="zipit's alpha, as in merge ('auto': "
                               "chosen without labels at each stop)."),
     beta: str = typer.Option("auto", "--beta", metavar="FLOAT|auto", help="zipit's beta, as in merge."),
-    num_calib: int = typer.Option(512, "--num-calib", metavar="N", help="Calibration images to sample (all if fewer)."),
-    seed: int = typer.Option(0, "--seed", metavar="N", help="Seed for sampling and augmentation."),
-    batch_size: int = typer.Option(64, "--batch-size", metavar="N", help="Images per forward pass."),
-    augment: bool = typer.Option(False, "--augment", metavar="", help="Random crop and flip on calibration images."),
-    reset_bn: bool = typer.Option(True, "--reset-bn/--no-reset-bn", metavar="", help="Recompute BatchNorm statistics after merging."),
+    num_calib: int = NUM_CALIB,
+    seed: int = SEED,
+    batch_size: int = BATCH_SIZE,
+    augment: bool = AUGMENT,
+    reset_bn: bool = RESET_BN,
     classes: Optional[List[str]] = typer.Option(None, "--classes", metavar="NAMES|FILE", help="Class names, once per "
                                                 "checkpoint, as in merge."),
     limit: Optional[int] = typer.Option(None, "--limit", metavar="N", help="At most N test images per class, for a quick look."),

@@ -25,6 +25,12 @@ TRUST = typer.Option(None, "--trust-builder", metavar="MODULE",
                           "torchvision's unless you trust the module here (e.g. --trust-builder mymodels).")
 QUIET = typer.Option(False, "--quiet", "-q", metavar="", help="No progress or summary on stderr.")
 DEBUG = typer.Option(False, "--debug", metavar="", help="Show Python tracebacks for errors.")
+# How calibration images are drawn and used: the same options in merge and sweep.
+NUM_CALIB = typer.Option(512, "--num-calib", metavar="N", help="Calibration images to sample (all if fewer).")
+SEED = typer.Option(0, "--seed", metavar="N", help="Seed for sampling and augmentation.")
+BATCH_SIZE = typer.Option(64, "--batch-size", metavar="N", help="Images per forward pass.")
+AUGMENT = typer.Option(False, "--augment", metavar="", help="Random crop and flip on calibration images.")
+RESET_BN = typer.Option(True, "--reset-bn/--no-reset-bn", metavar="", help="Recompute BatchNorm statistics after merging.")
 
 def click_style_arguments() -> None:
     """Show arguments as Click tools do (``CHECKPOINT...``), not as Typer's ``{checkpoints}...``
