@@ -1,11 +1,12 @@
-"""Benchmark 1 (and 3): whole `zipit merge` process against the forward-pass floor, same run.
+"""Benchmark 1 (and 3): whole `zipit merge` processes against the forward-pass floor, same run.
 
 Usage: python bench/merge_vs_floor.py [--arch resnet50] [--num-calib 256] [--batch-size 64]
            [--calib DIR] [--zoo]
 
 Without --zoo, two randomly initialised models of --arch are written to a temporary folder (timing
 does not depend on the weights). With --zoo, the zoo's ResNet-20 pair is used. Prints the phase
-times of the merge (from its --json summary), the floor's, the ratio, and peak resident memory of
+times of two merges (from their --json summaries): with default options, and with fixed values
+(--method zipit --alpha 0.3 --beta 0.125); the floor's; each ratio; and peak resident memory of
 each process (from the kernel's rusage of the child) next to the size of the input checkpoints.
 """
 from __future__ import annotations
@@ -64,21 +65,25 @@ def main() -> None:
         common = ["--calib", a.calib, "--num-calib", str(a.num_calib), "--batch-size", str(a.batch_size)]
         floor_cmd = [sys.executable, str(HERE / "floor.py"), "--arch", a.arch, *common, *ckpts]
         merge_cmd = [sys.executable, "-m", "zipcli", "merge", *ckpts, "--arch", a.arch, *common, "--quiet",
-                     "--json", "--alpha", "0.3", "--beta", "0.125", "-o", str(Path(d) / "out.safetensors"), "--force"]
+                     "--json", "-o", str(Path(d) / "out.safetensors"), "--force"]
         if a.no_reset_bn:
             merge_cmd.append("--no-reset-bn")
+        fixed_cmd = merge_cmd + ["--method", "zipit", "--alpha", "0.3", "--beta", "0.125"]
         floor_wall, floor_mem, floor_out = timed(floor_cmd)
-        merge_wall, merge_mem, merge_out = timed(merge_cmd)
-    floor, merge = json.loads(floor_out), json.loads(merge_out)
+        runs = [("default", *timed(merge_cmd)), ("fixed", *timed(fixed_cmd))]
+    floor = json.loads(floor_out)
     print(f"{a.arch}: {a.num_calib} images, batch {a.batch_size}, reset BN {not a.no_reset_bn}, torch threads "
           f"{os.environ.get('OMP_NUM_THREADS', 'default')}")
     print(f"floor  {floor_wall:7.1f} s  (start-up+load {floor['startup_and_load']:.1f}, decode {floor['decode']:.1f}, "
           f"forward {floor['forward']:.1f})  peak RSS {floor_mem:.0f} MiB")
-    phases = ", ".join(f"{k} {v:.1f}" for k, v in merge["timings"].items() if k != "total")
-    print(f"merge  {merge_wall:7.1f} s  (in-process {merge['timings']['total']:.1f}: {phases})  "
-          f"peak RSS {merge_mem:.0f} MiB")
-    print(f"ratio merge/floor {merge_wall / floor_wall:.2f}; input checkpoints {size_mib:.0f} MiB")
-
+    for label, wall, mem, out in runs:
+        merge = json.loads(out)
+        phases = ", ".join(f"{k} {v:.1f}" for k, v in merge["timings"].items() if k != "total")
+        chose = merge["method"] + ("" if "choice" not in merge["params"] else
+                                   f" ({merge['params']['choice'].get('reason') or 'on held-out evidence'})")
+        print(f"merge ({label}: {chose})  {wall:7.1f} s  (in-process {merge['timings']['total']:.1f}: {phases})  "
+              f"peak RSS {mem:.0f} MiB;  merge/floor {wall / floor_wall:.2f}")
+    print(f"input checkpoints {size_mib:.0f} MiB")
 
 if __name__ == "__main__":
     main()

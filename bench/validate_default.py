@@ -5,10 +5,10 @@ Usage: python bench/validate_default.py [--pairs NAME,...] [--extra DIR] [--num-
 Pairs: the zoo pair, the three pairs of the three-way zoo (../shared/zoo), and the pairs trained
 for this issue in --extra (see docs/tuning.md for how to recreate them). For each pair the
 calibration images (../shared/datasets/cifar10/train) go through the sources once; at each stop it
-merges (a) zipit with alpha and beta tuned without labels as the default does, (b) permute, (c) zipit
-with the paper's 0.3/0.125, and scores each on the test images (accuracy, never seen by the merge)
-and by the label-free divergence on the held-out calibration images, with its paired-bootstrap
-interval of (zipit tuned - permute). Prints one JSON line per (pair, stop) and a markdown table.
+makes the default's choice exactly as `zipit merge` does (its tuning plan, zipit's tuned setting, and the
+paired-bootstrap interval of zipit - permute on the held-out calibration images), then merges (a) the
+default, (b) zipit with the tuned setting, (c) permute, (d) zipit with the paper's 0.3/0.125, and scores
+each on the test images (never seen by the merge). Prints one JSON line per (pair, stop) and a table.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from zipcli.evaluate import evaluate, labelled_batches, labelled_images
 from zipcli.pipeline import MergeJob, MergeOptions
 from zipcli.report import SilentReporter
 from zipcli.specs import load_spec
-from zipcli.tuning import FALLBACK, Setting, head_outputs, image_divergences, paired_interval
+from zipcli.tuning import FALLBACK, Setting
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 ZOO = SHARED / "zoo"
@@ -58,27 +58,20 @@ def main() -> None:
         base = MergeOptions(num_calib=args.num_calib, stop="layer3")
         job = MergeJob([a, b], spec, SHARED / "datasets/cifar10/train", base, SilentReporter())
         job.calibrate()
-        held, bn_images = job.held_out(), job.bn_subset()
         names, classes = [s.checkpoint.name for s in job.sources], [s.classes for s in job.sources]
         for stop in spec.stops:
             job.use_stop(stop)
             row = {"pair": name, "stop": stop}
-            runs = {"default": ("zipit", None), "permute": ("permute", Setting(*FALLBACK)),
-                    "paper": ("zipit", Setting(*FALLBACK))}
-            per_image = {}
-            for label, (method, setting) in runs.items():
-                job.options, job.tuning = replace(base, method=method, stop=stop), None
-                chosen = setting or job.choose_setting()
-                final = job.finish(chosen).model
-                acc = evaluate(final, test, names, classes)
-                candidate = job.candidate(job.match(chosen), bn_images)     # as tuning scores it
-                per_image[label] = image_divergences(head_outputs(candidate, held.images, 2), held.targets)
-                row[label] = {"avg": acc["avg_task"], "joint": acc["joint"],
-                              "divergence": float(per_image[label].mean()),
-                              **({"alpha": chosen.alpha, "beta": chosen.beta} if method == "zipit" else {})}
-            lo, hi = paired_interval(per_image["default"], per_image["permute"])
-            row["default_minus_permute"] = {"divergence": row["default"]["divergence"] - row["permute"]["divergence"],
-                                            "interval95": [lo, hi]}
+            job.options, job.tuning, job.choice = replace(base, stop=stop), None, None
+            setting, method = job.choose()                  # exactly what a default merge does
+            choice = job.choice.to_metadata()
+            runs = {"default": (method, setting), "zipit tuned": ("zipit", setting),
+                    "permute": ("permute", Setting(*FALLBACK)), "paper": ("zipit", Setting(*FALLBACK))}
+            for label, (m, s) in runs.items():
+                acc = evaluate(job.finish(s, m).model, test, names, classes)
+                row[label] = {"method": m, "avg": acc["avg_task"], "joint": acc["joint"],
+                              **({"alpha": s.alpha, "beta": s.beta} if m == "zipit" else {})}
+            row["choice"], row["plan"] = choice, job.tuning.plan.to_metadata()
             rows.append(row)
             print(json.dumps(row), flush=True)
         print(f"# {name}: {time.perf_counter() - t0:.0f} s", flush=True)
@@ -86,20 +79,18 @@ def main() -> None:
 
 
 def table(rows: list[dict]) -> None:
-    """The default (auto: zipit's tuned setting if its whole interval lies below permute, else
-    permute) beside tuned zipit, permute and the paper's values."""
-    print("\n| pair | stop | default (auto): pick, avg | zipit tuned (α/β) | permute | paper 0.3/0.125 | "
-          "divergence zipit − permute [95%] |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    """The default (what ``zipit merge`` chose, and its evidence) beside tuned zipit, permute and the
+    paper's values."""
+    print("\n| pair | stop | default: pick, avg (− permute) | zipit tuned (α/β) | permute | paper 0.3/0.125 | "
+          "held-out, rounds | divergence zipit − permute [95%] |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        d = r["default_minus_permute"]
-        pick = "zipit" if d["interval95"][1] < 0 else "permute"
-        auto = r["default" if pick == "zipit" else "permute"]["avg"]
-        print(f"| {r['pair']} | {r['stop']} | {pick}, {auto:.4f} ({auto - r['permute']['avg']:+.4f}) | "
-              f"{r['default']['avg']:.4f} ({r['default']['alpha']:g}/{r['default']['beta']:g}) | "
-              f"{r['permute']['avg']:.4f} | {r['paper']['avg']:.4f} | "
-              f"{d['divergence']:+.4f} [{d['interval95'][0]:+.4f}, {d['interval95'][1]:+.4f}] |")
-
+        c, d, z = r["choice"], r["default"], r["zipit tuned"]
+        evidence = (f"{c['difference']:+.4f} [{c['interval'][0]:+.4f}, {c['interval'][1]:+.4f}]" if "interval" in c
+                    else c["reason"])
+        print(f"| {r['pair']} | {r['stop']} | {d['method']}, {d['avg']:.4f} ({d['avg'] - r['permute']['avg']:+.4f}) | "
+              f"{z['avg']:.4f} ({z['alpha']:g}/{z['beta']:g}) | {r['permute']['avg']:.4f} | {r['paper']['avg']:.4f} | "
+              f"{r['plan']['held_out_images']}, {r['plan']['rounds']} | {evidence} |")
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

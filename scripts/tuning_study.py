@@ -80,7 +80,7 @@ def main() -> None:
         def run(label_a, label_b, setting, matches):
             key = tuple(m.assign.tobytes() for m in matches.values())
             if key not in seen:
-                heads = head_outputs(job.candidate(matches, bn_images), held.images, len(held.targets))
+                heads = head_outputs(job.scorer(matches, bn_images), held.images, len(held.targets))
                 final = job.build(matches) if setting is None else job.finish(setting).model
                 if setting is None:                  # permute: the same final BN reset as finish()
                     reset_batchnorm(final, job.stream.batches(), "cpu")

@@ -12,8 +12,8 @@ from zipcli import MergeOptions, merge
 from zipcli.cli import app
 from zipcli.merged import read_metadata
 from zipcli.calibration import HOLDOUT, MIN_HOLDOUT, split_holdout
-from zipcli.tuning import (FINALISTS, MIN_SCREEN, SCREEN_EVERY, HeldOut, Setting, agreement, candidate_settings,
-                           claims, divergence, search)
+from zipcli.tuning import (KEEP, HeldOut, Setting, TuningPlan, agreement, candidate_settings, claims, divergence,
+                           plan_tuning, search)
 
 from conftest import make_images, random_model, save_checkpoint, small_spec
 from typer.testing import CliRunner
@@ -42,7 +42,9 @@ def test_held_out_images_are_spare_folder_images_when_there_are_any():
 def test_without_spare_images_a_seeded_share_of_the_sample_is_held_out():
     files = [f"f{i}" for i in range(200)]
     fit, held = split_holdout(files, files, 0)
-    assert len(held) == 50 and not set(fit) & set(held) and sorted(fit + held) == sorted(files)
+    assert len(held) == 48 and not set(fit) & set(held) and sorted(fit + held) == sorted(files)   # whole 16s
+    assert held != sorted(held)                             # a random order: any prefix is a random sample
+    assert split_holdout(files, files, 0, limit=16)[1] == held[:16]
     assert (fit, held) == split_holdout(files, files, 0) and held != split_holdout(files, files, 1)[1]
     small = files[: 4 * MIN_HOLDOUT - 1]
     assert split_holdout(small, small, 0) == (small, [])
@@ -95,20 +97,20 @@ def test_search_takes_the_first_best_and_scores_each_distinct_matching_once():
         return key, lambda: built.append(s) or Fixed(key)
 
     settings = [Setting(1.0, 0.0), Setting(0.3, 0.125), Setting(1.0, 0.125), Setting(0.3, 0.25)]
-    result = search(prepare, held, settings)
+    result = search(prepare, held, settings, TuningPlan(4, (4,), False, 0, 0), Setting(0.3, 0.125))
     assert result.chosen == Setting(0.3, 0.125) and len(built) == 2
     scores = [t.score for t in result.trials]
     assert scores[0] > 0 and scores[1] == scores[2] == scores[3] == pytest.approx(0.0, abs=1e-6)
 
 
-def test_large_held_out_sets_screen_on_a_stride_then_rescore_the_finalists_on_all_images():
-    n = SCREEN_EVERY * MIN_SCREEN
+def test_successive_halving_keeps_the_best_of_round_one_and_chooses_on_more_images():
+    n = 128
     targets = torch.randn(n, 3)
     held = HeldOut(torch.arange(n, dtype=torch.float32)[:, None], [targets])
-    built = []
+    built, seen = [], {}
 
     class Noisy(torch.nn.Module):
-        """Source logits plus noise that grows with k; candidate 0 is only good on the screening stride."""
+        """Source logits plus noise that grows with k; candidate 0 is only good on the first 16 images."""
 
         def __init__(self, k):
             super().__init__()
@@ -116,18 +118,35 @@ def test_large_held_out_sets_screen_on_a_stride_then_rescore_the_finalists_on_al
 
         def forward(self, x):
             rows = x[:, 0].long()
+            seen.setdefault(self.k, []).extend(rows.tolist())
             noise = torch.randn(len(rows), 3, generator=torch.Generator().manual_seed(self.k)) * (0.1 + self.k)
             if self.k == 0:
-                noise[rows % SCREEN_EVERY != 0] = 50.0 * torch.randn(int((rows % SCREEN_EVERY != 0).sum()), 3)
+                noise[rows >= 16] = 50.0 * torch.randn(int((rows >= 16).sum()), 3)
             return [targets[rows] + noise]
 
     settings = [Setting(1.0, b) for b in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)]
-    result = search(lambda s: (s.beta, lambda: built.append(s) or Noisy(settings.index(s))), held, settings)
+    plan = TuningPlan(128, (16, 64), False, 0, 0)
+    result = search(lambda s: (s.beta, lambda: built.append(s) or Noisy(settings.index(s))), held, settings, plan,
+                    Setting(0.3, 0.125))
     assert len(built) == len(settings)                       # each candidate built once
-    full = [t for t in result.trials if t.images == n]
-    assert len(full) == FINALISTS and all(t.images == n // SCREEN_EVERY for t in result.trials if t not in full)
-    # candidate 0 wins the screening but loses on all images: the choice is the best finalist on all images
-    assert Setting(1.0, 0.0) in [t.setting for t in full] and result.chosen == Setting(1.0, 0.1)
+    on = [t for t in result.trials if t.images == 64]
+    assert len(on) == KEEP and all(t.images == 16 for t in result.trials if t not in on)
+    assert all(t.screen_score is not None for t in on)
+    # a candidate that goes on is only run on the images it has not seen
+    assert all(sorted(rows) == list(range(len(rows))) for rows in seen.values())
+    # candidate 0 wins round 1 but loses on more images: the choice is the best on the last round's images
+    assert Setting(1.0, 0.0) in [t.setting for t in on] and result.chosen == Setting(1.0, 0.1)
+
+
+def test_the_plan_fits_the_budget_and_gives_big_models_no_search():
+    small = plan_tuning(2.5e11, 82e6, 57e6, 512, 17, compare=True)          # the zoo pair at layer2
+    assert small.held == 512 and len(small.rounds) == 2 and small.macs <= small.budget
+    tight = plan_tuning(1.2e11, 82e6, 57e6, 512, 17, compare=True)
+    assert tight.macs <= 1.2e11 and 0 < tight.held < 512
+    big = plan_tuning(6.3e11, 8.2e9, 4.1e9, 512, 17, compare=True)          # two ResNet-50s at 224 px
+    assert big.held == 0 and big.macs == 0
+    assert plan_tuning(1e30, 1, 1, 10, 17, compare=True).held == 0          # fewer held-out images than 16
+    assert plan_tuning(1e30, 1, 1, 40, 17, compare=False).held == 32
 
 
 def test_auto_never_reads_labels_or_held_out_images_for_correlations(pair, monkeypatch):
@@ -147,8 +166,8 @@ def test_auto_never_reads_labels_or_held_out_images_for_correlations(pair, monke
     result = merge(pair["paths"], pair["spec"], pair["calib"],
                    MergeOptions(method="zipit", stop="layer2", alpha=None, beta=None))
     tuning = result.metadata["params"]["tuning"]
-    assert result.metadata["calibration"]["held_out"] == 18 and tuning["held_out_images"] == 18
-    assert len(seen["files"]) == 72 - 18 == result.metadata["calibration"]["num_images"]
+    assert result.metadata["calibration"]["held_out"] == 16 and tuning["held_out_images"] == 16   # whole 16s
+    assert len(seen["files"]) == 72 - 16 == result.metadata["calibration"]["num_images"]
     assert len(tuning["candidates"]) == len(candidate_settings(2))
     chosen = tuning["chosen"]
     assert (chosen["alpha"], chosen["beta"]) == (result.metadata["params"]["alpha"], result.metadata["params"]["beta"])

@@ -162,24 +162,26 @@ def calibration_stream(folder: str | Path, preprocess: Preprocess, num: int, see
     return ImageStream(files, preprocess, batch_size=batch_size, augment=augment, seed=seed)
 
 
-def split_holdout(all_files: Sequence, sample: Sequence, seed: int) -> tuple[list, list]:
-    """(fit, held-out) files for tuning.
+def split_holdout(all_files: Sequence, sample: Sequence, seed: int, limit: int | None = None) -> tuple[list, list]:
+    """(fit, held-out) files for tuning; the held-out ones in a seeded random order, so that any
+    prefix of them is a random sample.
 
     The held-out images are spare images of the folder, outside the calibration
     sample, so correlations still use the whole sample and the tuned merge equals
     a merge with the chosen values. A folder without ``MIN_HOLDOUT`` spare images
     gives up a seeded share of the sample instead, and a sample too small to
-    spare ``MIN_HOLDOUT`` gives an empty held-out list.
+    spare ``MIN_HOLDOUT`` gives an empty held-out list. ``limit``: at most this many
+    (what tuning can afford to score).
     """
+    most = HOLDOUT if limit is None else min(HOLDOUT, limit)
     gen = torch.Generator().manual_seed(seed + 1)
     chosen = set(sample)
     spare = [f for f in all_files if f not in chosen]
     if len(spare) >= MIN_HOLDOUT:
-        order = torch.randperm(len(spare), generator=gen)[:HOLDOUT].sort().values.tolist()
-        return list(sample), [spare[i] for i in order]
-    n_held = min(HOLDOUT, int(len(sample) * HOLDOUT_FRACTION))
+        return list(sample), [spare[i] for i in torch.randperm(len(spare), generator=gen)[:most].tolist()]
+    n_held = min(most, int(len(sample) * HOLDOUT_FRACTION)) // MIN_HOLDOUT * MIN_HOLDOUT
     if n_held < MIN_HOLDOUT:
         return list(sample), []
-    held = set(torch.randperm(len(sample), generator=gen)[:n_held].tolist())
-    return ([f for i, f in enumerate(sample) if i not in held],
-            [f for i, f in enumerate(sample) if i in held])
+    order = torch.randperm(len(sample), generator=gen)[:n_held].tolist()
+    held = set(order)
+    return [f for i, f in enumerate(sample) if i not in held], [sample[i] for i in order]

@@ -134,14 +134,14 @@ def merge_cmd(
 
 
 def _render_tuning(tuning: dict | None) -> None:
-    """Every candidate's held-out divergence, the finalists re-scored on all held-out images, the choice."""
+    """Every candidate's held-out divergence (those that went on to more images marked), the choice."""
     if not tuning or not tuning["candidates"]:
         return
     fewest = min(c["images"] for c in tuning["candidates"])
     for c in tuning["candidates"]:
-        final = c["images"] == tuning["held_out_images"] and c["images"] > fewest
+        went_on = c["images"] > fewest
         err.print(f"  alpha {c['alpha']:<5g} beta {c['beta']:<7g} divergence {c['score']:.4f} ({c['images']} images"
-                  f"{', finalist' if final else ''})", soft_wrap=not err.is_terminal)
+                  f"{', went on' if went_on else ''})", soft_wrap=not err.is_terminal)
     chosen = tuning["chosen"]
     err.print(f"chose alpha {chosen['alpha']:g}, beta {chosen['beta']:g} (lowest divergence from the sources on "
               f"{tuning['held_out_images']} held-out calibration images)", soft_wrap=not err.is_terminal)
@@ -271,37 +271,38 @@ def _choice_text(choice: dict) -> str:
 
 
 def _tuning_grid(tuning: dict) -> Table:
-    """Candidates' held-out divergence as a beta x alpha grid, one row per beta: the screening score of
-    every candidate, then the finalists' scores on all held-out images (a screening score and a
-    final score are on different images and are not compared)."""
+    """Candidates' held-out divergence as a beta x alpha grid, one row per beta: every candidate's
+    round-1 score, then the last score of those that went on to more images (scores on different
+    numbers of images are not compared)."""
     alphas = sorted({c["alpha"] for c in tuning["candidates"]})
-    full = tuning["held_out_images"]
     screened = min(c["images"] for c in tuning["candidates"])
+    full = max(c["images"] for c in tuning["candidates"])
     two = screened < full
-    title = (f"alpha/beta tuning: divergence from the sources (lower is better); screened on {screened} held-out "
-             f"images, the finalists then on all {full}; chosen: *" if two else
+    title = (f"alpha/beta tuning: divergence from the sources (lower is better); every candidate on {screened} "
+             f"held-out images, the best then on more (up to {full}); chosen: *" if two else
              f"alpha/beta tuning: divergence from the sources on {full} held-out images (lower is better); chosen: *")
     grid = Table(title=title, title_justify="left", show_edge=False)
     grid.add_column("beta \\ alpha")
     for a in alphas:
         grid.add_column(f"{a:g}", justify="right")
     chosen = (tuning["chosen"]["alpha"], tuning["chosen"]["beta"])
-    kinds = [("screened", "screen_score"), ("final", "final")] if two else [("", "score")]
+    kinds = [("round 1", "screen_score"), ("more images", "final")] if two else [("", "score")]
     for b in sorted({c["beta"] for c in tuning["candidates"]}):
         cells = {c["alpha"]: c for c in tuning["candidates"] if c["beta"] == b}
         for label, key in kinds:
-            grid.add_row(f"{b:g} {label}".strip(), *(_grid_cell(cells.get(a), key, full, (a, b) == chosen)
+            grid.add_row(f"{b:g} {label}".strip(), *(_grid_cell(cells.get(a), key, screened, (a, b) == chosen)
                                                     for a in alphas))
     return grid
 
 
-def _grid_cell(candidate: dict | None, key: str, full: int, chosen: bool) -> str:
+def _grid_cell(candidate: dict | None, key: str, screened: int, chosen: bool) -> str:
     if candidate is None:
         return "–"
+    went_on = candidate["images"] > screened
     if key == "final":
-        value = candidate["score"] if candidate["images"] == full else None
+        value = candidate["score"] if went_on else None
     else:
-        value = candidate.get(key, candidate["score"] if candidate["images"] < full else None)
+        value = candidate.get(key, None if went_on else candidate["score"])
     if value is None:
         return ""
     return f"{value:.4f}{'*' if chosen and key != 'screen_score' else ''}"

@@ -13,31 +13,11 @@ import torch
 import torch.nn as nn
 
 from .checkpoints import read_state_dict, sha256_of
+from .macs import count_macs
 from .errors import ZipitError
 from .merged import is_merged_file, load_merged, read_metadata
 from .specs import builtin_spec_names, load_spec
 from .specs.builders import build_model
-
-
-@torch.no_grad()
-def count_macs(model: nn.Module, size: int) -> int:
-    """Multiply-accumulates of convolutions and linear layers for one ``3 x size x size`` input."""
-    total = 0
-
-    def hook(m, args, out):
-        nonlocal total
-        if isinstance(m, nn.Conv2d):
-            total += out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-        else:
-            total += out.numel() * m.in_features
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        model.eval()(torch.zeros(1, 3, size, size))
-    finally:
-        for h in handles:
-            h.remove()
-    return total
 
 
 def _params(module: nn.Module) -> int:

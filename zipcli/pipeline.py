@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .bn import reset_batchnorm
-from .calibration import MIN_HOLDOUT, ImageStream, list_images, sample_images, split_holdout
+from .calibration import HOLDOUT, MIN_HOLDOUT, ImageStream, list_images, sample_images, split_holdout
 from .card import card_files
 from .checkpoints import load_sources
 from .correlation import collect_correlations, sum_over_ranks
@@ -26,8 +26,9 @@ from .merged import HeadInfo, MergedModel, merge_metadata, save_merged, skeleton
 from .report import LoggingReporter, Reporter
 from .specs.format import OUTPUT_STOP, Spec
 from .specs.graph import ModelGraph
-from .tuning import (FALLBACK, MAX_BN_IMAGES, HeldOut, MethodChoice, Setting, TuningResult, candidate_settings,
-                     head_outputs, image_divergences, tune)
+from .macs import count_macs
+from .tuning import (FALLBACK, HeldOut, MethodChoice, Setting, TuningPlan, TuningResult, candidate_settings,
+                     BN_IMAGES, plan_tuning, tune, tuning_budget)
 from .zip import Zipper
 
 AUTO = "auto"
@@ -143,10 +144,13 @@ class MergeJob:
             report.warn(f"{calib} holds {len(stream)} images, fewer than the {options.num_calib} asked for "
                         "(num_calib, --num-calib): using all of them")
         self.held_files: list[Path] = []
+        self._templates: dict[str, tuple[MergedModel, int]] = {}
+        self.source_macs = sum(count_macs(s.model, spec.input.size) for s in self.sources)
         if options.tunes if hold_out is None else hold_out:
-            fit_files, self.held_files = split_holdout(all_files, stream.files, options.seed)
+            limit = self.plan_tuning(len(stream)).held if hold_out is None else None   # what tuning can afford
+            fit_files, self.held_files = split_holdout(all_files, stream.files, options.seed, limit)
             stream = stream.with_files(fit_files)
-            if not self.held_files and options.tunes:
+            if not self.held_files and options.tunes and limit != 0:
                 fixed = options.fixed_setting
                 using = ("permute (the default needs held-out images to prefer zipit)" if options.method == AUTO
                          else f"alpha {fixed.alpha:g}, beta {fixed.beta:g}")
@@ -163,6 +167,7 @@ class MergeJob:
         self._warned_skips = 0
         self.states = [{k: v.detach().cpu() for k, v in s.model.state_dict().items()} for s in self.sources]
         self.correlations: dict[str, np.ndarray] = {}
+        self._held: HeldOut | None = None
         self.images_read = False
         self.tuning: TuningResult | None = None
         self.choice: MethodChoice | None = None
@@ -219,80 +224,108 @@ class MergeJob:
     def build(self, matches: dict[str, Match]) -> MergedModel:
         """Zip the sources into a new model along ``matches`` (no BN reset)."""
         model = skeleton(self.spec, self.stop, self.heads)
-        zipper = Zipper(self.graph, self.plan, matches)
-        model.trunk.load_state_dict(zipper.trunk(list(model.trunk.state_dict()), self.states))
-        for i, head in enumerate(model.head_modules):
-            head.load_state_dict(zipper.head(list(head.state_dict()), self.states[i], i))
+        model.load_state_dict(self.zipped_state(matches))
         return model.to(self.options.device)
 
-    def held_out(self) -> HeldOut | None:
-        """The held-out images (never used for correlations) and the source models' logits on them;
-        None if fewer than ``MIN_HOLDOUT`` of them could be read. Read once, however often asked."""
-        if not hasattr(self, "_held"):
-            self._held = self._read_held_out()
-        return self._held
+    def zipped_state(self, matches: dict[str, Match]) -> dict[str, torch.Tensor]:
+        """The merged model's tensors along ``matches``, by their names in ``MergedModel``."""
+        zipper = Zipper(self.graph, self.plan, matches)
+        template = self.template()
+        state = {f"trunk.{k}": v for k, v in zipper.trunk(list(template.trunk.state_dict()), self.states).items()}
+        for i, head in enumerate(template.head_modules):
+            state.update({f"head_modules.{i}.{k}": v
+                          for k, v in zipper.head(list(head.state_dict()), self.states[i], i).items()})
+        return state
 
-    def _read_held_out(self) -> HeldOut | None:
-        batches = list(self.stream.with_files(self.held_files, augment=False).batches())
-        if sum(len(b) for b in batches) < MIN_HOLDOUT:
-            return None
-        return HeldOut.from_sources(torch.cat(batches).to(self.options.device), [s.model for s in self.sources])
+    def template(self) -> MergedModel:
+        """This stop's merged model, built once: tuning candidates are tensors run through it
+        (building a model runs its initialisers, which costs more than scoring a candidate)."""
+        if self.stop not in self._templates:
+            model = skeleton(self.spec, self.stop, self.heads).to(self.options.device)
+            self._templates[self.stop] = model, count_macs(model, self.spec.input.size)
+        return self._templates[self.stop][0]
 
-    def candidate(self, matches: dict[str, Match], bn_images: torch.Tensor | None) -> MergedModel:
-        """A tuning candidate: built, with BatchNorm reset on a bounded subset of the fit images."""
-        model = self.build(matches)
+    def merged_macs(self) -> int:
+        """Multiply-accumulates of the merged model at this stop, per image."""
+        self.template()
+        return self._templates[self.stop][1]
+
+    def scorer(self, matches: dict[str, Match], bn_images: torch.Tensor | None):
+        """A tuning candidate: its tensors zipped along ``matches``, BatchNorm reset on ``bn_images``,
+        run through the template in eval mode."""
+        template = self.template()
+        template.load_state_dict(self.zipped_state(matches))
         if self.options.reset_bn and bn_images is not None:
-            reset_batchnorm(model, [bn_images], self.options.device)
-        return model
-
-    def prepare(self, setting: Setting, bn_images: torch.Tensor | None):
-        """(key of the setting's matching, builder of its candidate) for ``tuning.search``."""
-        matches = self.match(setting)
-        key = tuple(m.assign.tobytes() for m in matches.values())
-        return key, lambda: self.candidate(matches, bn_images)
+            reset_batchnorm(template, [bn_images], self.options.device)
+        state = {k: v.clone() for k, v in template.state_dict().items()}
+        return lambda x: torch.func.functional_call(template.eval(), state, (x,))
 
     def bn_subset(self) -> torch.Tensor:
         """The fit images each tuning candidate's BatchNorm is reset on."""
-        return self.stream.first(MAX_BN_IMAGES).to(self.options.device)
+        if not hasattr(self, "_bn_images"):
+            self._bn_images = self.stream.first(BN_IMAGES).to(self.options.device)
+        return self._bn_images
+
+    def held_out(self, n: int | None = None) -> HeldOut | None:
+        """The first ``n`` (default: all) held-out images, never used for correlations, and the
+        source models' logits on them; None if fewer than ``MIN_HOLDOUT`` could be read. Read once
+        for each ``n`` asked."""
+        want = len(self.held_files) if n is None else min(n, len(self.held_files))
+        if getattr(self, "_held_for", None) != want:
+            batches = list(self.stream.with_files(self.held_files[:want], augment=False).batches())
+            images = torch.cat(batches).to(self.options.device) if batches else torch.empty(0)
+            self._held = (HeldOut.from_sources(images, [s.model for s in self.sources])
+                          if len(images) >= MIN_HOLDOUT else None)
+            self._held_for = want
+        return self._held
+
+    @property
+    def held_count(self) -> int:
+        """Held-out images read (and scored) so far."""
+        return 0 if self._held is None else len(self._held.images)
+
+    def plan_tuning(self, fit_images: int | None = None, available: int | None = None) -> TuningPlan:
+        """What tuning may score at this stop, from multiply-accumulates: a budget that grows with
+        the calibration pass, held-out images first (the evidence against permute), then search."""
+        o = self.options
+        fit = len(self.stream) if fit_images is None else fit_images
+        return plan_tuning(tuning_budget(fit * self.source_macs), self.source_macs, self.merged_macs(),
+                           HOLDOUT if available is None else available,
+                           len(candidate_settings(len(self.sources), o.alpha, o.beta)), compare=o.method == AUTO)
+
+    def prepare(self, setting: Setting):
+        """(key of the setting's matching, builder of its candidate) for ``tuning.search``."""
+        matches = self.match(setting)
+        key = tuple(m.assign.tobytes() for m in matches.values())
+        return key, lambda: self.scorer(matches, self.bn_subset())
 
     def choose(self) -> tuple[Setting, str]:
-        """(setting, method) to merge with: the options', or for auto, zipit's best setting if the
-        held-out evidence that it beats permute exceeds its noise, else permute (the simpler)."""
+        """(setting, method) to merge with: the options', or where they leave something open, the best
+        within the tuning budget on held-out images; for auto, zipit's best only if the held-out
+        evidence that it beats permute exceeds its noise, else permute (the simpler)."""
         o = self.options
-        setting = self.choose_setting()
-        if o.method != AUTO:
-            return setting, o.method
-        held = self.held_out() if self.held_files else None
-        if held is None:
-            self.choice = MethodChoice.without_evidence(setting)
-            return setting, self.choice.method
+        if not o.tunes:
+            return o.fixed_setting, o.method
         t = time.perf_counter()
-        bn_images = self.bn_subset()
-        divergences = {}
-        for method in ("permute", "zipit"):
-            model = self.candidate(self.match(setting, method), bn_images)
-            divergences[method] = image_divergences(head_outputs(model, held.images, len(self.heads)), held.targets)
-        self.choice = MethodChoice.from_divergences(setting, divergences["zipit"], divergences["permute"])
-        self.timings["tuning"] = self.timings.get("tuning", 0.0) + time.perf_counter() - t
-        return setting, self.choice.method
-
-    def choose_setting(self) -> Setting:
-        """The options' alpha and beta, or, where left open, the best candidate on held-out images."""
-        o = self.options
-        if not o.tunes or (o.alpha is not None and o.beta is not None):
-            return o.fixed_setting
-        t = time.perf_counter()
-        held = self.held_out() if self.held_files else None
-        if held is None and self.held_files:
-            self.report.warn(f"fewer than {MIN_HOLDOUT} held-out images could be read; using alpha "
-                             f"{o.fixed_setting.alpha:g}, beta {o.fixed_setting.beta:g}")
-        bn_images = self.bn_subset() if held is not None else None
-        self.tuning = tune(lambda s: self.prepare(s, bn_images), held,
-                           candidate_settings(len(self.sources), o.alpha, o.beta), o.fixed_setting, self.report,
-                           self.ranks)
-        if self.tuning.trials:
+        settings = candidate_settings(len(self.sources), o.alpha, o.beta)
+        plan = self.plan_tuning(available=len(self.held_files))
+        held = self.held_out(plan.held) if plan.held else None
+        if held is not None and len(held.images) < plan.held:          # some were unreadable
+            plan = self.plan_tuning(available=len(held.images))
+            held = HeldOut(held.images[:plan.held], [t[:plan.held] for t in held.targets]) if plan.held else None
+        if held is None and self.held_files and plan.held:
+            self.report.warn(f"fewer than {MIN_HOLDOUT} held-out images could be read; using "
+                             + ("permute" if o.method == AUTO else
+                                f"alpha {o.fixed_setting.alpha:g}, beta {o.fixed_setting.beta:g}"))
+        permute = (lambda: self.scorer(self.match(o.fixed_setting, "permute"), self.bn_subset())) if o.method == AUTO else None
+        self.tuning = tune(self.prepare, held, settings, o.fixed_setting, plan,
+                           self.report, permute, self.ranks)
+        if self.tuning.trials or self.tuning.choice:
             self.timings["tuning"] = time.perf_counter() - t
-        return self.tuning.chosen
+        if o.method != AUTO:
+            return self.tuning.chosen, o.method
+        self.choice = self.tuning.choice or MethodChoice.without_evidence(self.tuning.chosen, self.tuning.reason)
+        return self.tuning.chosen, self.choice.method
 
     def finish(self, setting: Setting, method: str | None = None) -> MergeResult:
         """The final merge with ``method`` (default: the options') and ``setting``: match, zip,
@@ -335,7 +368,7 @@ class MergeJob:
         if self.ranks.many:     # every rank read its own shard
             readable, skipped = map(int, self.ranks.sum(torch.tensor([readable, skipped])).tolist())
         calibration = {"folder": str(self.calib), "num_images": readable if self.images_read else 0,
-                       "held_out": len(self.held_files), "requested": o.num_calib, "seed": o.seed,
+                       "held_out": self.held_count, "requested": o.num_calib, "seed": o.seed,
                        "augment": o.augment, "batch_size": o.batch_size, "reset_bn": o.reset_bn,
                        "skipped": skipped}
         sources = [{"file": s.checkpoint.path.name, "sha256": s.checkpoint.sha256, "classes": s.classes}

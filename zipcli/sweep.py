@@ -14,7 +14,7 @@ from typing import Sequence
 
 from .errors import ZipitError
 from .evaluate import Ensemble, evaluate, labelled_batches, labelled_images
-from .inspection import count_macs
+from .macs import count_macs
 from .pipeline import MergeJob, MergeOptions
 from .report import LoggingReporter, Reporter
 from .specs.format import OUTPUT_STOP, Spec

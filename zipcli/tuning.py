@@ -1,4 +1,4 @@
-"""Label-free choice of zipit's alpha and beta: the search, its screening and its finalists.
+"""Label-free choice of the default's method and zipit's alpha and beta, within a compute budget.
 
 A part of the calibration images is held out (``calibration.split_holdout``). Each candidate setting is merged
 (from correlations measured once on the rest), and scored by how closely each
@@ -6,6 +6,11 @@ head of the merged model reproduces its own source model on the held-out
 images that source is most confident about (its own task's images, as far as
 can be told without labels). Nothing here can see labels: the held-out set is images and the source
 models' outputs, nothing else.
+
+Scoring is forward passes, so it is planned in multiply-accumulates before any image is read
+(``plan_tuning``): successive halving over the candidates, then zipit's best against permute on
+every held-out image, as far as the budget allows; big models get fewer held-out images and no
+search. Each candidate's BatchNorm is reset on ``BN_IMAGES`` fit images before it is scored.
 """
 from __future__ import annotations
 
@@ -15,15 +20,17 @@ from typing import Callable, Hashable, Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from .calibration import MIN_HOLDOUT
+from .calibration import HOLDOUT, MIN_HOLDOUT
 from .distributed import SINGLE, Ranks
 
-MAX_BN_IMAGES = 64          # images for each candidate's BatchNorm reset (its cost dominates screening)
-FALLBACK = (0.3, 0.125)     # the paper's defaults, used when nothing can be held out
-SCREEN_EVERY = 4            # candidates are first scored on every 4th held-out image (files are sorted by
-                            # folder, so a stride samples every class) ...
-FINALISTS = 4               # ... and the best 4 distinct matchings again on all of them
-MIN_SCREEN = 64             # screening only when its stride holds this many images (else all score on all)
+FALLBACK = (0.3, 0.125)     # the paper's defaults, used when nothing can be searched
+TUNING_MACS = 2.5e11        # tuning may always spend this many multiply-accumulates (seconds on a CPU) ...
+TUNING_SHARE = 0.3          # ... or this share of the calibration pass's, if that is more
+MIN_SEARCH = 128            # a search needs this many held-out images (the final comparison's evidence)
+KEEP = 4                    # candidates that go on to round 2 (on a quarter of the held-out images)
+CHUNK = 32                  # held-out images per forward chunk
+BN_IMAGES = 64              # fit images each candidate's BatchNorm is reset on before it is scored
+HELD_SIZES = (512, 384, 256, 192, 128, 96, 64, 48, 32, 16)   # held-out sizes a plan tries, largest first
 
 
 @dataclass(frozen=True)
@@ -58,12 +65,6 @@ class HeldOut:
     def from_sources(cls, images: torch.Tensor, models: Iterable[nn.Module], chunk: int = 32) -> "HeldOut":
         targets = [torch.cat([m(x) for x in images.split(chunk)]) for m in models]
         return cls(images, targets)
-
-
-@torch.no_grad()
-def head_outputs(model: nn.Module, images: torch.Tensor, n_heads: int, chunk: int = 32) -> list[torch.Tensor]:
-    outputs = [model(x) for x in images.split(chunk)]
-    return [torch.cat([o[i] for o in outputs]) for i in range(n_heads)]
 
 
 def claims(targets: list[torch.Tensor]) -> torch.Tensor:
@@ -134,11 +135,93 @@ def score(heads: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
 
 
 @dataclass(frozen=True)
+class TuningPlan:
+    """What tuning will score, decided from multiply-accumulates before any image is read."""
+
+    held: int                       # held-out images scored (0: no tuning)
+    rounds: tuple[int, ...]         # images per search round (empty: no search, the fixed setting)
+    compare: bool                   # zipit's best against permute on all ``held`` images (the default)
+    macs: float                     # what the plan costs
+    budget: float
+    available: int = 0              # held-out images there were to plan with
+
+    def to_metadata(self) -> dict:
+        return {"held_out_images": self.held, "rounds": list(self.rounds), "compare_with_permute": self.compare,
+                "gmacs": round(self.macs / 1e9, 3), "budget_gmacs": round(self.budget / 1e9, 3)}
+
+
+def tuning_budget(calibration_macs: float) -> float:
+    """Multiply-accumulates tuning may spend: a fixed allowance, or a share of the calibration pass."""
+    return max(TUNING_MACS, TUNING_SHARE * calibration_macs)
+
+
+def plan_tuning(budget: float, source_macs: float, merged_macs: float, available: int, n_settings: int,
+                compare: bool) -> TuningPlan:
+    """The richest plan within ``budget``: two search rounds, else one, on at least ``MIN_SEARCH``
+    held-out images, as many as fit; else no search (the fixed setting against permute) on as
+    many held-out images as fit; else nothing.
+
+    ``source_macs``: all sources together, per image; ``merged_macs``: the merged model per image;
+    ``available``: held-out images there are; ``n_settings``: candidates in round 1.
+    """
+    top = min(available, HOLDOUT) // MIN_HOLDOUT * MIN_HOLDOUT
+    sizes = [top] + [h for h in HELD_SIZES if h < top]
+    modes = ([2] if n_settings > KEEP else []) + ([1] if n_settings > 1 else []) + ([0] if compare else [])
+    for mode in modes:
+        for held in sizes:
+            if mode and held < min(MIN_SEARCH, top):
+                break
+            r1 = 32 if held >= 256 else MIN_HOLDOUT
+            rounds = (r1, held // 4)[:mode] if held // 4 > r1 else (r1,)[:mode]
+            if len(rounds) < mode:
+                continue
+            cost = held * source_macs + merged_macs * _scored_images(rounds, n_settings, held, compare)
+            if cost <= budget:
+                return TuningPlan(held, rounds, compare, cost, budget, available)
+    return TuningPlan(0, (), compare, 0.0, budget, available)
+
+
+def _scored_images(rounds: tuple[int, ...], n_settings: int, held: int, compare: bool) -> int:
+    """Merged-model images a plan runs: each candidate's BatchNorm reset, then its held-out images
+    (a candidate that goes on is only run on the new ones)."""
+    total, done = 0, 0
+    for r, size in enumerate(rounds):
+        total += n_settings * (BN_IMAGES + size) if r == 0 else min(KEEP, n_settings) * (size - done)
+        done = size
+    if compare:
+        total += (held - done if rounds else BN_IMAGES + held) + BN_IMAGES + held   # zipit's best, permute
+    return total
+
+
+@torch.no_grad()
+def head_outputs(model: nn.Module, images: torch.Tensor, n_heads: int, chunk: int = 32) -> list[torch.Tensor]:
+    outputs = [model(x) for x in images.split(chunk)]
+    return [torch.cat([o[i] for o in outputs]) for i in range(n_heads)]
+
+
+class _Scored:
+    """A candidate (a callable giving each head's logits) and its logits on a growing prefix of
+    the held-out images: a candidate that goes on to more images is only run on the new ones."""
+
+    def __init__(self, model: Callable[[torch.Tensor], list[torch.Tensor]], n_heads: int):
+        self.model, self.n_heads = model, n_heads
+        self.logits: list[list[torch.Tensor]] = []     # per chunk, per head
+
+    @torch.no_grad()
+    def upto(self, images: torch.Tensor, n: int) -> list[torch.Tensor]:
+        """Each head's logits on ``images[:n]``."""
+        done = sum(len(c[0]) for c in self.logits)
+        for lo in range(done, n, CHUNK):
+            self.logits.append([o.detach() for o in self.model(images[lo:min(lo + CHUNK, n)])[:self.n_heads]])
+        return [torch.cat([c[i] for c in self.logits])[:n] for i in range(self.n_heads)]
+
+
+@dataclass(frozen=True)
 class Trial:
     setting: Setting
     score: float
-    images: int                 # held-out images behind the score (screened-out candidates: fewer)
-    screen_score: float | None = None   # the score on the screening stride (finalists: before re-scoring)
+    images: int                 # held-out images behind the score (candidates out after round 1: fewer)
+    screen_score: float | None = None   # the round-1 score, for a candidate scored again on more images
 
 
 @dataclass
@@ -146,12 +229,15 @@ class TuningResult:
     trials: list[Trial]
     chosen: Setting
     held_out: int
-    reason: str = ""            # why tuning fell back, if it did
+    reason: str = ""            # why tuning fell back or did not search, if it did
+    plan: TuningPlan | None = None
+    choice: "MethodChoice | None" = None
 
     def to_metadata(self) -> dict:
         return {"criterion": "mean KL divergence of each head from its source on the held-out images that source "
                              "claims (lower is better)",
                 "held_out_images": self.held_out, "reason": self.reason,
+                **({} if self.plan is None else {"plan": self.plan.to_metadata()}),
                 "chosen": {"alpha": self.chosen.alpha, "beta": self.chosen.beta},
                 "candidates": [{"alpha": t.setting.alpha, "beta": t.setting.beta, "score": round(t.score, 6),
                                 "images": t.images,
@@ -174,6 +260,7 @@ class MethodChoice:
     permute: float | None = None
     interval: tuple[float, float] | None = None
     images: int = 0
+    reason: str = ""                    # why there is no evidence, if there is none
 
     @classmethod
     def from_divergences(cls, setting: Setting, zipit: torch.Tensor, permute: torch.Tensor) -> "MethodChoice":
@@ -182,14 +269,14 @@ class MethodChoice:
                    (lo, hi), len(zipit))
 
     @classmethod
-    def without_evidence(cls, setting: Setting) -> "MethodChoice":
-        return cls("permute", setting)
+    def without_evidence(cls, setting: Setting, why: str = "") -> "MethodChoice":
+        return cls("permute", setting, reason=why or "no held-out images")
 
     def to_metadata(self) -> dict:
         rule = (f"permute unless zipit's mean divergence is lower with the whole {LEVEL:.0%} paired-bootstrap "
                 "interval of the difference below 0")
         if self.interval is None:
-            return {"chosen": self.method, "rule": rule, "reason": "no held-out images: no evidence against permute"}
+            return {"chosen": self.method, "rule": rule, "reason": f"{self.reason}: no evidence against permute"}
         return {"chosen": self.method, "rule": rule, "held_out_images": self.images,
                 "zipit": {"alpha": self.setting.alpha, "beta": self.setting.beta, "divergence": round(self.zipit, 6)},
                 "permute": {"divergence": round(self.permute, 6)},
@@ -201,93 +288,109 @@ LEVEL = 0.95
 
 
 def search(prepare: Callable[[Setting], tuple[Hashable, Callable[[], nn.Module]]], held: HeldOut,
-           settings: Sequence[Setting], on_screened: Callable[[int], None] | None = None,
+           settings: Sequence[Setting], plan: TuningPlan, fallback: Setting,
+           permute: Callable[[], nn.Module] | None = None, on_scored: Callable[[int], None] | None = None,
            ranks: Ranks = SINGLE) -> TuningResult:
-    """Score every setting; the lowest score wins, ties go to the earlier setting.
+    """Successive halving over ``settings``, then, with ``permute``, the default's final comparison.
 
-    ``prepare(setting)`` gives a key for the setting's matching and a function
-    that builds the model; settings that match alike share one score. When the
-    held-out set is large enough, every candidate is first screened on a stride
-    of it and only the ``FINALISTS`` best are scored on all of it: the scoring
-    passes are most of tuning's cost, and a screened-out candidate is rarely close.
-    With several ``ranks`` the distinct candidates are dealt out among them and
-    the scores summed, so every rank ends with the same result. ``on_screened(k)``:
-    k more settings are screened (progress).
+    ``prepare(setting)`` gives a key for the setting's matching and a function that builds
+    the model; settings that match alike share one score. Round 1 scores every distinct
+    candidate on the first ``plan.rounds[0]`` held-out images (the held-out order is random);
+    the ``KEEP`` best go on to the first ``plan.rounds[1]`` (their round-1 logits reused);
+    the best of the last round is zipit's setting (``fallback`` when the plan has no rounds).
+    With ``permute`` (builder of the permute merge) that setting and permute are then
+    scored image by image on all ``plan.held`` images, for ``MethodChoice``. The lowest
+    divergence wins, ties go to the earlier setting. With several ``ranks`` the candidates
+    are dealt out and the scores summed, so that every rank ends with the same result.
+    ``on_scored(k)``: k more settings scored in round 1 (progress).
     """
     n = len(held.targets)
-    stride = SCREEN_EVERY if len(held.images) // SCREEN_EVERY >= MIN_SCREEN else 1
-    screen_images, rest_images = held.images[::stride], _rest(held.images, stride)
-    screen_targets = [t[::stride] for t in held.targets]
-    keys, makers = [], {}
-    for s in settings:
-        key, make = prepare(s)
-        keys.append(key)
-        makers.setdefault(key, make)
-    distinct = list(makers)                 # in order of first appearance
-    first = {key: keys.index(key) for key in distinct}
-    mine: dict[Hashable, dict] = {}         # this rank's candidates: score, first index, screen logits, model
+    mine: dict[int, _Scored] = {}           # this rank's candidates, by index among the distinct ones
+    trials: list[Trial] = []
+    winner, chosen, owner = None, fallback, 0
+    keys: list[Hashable] = []
+    if plan.rounds:
+        makers: dict[Hashable, Callable[[], nn.Module]] = {}
+        for s in settings:
+            key, make = prepare(s)
+            keys.append(key)
+            makers.setdefault(key, make)
+        distinct = list(makers)             # in order of first appearance
+        first = [keys.index(k) for k in distinct]
+        alive, rounds = list(range(len(distinct))), []
+        for r, size in enumerate(plan.rounds):
+            local = {}
 
-    def screen() -> None:
-        for j, key in enumerate(distinct):
-            if ranks.owns(j):
-                model = makers[key]()
-                heads = head_outputs(model, screen_images, n)
-                mine[key] = {"score": score(heads, screen_targets), "first": first[key], "heads": heads, "model": model}
-                for e in _ranked(mine)[FINALISTS if stride > 1 else len(mine):]:
-                    e["model"] = None       # can no longer be a finalist: free it
-            if on_screened:             # the settings this matching stands for
-                on_screened(keys.count(key))
+            def run(size=size, entrants=tuple(alive), build=r == 0) -> None:
+                for j in entrants:
+                    if ranks.owns(j):
+                        if build:
+                            mine[j] = _Scored(makers[distinct[j]](), n)
+                        local[j] = score(mine[j].upto(held.images, size), [t[:size] for t in held.targets])
+                    if build and on_scored:
+                        on_scored(keys.count(distinct[j]))
 
-    ranks.together(screen)
-    scores = dict(zip(distinct, _gathered(mine, distinct, ranks)))
-    trials = [Trial(s, scores[k], len(screen_images), scores[k]) for s, k in zip(settings, keys)]
-    if stride > 1:
-        finalists = sorted(distinct, key=lambda k: (scores[k], first[k]))[:FINALISTS]
-        targets = [torch.cat([a, _rest(t, stride)]) for a, t in zip(screen_targets, held.targets)]
-
-        def final() -> None:
-            for key in finalists:
-                if key in mine:
-                    e = mine[key]
-                    rest = head_outputs(e["model"], rest_images, n)
-                    e["score"] = score([torch.cat([a, b]) for a, b in zip(e["heads"], rest)], targets)
-
-        ranks.together(final)
-        final_scores = dict(zip(finalists, _gathered({k: mine[k] for k in finalists if k in mine}, finalists, ranks)))
-        trials = [Trial(t.setting, final_scores[k], len(held.images), t.screen_score) if k in final_scores else t
-                  for t, k in zip(trials, keys)]
-        finalists = [t for t in trials if t.images == len(held.images)]
-    else:
-        finalists = trials
-    best = min(finalists, key=lambda t: t.score)   # min keeps the first of equal scores
-    return TuningResult(trials, best.setting, len(held.images))
+            ranks.together(run)
+            scored = dict(zip(alive, _gathered(local, alive, ranks)))
+            rounds.append(scored)
+            alive = sorted(alive, key=lambda j: (scored[j], first[j]))[:KEEP]
+            for j in [j for j in mine if j not in alive]:
+                del mine[j]                 # out of the running: free its model
+        owner = alive[0]
+        winner, chosen = mine.get(owner), settings[first[owner]]
+        for s, key in zip(settings, keys):
+            j = distinct.index(key)
+            last = max(r for r, sc in enumerate(rounds) if j in sc)
+            trials.append(Trial(s, rounds[last][j], plan.rounds[last], rounds[0][j] if last else None))
+    choice = None
+    if permute is not None:
+        zipit = (lambda: winner) if plan.rounds else (lambda: _Scored(prepare(fallback)[1](), n))   # no search:
+        choice = _compare(zipit, chosen, permute, held, plan.held, owner, ranks)                 # the fixed setting
+        if trials:                          # the winner's score is now on every held-out image
+            won = keys[settings.index(chosen)]
+            trials = [Trial(t.setting, choice.zipit, plan.held, t.screen_score if t.screen_score is not None
+                            else t.score) if k == won else t for t, k in zip(trials, keys)]
+    return TuningResult(trials, chosen, plan.held, plan=plan, choice=choice,
+                        reason="" if plan.rounds else "the tuning budget leaves no room to search alpha and beta")
 
 
-def _gathered(entries: dict[Hashable, dict], keys: list[Hashable], ranks: Ranks) -> list[float]:
+def _compare(zipit: Callable[[], _Scored], setting: Setting, permute: Callable[[], nn.Module], held: HeldOut,
+             size: int, owner: int, ranks: Ranks) -> "MethodChoice":
+    """zipit's best (``zipit()``, on the rank that owns it) against permute, image by image on the
+    first ``size`` held-out images."""
+    n, targets = len(held.targets), [t[:size] for t in held.targets]
+    local = torch.zeros(2, size, dtype=torch.float64)
+
+    def work() -> None:
+        if ranks.owns(owner):
+            local[0] = image_divergences(zipit().upto(held.images, size), targets)
+        if ranks.owns(owner + 1):
+            local[1] = image_divergences(_Scored(permute(), n).upto(held.images, size), targets)
+
+    ranks.together(work)
+    both = ranks.sum(local)
+    return MethodChoice.from_divergences(setting, both[0], both[1])
+
+
+def _gathered(local: dict[int, float], keys: list[int], ranks: Ranks) -> list[float]:
     """Every rank's scores of ``keys`` (each scored by one rank), on every rank."""
-    local = torch.tensor([entries[k]["score"] if k in entries else 0.0 for k in keys], dtype=torch.float64)
-    return ranks.sum(local).tolist()
-
-
-def _ranked(entries: dict) -> list[dict]:
-    return sorted(entries.values(), key=lambda e: (e["score"], e["first"]))
-
-
-def _rest(x: torch.Tensor, stride: int) -> torch.Tensor:
-    """The rows of ``x`` not in ``x[::stride]``."""
-    keep = torch.ones(len(x), dtype=torch.bool)
-    keep[::stride] = False
-    return x[keep]
+    return ranks.sum(torch.tensor([local.get(k, 0.0) for k in keys], dtype=torch.float64)).tolist()
 
 
 def tune(prepare: Callable[[Setting], tuple[Hashable, Callable[[], nn.Module]]], held: HeldOut | None,
-         settings: Sequence[Setting], fallback: Setting, report, ranks: Ranks = SINGLE) -> TuningResult:
-    """Search ``settings`` on ``held`` with progress on ``report``; without a held-out set, the
-    fallback with the reason. The caller renders the result (``TuningResult.to_metadata``)."""
-    if held is None:
-        return TuningResult([], fallback, 0, reason=f"too few readable calibration images to hold out {MIN_HOLDOUT}")
-    report.start("tuning alpha/beta", len(settings))
+         settings: Sequence[Setting], fallback: Setting, plan: TuningPlan, report,
+         permute: Callable[[], nn.Module] | None = None, ranks: Ranks = SINGLE) -> TuningResult:
+    """Run ``plan`` on ``held`` with progress on ``report``; without a held-out set, the fallback
+    with the reason. The caller renders the result (``TuningResult.to_metadata``)."""
+    if held is None or plan.held == 0:
+        why = (f"scoring even {MIN_HOLDOUT} held-out images would cost more than the tuning budget "
+               f"({plan.budget / 1e9:.0f} GMAC)" if plan.held == 0 and plan.available >= MIN_HOLDOUT else
+               f"too few readable calibration images to hold out {MIN_HOLDOUT}")
+        return TuningResult([], fallback, 0, reason=why, plan=plan)
+    if not plan.rounds:
+        return search(prepare, held, settings, plan, fallback, permute, ranks=ranks)
+    report.start("tuning", len(settings))
     try:
-        return search(prepare, held, settings, on_screened=report.advance, ranks=ranks)
+        return search(prepare, held, settings, plan, fallback, permute, on_scored=report.advance, ranks=ranks)
     finally:
         report.done()
