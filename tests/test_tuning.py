@@ -8,6 +8,7 @@ import torch
 
 import zipcli.evaluate
 import zipcli.pipeline
+import zipcli.tuning
 from zipcli import MergeOptions, merge
 from zipcli.cli import app
 from zipcli.merged import read_metadata
@@ -244,3 +245,12 @@ def test_choice_rule_prefers_permute_unless_zipit_is_clearly_better():
     assert MethodChoice.from_divergences(S(1, 0.5), permute + 0.5, permute).method == "permute"
     tied = permute + 0.3 * torch.randn(400, generator=torch.Generator().manual_seed(1))   # lower on average by chance?
     assert MethodChoice.from_divergences(S(1, 0.5), tied - 0.001, permute).method == "permute"   # within its noise
+
+
+def test_when_the_evidence_would_cost_more_than_the_budget_the_default_is_permute_and_says_so(pair, monkeypatch):
+    monkeypatch.setattr(zipcli.tuning, "TUNING_MACS", 1.0)
+    monkeypatch.setattr(zipcli.tuning, "TUNING_SHARE", 1e-9)
+    result = merge(pair["paths"], pair["spec"], pair["calib"], MergeOptions(stop="layer1"))
+    choice = result.metadata["params"]["choice"]
+    assert result.metadata["method"] == choice["chosen"] == "permute" and "budget" in choice["reason"]
+    assert result.metadata["calibration"]["held_out"] == 0 and result.metadata["calibration"]["num_images"] == 72

@@ -144,10 +144,12 @@ class MergeJob:
             report.warn(f"{calib} holds {len(stream)} images, fewer than the {options.num_calib} asked for "
                         "(num_calib, --num-calib): using all of them")
         self.held_files: list[Path] = []
+        self._over_budget = False
         self._templates: dict[str, tuple[MergedModel, int]] = {}
         self.source_macs = sum(count_macs(s.model, spec.input.size) for s in self.sources)
         if options.tunes if hold_out is None else hold_out:
             limit = self.plan_tuning(len(stream)).held if hold_out is None else None   # what tuning can afford
+            self._over_budget = limit == 0
             fit_files, self.held_files = split_holdout(all_files, stream.files, options.seed, limit)
             stream = stream.with_files(fit_files)
             if not self.held_files and options.tunes and limit != 0:
@@ -308,7 +310,7 @@ class MergeJob:
             return o.fixed_setting, o.method
         t = time.perf_counter()
         settings = candidate_settings(len(self.sources), o.alpha, o.beta)
-        plan = self.plan_tuning(available=len(self.held_files))
+        plan = self.plan_tuning(available=HOLDOUT if self._over_budget else len(self.held_files))
         held = self.held_out(plan.held) if plan.held else None
         if held is not None and len(held.images) < plan.held:          # some were unreadable
             plan = self.plan_tuning(available=len(held.images))
