@@ -290,6 +290,8 @@ def _tuning_grid(tuning: dict) -> Table:
     for b in sorted({c["beta"] for c in tuning["candidates"]}):
         cells = {c["alpha"]: c for c in tuning["candidates"] if c["beta"] == b}
         for label, key in kinds:
+            if key == "final" and not any(c["images"] > screened for c in cells.values()):
+                continue                    # no candidate of this row went on
             grid.add_row(f"{b:g} {label}".strip(), *(_grid_cell(cells.get(a), key, screened, (a, b) == chosen)
                                                     for a in alphas))
     return grid
