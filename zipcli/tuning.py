@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from .calibration import HOLDOUT, MIN_HOLDOUT
 from .distributed import SINGLE, Ranks
+from .report import SilentReporter
 
 FALLBACK = (0.3, 0.125)     # the paper's defaults, used when nothing can be searched
 TUNING_MACS = 2.5e11        # tuning may always spend this many multiply-accumulates (seconds on a CPU) ...
@@ -289,8 +290,7 @@ LEVEL = 0.95
 
 def search(prepare: Callable[[Setting], tuple[Hashable, Callable[[], nn.Module]]], held: HeldOut,
            settings: Sequence[Setting], plan: TuningPlan, fallback: Setting,
-           permute: Callable[[], nn.Module] | None = None, on_scored: Callable[[int], None] | None = None,
-           ranks: Ranks = SINGLE) -> TuningResult:
+           permute: Callable[[], nn.Module] | None = None, report=None, ranks: Ranks = SINGLE) -> TuningResult:
     """Successive halving over ``settings``, then, with ``permute``, the default's final comparison.
 
     ``prepare(setting)`` gives a key for the setting's matching and a function that builds
@@ -302,8 +302,9 @@ def search(prepare: Callable[[Setting], tuple[Hashable, Callable[[], nn.Module]]
     scored image by image on all ``plan.held`` images, for ``MethodChoice``. The lowest
     divergence wins, ties go to the earlier setting. With several ``ranks`` the candidates
     are dealt out and the scores summed, so that every rank ends with the same result.
-    ``on_scored(k)``: k more settings scored in round 1 (progress).
+    ``report``: a progress bar per round and one for the final comparison.
     """
+    report = report or SilentReporter()
     n = len(held.targets)
     mine: dict[int, _Scored] = {}           # this rank's candidates, by index among the distinct ones
     trials: list[Trial] = []
@@ -327,10 +328,13 @@ def search(prepare: Callable[[Setting], tuple[Hashable, Callable[[], nn.Module]]
                         if build:
                             mine[j] = _Scored(makers[distinct[j]](), n)
                         local[j] = score(mine[j].upto(held.images, size), [t[:size] for t in held.targets])
-                    if build and on_scored:
-                        on_scored(keys.count(distinct[j]))
+                    report.advance(keys.count(distinct[j]) if build else 1)    # settings this candidate stands for
 
-            ranks.together(run)
+            report.start(f"tuning round {r + 1}", len(settings) if r == 0 else len(alive))
+            try:
+                ranks.together(run)
+            finally:
+                report.done()
             scored = dict(zip(alive, _gathered(local, alive, ranks)))
             rounds.append(scored)
             alive = sorted(alive, key=lambda j: (scored[j], first[j]))[:KEEP]
@@ -345,7 +349,11 @@ def search(prepare: Callable[[Setting], tuple[Hashable, Callable[[], nn.Module]]
     choice = None
     if permute is not None:
         zipit = (lambda: winner) if plan.rounds else (lambda: _Scored(prepare(fallback)[1](), n))   # no search:
-        choice = _compare(zipit, chosen, permute, held, plan.held, owner, ranks)                 # the fixed setting
+        report.start("zipit vs permute", 2)
+        try:
+            choice = _compare(zipit, chosen, permute, held, plan.held, owner, ranks, report.advance)  # fixed setting
+        finally:
+            report.done()
         if trials:                          # the winner's score is now on every held-out image
             won = keys[settings.index(chosen)]
             trials = [Trial(t.setting, choice.zipit, plan.held, t.screen_score if t.screen_score is not None
@@ -355,7 +363,7 @@ def search(prepare: Callable[[Setting], tuple[Hashable, Callable[[], nn.Module]]
 
 
 def _compare(zipit: Callable[[], _Scored], setting: Setting, permute: Callable[[], nn.Module], held: HeldOut,
-             size: int, owner: int, ranks: Ranks) -> "MethodChoice":
+             size: int, owner: int, ranks: Ranks, advance: Callable[[int], None] = lambda n: None) -> "MethodChoice":
     """zipit's best (``zipit()``, on the rank that owns it) against permute, image by image on the
     first ``size`` held-out images."""
     n, targets = len(held.targets), [t[:size] for t in held.targets]
@@ -364,8 +372,10 @@ def _compare(zipit: Callable[[], _Scored], setting: Setting, permute: Callable[[
     def work() -> None:
         if ranks.owns(owner):
             local[0] = image_divergences(zipit().upto(held.images, size), targets)
+        advance(1)
         if ranks.owns(owner + 1):
             local[1] = image_divergences(_Scored(permute(), n).upto(held.images, size), targets)
+        advance(1)
 
     ranks.together(work)
     both = ranks.sum(local)
@@ -387,10 +397,4 @@ def tune(prepare: Callable[[Setting], tuple[Hashable, Callable[[], nn.Module]]],
                f"({plan.budget / 1e9:.0f} GMAC)" if plan.held == 0 and plan.available >= MIN_HOLDOUT else
                f"too few readable calibration images to hold out {MIN_HOLDOUT}")
         return TuningResult([], fallback, 0, reason=why, plan=plan)
-    if not plan.rounds:
-        return search(prepare, held, settings, plan, fallback, permute, ranks=ranks)
-    report.start("tuning", len(settings))
-    try:
-        return search(prepare, held, settings, plan, fallback, permute, on_scored=report.advance, ranks=ranks)
-    finally:
-        report.done()
+    return search(prepare, held, settings, plan, fallback, permute, report, ranks)
