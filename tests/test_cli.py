@@ -131,6 +131,8 @@ def test_count_macs_by_hand():
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 5))
     # conv: 4*8*8 outputs x 3*3*3 taps; linear: 5 outputs x 256 inputs
     assert count_macs(net, 8) == 4 * 64 * 27 + 5 * 256
+    # the probe input follows the model's device (a CUDA merge counts MACs of models on the GPU)
+    assert count_macs(net.to("meta"), 8) == 4 * 64 * 27 + 5 * 256
 
 
 def test_inspect_plain_checkpoint_names_its_spec(tiny):

@@ -19,7 +19,8 @@ def count_macs(model: nn.Module, size: int) -> int:
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     try:
-        model.eval()(torch.zeros(1, 3, size, size))
+        device = next((t.device for t in model.parameters()), torch.device("cpu"))   # the model's, CUDA too
+        model.eval()(torch.zeros(1, 3, size, size, device=device))
     finally:
         for h in handles:
             h.remove()

@@ -335,7 +335,7 @@ def search(prepare: Callable[[Setting], tuple[Hashable, Callable[[], nn.Module]]
                 ranks.together(run)
             finally:
                 report.done()
-            scored = dict(zip(alive, _gathered(local, alive, ranks)))
+            scored = dict(zip(alive, _gathered(local, alive, ranks, held.images.device)))
             rounds.append(scored)
             alive = sorted(alive, key=lambda j: (scored[j], first[j]))[:KEEP]
             for j in [j for j in mine if j not in alive]:
@@ -367,7 +367,7 @@ def _compare(zipit: Callable[[], _Scored], setting: Setting, permute: Callable[[
     """zipit's best (``zipit()``, on the rank that owns it) against permute, image by image on the
     first ``size`` held-out images."""
     n, targets = len(held.targets), [t[:size] for t in held.targets]
-    local = torch.zeros(2, size, dtype=torch.float64)
+    local = torch.zeros(2, size, dtype=torch.float64, device=held.images.device)   # nccl sums on the GPU
 
     def work() -> None:
         if ranks.owns(owner):
@@ -378,13 +378,14 @@ def _compare(zipit: Callable[[], _Scored], setting: Setting, permute: Callable[[
         advance(1)
 
     ranks.together(work)
-    both = ranks.sum(local)
+    both = ranks.sum(local).cpu()
     return MethodChoice.from_divergences(setting, both[0], both[1])
 
 
-def _gathered(local: dict[int, float], keys: list[int], ranks: Ranks) -> list[float]:
-    """Every rank's scores of ``keys`` (each scored by one rank), on every rank."""
-    return ranks.sum(torch.tensor([local.get(k, 0.0) for k in keys], dtype=torch.float64)).tolist()
+def _gathered(local: dict[int, float], keys: list[int], ranks: Ranks, device) -> list[float]:
+    """Every rank's scores of ``keys`` (each scored by one rank), on every rank (summed on ``device``:
+    nccl sums GPU tensors only)."""
+    return ranks.sum(torch.tensor([local.get(k, 0.0) for k in keys], dtype=torch.float64, device=device)).tolist()
 
 
 def tune(prepare: Callable[[Setting], tuple[Hashable, Callable[[], nn.Module]]], held: HeldOut | None,
