@@ -170,6 +170,8 @@ class MergeJob:
         self.states = [{k: v.detach().cpu() for k, v in s.model.state_dict().items()} for s in self.sources]
         self.correlations: dict[str, np.ndarray] = {}
         self._held: HeldOut | None = None
+        self._held_for: int | None = None          # how many held-out images ``_held`` was read for
+        self._bn_images: torch.Tensor | None = None
         self.images_read = False
         self.tuning: TuningResult | None = None
         self.choice: MethodChoice | None = None
@@ -264,7 +266,7 @@ class MergeJob:
 
     def bn_subset(self) -> torch.Tensor:
         """The fit images each tuning candidate's BatchNorm is reset on."""
-        if not hasattr(self, "_bn_images"):
+        if self._bn_images is None:
             self._bn_images = self.stream.first(BN_IMAGES).to(self.options.device)
         return self._bn_images
 
@@ -273,7 +275,7 @@ class MergeJob:
         source models' logits on them; None if fewer than ``MIN_HOLDOUT`` could be read. Read once
         for each ``n`` asked."""
         want = len(self.held_files) if n is None else min(n, len(self.held_files))
-        if getattr(self, "_held_for", None) != want:
+        if self._held_for != want:
             batches = list(self.stream.with_files(self.held_files[:want], augment=False).batches())
             images = torch.cat(batches).to(self.options.device) if batches else torch.empty(0)
             self._held = (HeldOut.from_sources(images, [s.model for s in self.sources])
