@@ -23,7 +23,8 @@ import torch
 from zipcli import load_spec
 from zipcli.calibration import calibration_stream
 from zipcli.specs.graph import ModelGraph
-from zipcli.matching import match_permute, match_zipit
+from zipcli.methods.permute import match_permute
+from zipcli.methods.zipit import match_zipit
 from zipcli.specs.builders import build_model
 from zipcli import SilentReporter
 from zipcli.checkpoints import load_sources

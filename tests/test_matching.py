@@ -5,7 +5,10 @@ import numpy as np
 import pytest
 
 from zipcli.errors import ZipitError
-from zipcli.matching import match, match_average, match_permute, match_zipit, same_model_budget
+from zipcli.methods import match
+from zipcli.methods.average import match_average
+from zipcli.methods.permute import match_permute
+from zipcli.methods.zipit import match_zipit, same_model_budget
 
 
 def _corr(n_models: int, o: int, seed: int = 0, samples: int = 200) -> np.ndarray:

@@ -14,7 +14,7 @@ from . import __version__
 from .console import (AUGMENT, BATCH_SIZE, DEBUG, HELP_SETTINGS, NUM_CALIB, QUIET, RESET_BN, SEED, TRUST,
                       RichReporter, auto_or_float, click_style_arguments, err, print_json, user_errors)
 from .errors import ZipitError
-from .matching import METHODS
+from .methods import METHODS
 from .specs import builtin_spec_names, load_spec
 
 click_style_arguments()
@@ -67,6 +67,10 @@ def merge_cmd(
     batch_size: int = BATCH_SIZE,
     augment: bool = AUGMENT,
     reset_bn: bool = RESET_BN,
+    refit: str = typer.Option("none", "--refit", metavar="none|lsq", help="lsq: after the zip, solve each merged layer's "
+                              "weights in closed form (ridge least squares, no labels) so that its outputs reproduce the "
+                              "sources' on the calibration images, layer after layer; one more pass over up to 512 "
+                              "of them. Default: none."),
     classes: Optional[List[str]] = typer.Option(None, "--classes", metavar="NAMES|FILE", help="Class names, once per checkpoint in order: "
                                                 "'a,b,c' or a file with one per line. Default: the checkpoint's "
                                                 "JSON sidecar, else class_0, class_1, ..."),
@@ -105,7 +109,7 @@ def merge_cmd(
         arch_spec = load_spec(arch=arch, path=spec, trust_builders=trust_builder or ())
         options = MergeOptions(method=method, alpha=auto_or_float(alpha, "--alpha"),
                                beta=auto_or_float(beta, "--beta"), stop=stop, num_calib=num_calib, seed=seed,
-                               batch_size=batch_size, augment=augment, reset_bn=reset_bn, device=device,
+                               batch_size=batch_size, augment=augment, reset_bn=reset_bn, refit=refit, device=device,
                                dtype=dtype, classes=[parse_classes(c) for c in classes] if classes else None)
         t0 = time.perf_counter()
         result = merge(checkpoints, arch_spec, calib, options, RichReporter(quiet, speaks=ranks.main), ranks)
@@ -114,7 +118,7 @@ def merge_cmd(
                    "--stop", result.metadata["stop"], "--method", method, "--alpha", alpha, "--beta", beta,
                    "--num-calib", str(num_calib), "--seed", str(seed), "--batch-size", str(batch_size),
                    *(["--augment"] if augment else []), *([] if reset_bn else ["--no-reset-bn"]),
-                   *[x for c in (classes or []) for x in ("--classes", c)], *(["--dtype", dtype] if dtype else []),
+                   *(["--refit", refit] if refit != "none" else []), *[x for c in (classes or []) for x in ("--classes", c)], *(["--dtype", dtype] if dtype else []),
                    "-o", str(output)]
         ranks.together(lambda: result.save(output, force=force, card=card, command=shlex.join(command))
                        if ranks.main else None)
@@ -128,6 +132,8 @@ def merge_cmd(
         if not quiet:
             _render_tuning(summary["params"].get("tuning"))
             _render_choice(summary["params"].get("choice"))
+            if summary["params"].get("refit"):
+                err.print(f"refit: {refit_text(summary['params']['refit'])}", soft_wrap=not err.is_terminal)
             _render_merge_summary(summary)
         if json_out and ranks.main:
             print_json(summary)
@@ -219,7 +225,7 @@ def _render_merged(f: dict) -> None:
     from .console import out
     cal, p, m = f["calibration"], f["parameters"], f["macs"]
     tuning, choice = f["params"].get("tuning"), f["params"].get("choice")
-    params = ", ".join(f"{k} {v}" for k, v in f["params"].items() if k not in ("tuning", "choice")) or "none"
+    params = ", ".join(f"{k} {v}" for k, v in f["params"].items() if k not in ("tuning", "choice", "refit")) or "none"
     whose = "" if f["method"] == "zipit" else "zipit's alpha, beta "
     if tuning and tuning["candidates"]:
         params += f"; {whose}tuned: lowest divergence of {len(tuning['candidates'])} candidates on " \
@@ -234,6 +240,8 @@ def _render_merged(f: dict) -> None:
     facts.add_row("method", f"{f['method']} ({escape(params)})")
     if choice:
         facts.add_row("why", escape(_choice_text(choice)))
+    if f["params"].get("refit"):
+        facts.add_row("refit", escape(refit_text(f["params"]["refit"])))
     facts.add_row("calibration", f"{cal['num_images']} images from {escape(cal['folder'])}, seed {cal['seed']}, "
                   f"augment {'on' if cal['augment'] else 'off'}, BN reset {'on' if cal['reset_bn'] else 'off'}")
     for s in f["sources"]:
@@ -258,6 +266,17 @@ def _render_merged(f: dict) -> None:
     out.print(spaces)
     if tuning and tuning["candidates"]:
         out.print(_tuning_grid(tuning))
+
+
+def refit_text(facts: dict) -> str:
+    """One line on the refit: how many layers were solved, and how much closer to the sources they came."""
+    rows = [r for r in facts["per_layer"] if r["ridge"] is not None]
+    if not rows:
+        return f"lsq on {facts['images']} images: every layer kept its zipped weights (no held-out gain)"
+    drops = sorted(1 - r["residual"][1] / r["residual"][0] for r in rows if r["residual"][0] > 0)
+    median = drops[len(drops) // 2] if drops else 0.0
+    return (f"lsq on {facts['images']} images: {len(rows)} of {facts['layers']} layers solved, their held-out "
+            f"error to the sources' outputs down by {median:.0%} (median)")
 
 
 def _choice_text(choice: dict) -> str:

@@ -11,7 +11,7 @@ from rich.table import Table
 from .console import (AUGMENT, BATCH_SIZE, DEBUG, NUM_CALIB, QUIET, RESET_BN, SEED, TRUST, RichReporter,
                       auto_or_float, err, out, print_json, user_errors)
 from .errors import ZipitError
-from .matching import METHODS
+from .methods import METHODS
 
 MAX_HEAD_COLUMNS = 4    # more heads than this: only the average and joint columns
 

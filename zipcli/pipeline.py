@@ -21,8 +21,10 @@ from .checkpoints import load_sources
 from .correlation import collect_correlations, sum_over_ranks
 from .distributed import SINGLE, Ranks
 from .errors import CalibrationError, ZipitError
-from .matching import METHODS, Match, check_zipit_params, match
+from . import methods
+from .methods import Match
 from .merged import HeadInfo, MergedModel, merge_metadata, save_merged, skeleton
+from .refit import IMAGES as REFIT_IMAGES, KINDS as REFITS, refit
 from .report import LoggingReporter, Reporter
 from .specs.format import OUTPUT_STOP, Spec
 from .specs.graph import ModelGraph
@@ -49,15 +51,17 @@ class MergeOptions:
     batch_size: int = 64
     augment: bool = False
     reset_bn: bool = True
+    refit: str = "none"          # lsq: solve each merged layer's weights against the sources' outputs
     device: str = "cpu"
     dtype: str | None = None     # output dtype; None keeps the first checkpoint's
     classes: list[list[str]] | None = None  # per checkpoint, overrides sidecars
 
     @property
     def tunes(self) -> bool:
-        """Something is chosen on held-out calibration images: the method (auto), or zipit's alpha
-        or beta left open."""
-        return self.method == AUTO or (self.method == "zipit" and (self.alpha is None or self.beta is None))
+        """Something is chosen on held-out calibration images: the method (auto), or a tunable
+        parameter of the method left open (zipit's alpha or beta)."""
+        open_params = {"alpha": self.alpha, "beta": self.beta}
+        return self.method == AUTO or any(open_params.get(p, 0) is None for p in methods.get(self.method).tunable)
 
     @property
     def matching(self) -> str:
@@ -71,13 +75,15 @@ class MergeOptions:
                        FALLBACK[1] if self.beta is None else self.beta)
 
     def validate(self, n_models: int) -> None:
-        if self.method not in (AUTO, *METHODS):
-            raise ZipitError(f"unknown method {self.method!r}", f"valid methods (--method): {AUTO}, {', '.join(METHODS)}")
-        if self.matching == "zipit":
-            check_zipit_params(self.alpha, self.beta, n_models)
+        if self.method not in (AUTO, *methods.REGISTRY):
+            raise ZipitError(f"unknown method {self.method!r}",
+                             f"valid methods (--method): {AUTO}, {', '.join(methods.REGISTRY)}")
+        methods.get(self.matching).check({"alpha": self.alpha, "beta": self.beta}, n_models)
         for name, value in (("num_calib", self.num_calib), ("batch_size", self.batch_size)):
             if value < 1:
                 raise ZipitError(f"{name} {value} must be at least 1", f"set {name} (--{name.replace('_', '-')}) to 1 or more")
+        if self.refit not in REFITS:
+            raise ZipitError(f"unknown refit {self.refit!r}", f"valid refits (--refit): {', '.join(REFITS)}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ZipitError(f"unknown dtype {self.dtype!r}", f"valid dtypes (--dtype): {', '.join(DTYPES)}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -209,7 +215,7 @@ class MergeJob:
         """Stream the (fit) calibration images once through every model: one correlation per space.
         Plain averaging needs no correlations: its images are read by the BatchNorm reset only."""
         t = time.perf_counter()
-        if self.options.method != "average":
+        if methods.get(self.options.matching).needs_correlation:
             acc = self.ranks.together(lambda: collect_correlations(
                 [s.model for s in self.sources], self.spec, self.plan, self.shard, self.options.device, self.report))
             sum_over_ranks(acc, self.plan.merged_spaces, self.ranks)
@@ -221,8 +227,8 @@ class MergeJob:
     def match(self, setting: Setting, method: str | None = None) -> dict[str, Match]:
         """Match every merged space with ``method`` (default: the options') and ``setting``."""
         n, method = len(self.sources), method or self.options.matching
-        return {name: match(method, self.correlations.get(name, np.eye(n * self.graph.space_size[name])),
-                            n, setting.alpha, setting.beta)
+        return {name: methods.match(method, self.correlations.get(name, np.eye(n * self.graph.space_size[name])),
+                                    n, alpha=setting.alpha, beta=setting.beta)
                 for name in self.plan.merged_spaces}
 
     def build(self, matches: dict[str, Match]) -> MergedModel:
@@ -300,7 +306,7 @@ class MergeJob:
     def prepare(self, setting: Setting):
         """(key of the setting's matching, builder of its candidate) for ``tuning.search``."""
         matches = self.match(setting)
-        key = tuple(m.assign.tobytes() for m in matches.values())
+        key = tuple(m.key() for m in matches.values())
         return key, lambda: self.scorer(matches, self.bn_subset())
 
     def choose(self) -> tuple[Setting, str]:
@@ -345,6 +351,15 @@ class MergeJob:
                 report.warn(f"space {s['space']}: zipit could not finish within the beta budget and lifted it")
         self.timings["matching+zip"] = time.perf_counter() - t
 
+        refitted = None
+        if o.refit != "none":
+            t = time.perf_counter()
+            images = self.ranks.together(lambda: self.shard.first(REFIT_IMAGES).to(o.device))
+            refitted = refit(model, [s.model for s in self.sources], self.graph, self.plan, matches, images,
+                             o.reset_bn, o.seed, report, self.ranks)
+            self.images_read = True
+            self.timings["refit"] = time.perf_counter() - t
+
         t = time.perf_counter()
         if o.reset_bn:
             report.start("batchnorm reset", self.shard.readable)
@@ -361,13 +376,13 @@ class MergeJob:
 
         first_dtype = next(v.dtype for v in self.sources[0].checkpoint.state_dict.values() if v.is_floating_point())
         dtype = o.dtype or next(k for k, v in DTYPES.items() if v == first_dtype)
-        params: dict[str, object] = {}
-        if method == "zipit":
-            params = {"alpha": setting.alpha, "beta": setting.beta}
-        if self.tuning is not None and method in ("zipit", "permute"):
+        params: dict[str, object] = {p: getattr(setting, p) for p in methods.get(method).params}
+        if self.tuning is not None and methods.get(method).needs_correlation:
             params["tuning"] = self.tuning.to_metadata()
         if o.method == AUTO and self.choice is not None:
             params["choice"] = self.choice.to_metadata()
+        if refitted is not None:
+            params["refit"] = refitted
         readable, skipped = self.shard.readable, len(self.shard.skipped)
         if self.ranks.many:     # every rank read its own shard
             readable, skipped = map(int, self.ranks.sum(torch.tensor([readable, skipped])).tolist())
@@ -388,7 +403,8 @@ class MergeJob:
         """Per-space facts for the file: how well the merged features agree, how many merges stayed
         within one model, whether zipit had to lift its budget."""
         corr = self.correlations.get(name)
+        mean_corr = None if corr is None else m.mean_merged_correlation(corr)
         return {"space": name, "size": self.graph.space_size[name],
-                "mean_corr": None if corr is None else round(m.mean_merged_correlation(corr), 6),
+                "mean_corr": None if mean_corr is None else round(mean_corr, 6),
                 "within_share": round(m.within_merges / m.total_merges, 6) if m.total_merges else 0.0,
                 "budget_lifted": m.budget_lifted}

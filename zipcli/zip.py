@@ -7,13 +7,14 @@ variance takes M on the standard deviation, which is the squared-M rule for
 matched features that are fully correlated and makes a merge with a permuted
 copy exact (BN reset replaces it anyway). Head layers keep their own weights
 with only U applied to their inputs. Groupings are applied with index_add,
-never as dense matrices.
+never as dense matrices; a method that returns dense M and U is applied by
+matrix products.
 """
 from __future__ import annotations
 
 import torch
 
-from .matching import Match
+from .methods import Match
 from .specs import layers
 from .specs.format import Member
 from .specs.graph import ModelGraph, StopPlan, on_channels
@@ -33,15 +34,42 @@ def _unmerge_in(t: torch.Tensor, assign: torch.Tensor, size: int) -> torch.Tenso
     return out
 
 
+class _SpaceMerge:
+    """One space's M_i (on output channels) and U_i (on input channels), per model i."""
+
+    def __init__(self, match: Match):
+        self.size = match.size
+        if match.is_grouping:
+            self.assign = torch.as_tensor(match.assign)
+            self.counts = torch.as_tensor(match.counts(), dtype=torch.float64)
+        else:
+            self.assign = None
+            o = match.size
+            m, u = torch.as_tensor(match.dense_merge), torch.as_tensor(match.dense_unmerge)
+            self.merges = [m[:, i * o:(i + 1) * o] for i in range(match.n_models)]      # (O, O_i)
+            self.unmerges = [u[i * o:(i + 1) * o] for i in range(match.n_models)]      # (O_i, O)
+
+    def merge_out(self, t: torch.Tensor, i: int) -> torch.Tensor:
+        """M_i on axis 0."""
+        if self.assign is not None:
+            return _merge_out(t, self.assign[i], self.counts)
+        return torch.tensordot(self.merges[i].to(t.dtype), t, dims=([1], [0]))
+
+    def unmerge_in(self, t: torch.Tensor, i: int) -> torch.Tensor:
+        """W_i U_i on axis 1."""
+        if self.assign is not None:
+            return _unmerge_in(t, self.assign[i], self.size)
+        return (t.movedim(1, -1) @ self.unmerges[i].to(t.dtype)).movedim(-1, 1)
+
+
 class Zipper:
     """Applies one stop's matches to the state dicts of n source models."""
 
     def __init__(self, graph: ModelGraph, plan: StopPlan, matches: dict[str, Match]):
         self.graph, self.plan = graph, plan
-        self.assign = {s: torch.as_tensor(m.assign) for s, m in matches.items()}
-        self.counts = {s: torch.as_tensor(m.counts(), dtype=torch.float64) for s, m in matches.items()}
-        for s in matches:
-            if self.counts[s].numel() != graph.space_size[s]:
+        self.spaces = {s: _SpaceMerge(m) for s, m in matches.items()}
+        for s, m in matches.items():
+            if m.size != graph.space_size[s]:
                 raise ValueError(f"space {s}: a merge must keep the space's width")
 
     def _members(self, key: str) -> tuple[list[tuple[str, Member]], list[tuple[str, Member]], str]:
@@ -55,7 +83,7 @@ class Zipper:
     def _unmerge_inputs(self, t: torch.Tensor, ins, i: int) -> torch.Tensor:
         for s, member in ins:
             size = self.graph.space_size[s]
-            t = on_channels(t, 1, member, size, lambda x, s=s, size=size: _unmerge_in(x, self.assign[s][i], size))
+            t = on_channels(t, 1, member, size, lambda x, s=s: self.spaces[s].unmerge_in(x, i))
         return t
 
     def _merge_outputs(self, t: torch.Tensor, outs, i: int, attr: str) -> torch.Tensor:
@@ -63,7 +91,7 @@ class Zipper:
             def merge(x, s=s):
                 if attr in layers.VARIANCE_BUFFERS:
                     x = x.clamp_min(0).sqrt()
-                return _merge_out(x, self.assign[s][i], self.counts[s])
+                return self.spaces[s].merge_out(x, i)
             t = on_channels(t, 0, member, self.graph.space_size[s], merge)
         return t
 

@@ -1,103 +1,17 @@
-"""Feature matching: correlation of n models' features -> groups of features to average.
+"""ZipIt!'s matching: greedy merges of the most correlated features, within or across models.
 
-Every method here yields a grouping: each of the n*O features goes to one of O
-merged features. The merge matrix M averages each group's members and the
-unmerge matrix U copies a merged feature back to every member, so M U = I.
+Every feature of the n models goes to one of O merged features (a grouping). Its
+two parameters are the paper's: ``alpha`` weighs a merged group's correlations
+(repeated matching) and ``beta`` is the share of merges allowed within one model.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ZipitError
-
-METHODS = ("zipit", "permute", "average")
-
-
-@dataclass(frozen=True)
-class Match:
-    """``assign[i, k]`` is the merged feature that feature k of model i goes to."""
-
-    assign: np.ndarray          # (n_models, O) int64
-    within_merges: int = 0      # merges of two groups drawn only from one and the same model
-    total_merges: int = 0
-    budget_lifted: bool = False # zipit got stuck under the beta budget and finished without it
-
-    @property
-    def n_models(self) -> int:
-        return self.assign.shape[0]
-
-    @property
-    def size(self) -> int:
-        return self.assign.shape[1]
-
-    def counts(self) -> np.ndarray:
-        """Members per merged feature."""
-        return np.bincount(self.assign.ravel(), minlength=self.size)
-
-    def merge_matrix(self) -> np.ndarray:
-        """M, shape (O, n*O): row u averages the features of group u."""
-        n, o = self.assign.shape
-        m = np.zeros((o, n * o))
-        m[self.assign.ravel(), np.arange(n * o)] = 1.0
-        return m / self.counts()[:, None]
-
-    def unmerge_matrix(self) -> np.ndarray:
-        """U, shape (n*O, O): feature k is read back from its group's merged feature."""
-        n, o = self.assign.shape
-        u = np.zeros((n * o, o))
-        u[np.arange(n * o), self.assign.ravel()] = 1.0
-        return u
-
-    def mean_merged_correlation(self, corr: np.ndarray) -> float:
-        """Mean correlation between members of the same group (pairs only)."""
-        flat = self.assign.ravel()
-        same = flat[:, None] == flat[None, :]
-        np.fill_diagonal(same, False)
-        return float(corr[same].mean()) if same.any() else float("nan")
-
-
-def _check(corr: np.ndarray, n_models: int) -> int:
-    if corr.ndim != 2 or corr.shape[0] != corr.shape[1] or corr.shape[0] % n_models:
-        raise ValueError(f"correlation of shape {corr.shape} does not split into {n_models} models")
-    return corr.shape[0] // n_models
-
-
-def match_average(corr: np.ndarray, n_models: int) -> Match:
-    """Plain weight averaging: feature k of every model goes to merged feature k."""
-    o = _check(corr, n_models)
-    return Match(np.tile(np.arange(o), (n_models, 1)), 0, (n_models - 1) * o)
-
-
-def match_permute(corr: np.ndarray, n_models: int) -> Match:
-    """Optimal one-to-one matching of every model onto the first (linear sum assignment); a
-    non-finite correlation counts as 0, as in zipit.
-
-    scipy's solver starts from zero dual variables. Handing it the cost "column
-    maximum minus correlation" (Jonker-Volgenant's column reduction: the same
-    optimum, every cost >= 0 and a zero in each column) lets its augmenting
-    paths end sooner: about twice as fast on real correlations.
-    """
-    from scipy.optimize import linear_sum_assignment   # here: scipy costs a second to import
-
-    o = _check(corr, n_models)
-    assign = np.empty((n_models, o), dtype=np.int64)
-    assign[0] = np.arange(o)
-    for i in range(1, n_models):
-        block = np.nan_to_num(corr[:o, i * o:(i + 1) * o], nan=0.0, posinf=0.0, neginf=0.0)
-        with np.errstate(over="ignore", invalid="ignore"):
-            cost = np.subtract(block.max(0), block, out=block)  # in place: the block is our copy
-            finite = np.isfinite(cost.sum())
-        if finite:
-            rows, cols = linear_sum_assignment(cost)
-        else:                                        # huge values overflow the shift: solve as given
-            block = np.nan_to_num(corr[:o, i * o:(i + 1) * o], nan=0.0, posinf=0.0, neginf=0.0)
-            rows, cols = linear_sum_assignment(block, maximize=True)
-        assign[i, cols] = rows
-    return Match(assign, 0, (n_models - 1) * o)
-
+from ..errors import ZipitError
+from .base import Match, Method, check_shape
 
 def check_zipit_params(alpha: float | None, beta: float | None, n_models: int) -> None:
     """The one check of zipit's alpha and beta (None: to be tuned), before any work."""
@@ -134,7 +48,7 @@ def match_zipit(corr: np.ndarray, n_models: int, alpha: float = 0.3, beta: float
     by a penalty vector instead of being overwritten, and lifting the budget
     rebuilds the matrix by replaying the merges on the true correlations.
     """
-    o = _check(corr, n_models)
+    o = check_shape(corr, n_models)
     check_zipit_params(alpha, beta, n_models)
     big_n = n_models * o
     sim = np.empty((big_n, big_n))
@@ -221,11 +135,10 @@ def match_zipit(corr: np.ndarray, n_models: int, alpha: float = 0.3, beta: float
     return Match(index.reshape(n_models, o).astype(np.int64), within, big_n - o, relaxed)
 
 
-def match(method: str, corr: np.ndarray, n_models: int, alpha: float = 0.3, beta: float = 0.125) -> Match:
-    if method == "zipit":
-        return match_zipit(corr, n_models, alpha, beta)
-    if method == "permute":
-        return match_permute(corr, n_models)
-    if method == "average":
-        return match_average(corr, n_models)
-    raise ZipitError(f"unknown method {method!r}", f"valid methods (--method): {', '.join(METHODS)}")
+def _check(params: dict, n_models: int) -> None:
+    check_zipit_params(params.get("alpha"), params.get("beta"), n_models)
+
+
+METHOD = Method("zipit", "ZipIt!: merge the most correlated features, within or across models (alpha, beta)",
+                lambda corr, n_models, alpha=0.3, beta=0.125: match_zipit(corr, n_models, alpha, beta),
+                params=("alpha", "beta"), tunable=("alpha", "beta"), check=_check)

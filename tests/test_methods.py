@@ -1,0 +1,68 @@
+"""The method seam: a method is one record in the registry; dense merges zip like groupings."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from zipcli import MergeOptions, ZipitError, merge, methods
+from zipcli.methods import Match, Method
+from zipcli.methods.permute import match_permute
+from zipcli.specs.graph import ModelGraph
+from zipcli.zip import Zipper
+
+from conftest import random_model, small_spec
+from test_exactness import _images, _permuted_copies, _rel
+
+
+def _dense_permute(corr: np.ndarray, n_models: int) -> Match:
+    """permute's matching handed over as dense matrices, as a method outside the grouping would."""
+    grouping = match_permute(corr, n_models)
+    return Match.dense(grouping.merge_matrix(), grouping.unmerge_matrix())
+
+
+DENSE = Method("dense-permute", "permute as dense matrices (test)", _dense_permute)
+
+
+def test_a_dense_match_zips_exactly_like_the_same_grouping():
+    spec = small_spec("resnet20")
+    models = [random_model(spec, 5, seed=s) for s in (1, 2)]
+    graph = ModelGraph(spec, models[0])
+    plan = graph.plan("layer2")
+    rng = np.random.default_rng(0)
+    grouped, dense = {}, {}
+    for space in plan.merged_spaces:
+        o = graph.space_size[space]
+        g = Match(np.stack([np.arange(o), rng.permutation(o)]))
+        grouped[space], dense[space] = g, Match.dense(g.merge_matrix(), g.unmerge_matrix())
+    states = [m.state_dict() for m in models]
+    keys = [k for k in states[0] if k.split(".")[0] in ("conv1", "bn1", "layer1", "layer2")]
+    a = Zipper(graph, plan, grouped).trunk(keys, states)
+    b = Zipper(graph, plan, dense).trunk(keys, states)
+    for key in keys:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_a_method_added_as_one_record_merges_permuted_copies_exactly(monkeypatch, tmp_path, calib32):
+    monkeypatch.setitem(methods.REGISTRY, DENSE.name, DENSE)
+    spec = small_spec("resnet20")
+    model, paths = _permuted_copies(spec, tmp_path, calib32, 2)
+    x = _images(spec, calib32)
+    result = merge(paths, spec, calib32, MergeOptions(method="dense-permute", stop="layer2", reset_bn=False))
+    with torch.no_grad():
+        expected, heads = model(x), result.model(x)
+    assert result.metadata["method"] == "dense-permute"
+    assert all(_rel(h, expected) < 1e-4 for h in heads)
+
+
+def test_unknown_method_lists_the_registered_ones():
+    with pytest.raises(ZipitError) as err:
+        MergeOptions(method="cca").validate(2)
+    assert "zipit" in str(err.value.hint) and "permute" in str(err.value.hint)
+
+
+def test_dense_match_refuses_matrices_that_do_not_fit():
+    with pytest.raises(ValueError):
+        Match.dense(np.ones((3, 5)), np.ones((5, 3)))
+    with pytest.raises(ValueError):
+        Match()

@@ -1,0 +1,113 @@
+"""The closed-form refit: exact on permuted copies, closer to the sources on different models, label-free."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+import zipcli.evaluate
+import zipcli.refit
+from zipcli import MergeOptions, merge
+from zipcli.cli import app
+from zipcli.refit import _Layer, _patches, solve_layer
+
+from conftest import make_images, random_model, save_checkpoint, small_spec
+from test_exactness import _images, _permuted_copies, _rel
+
+
+@pytest.fixture(scope="module")
+def different(tmp_path_factory):
+    """Two different random ResNet-20s and calibration images they were 'trained' on."""
+    root = tmp_path_factory.mktemp("refit")
+    spec = small_spec("resnet20")
+    calib = make_images(root / "calib", 48, 32, seed=3)
+    models = [random_model(spec, k, seed, calib) for k, seed in ((2, 1), (3, 2))]
+    paths = [save_checkpoint(root / f"{n}.pt", m.state_dict(), [f"{n}{i}" for i in range(k)])
+             for n, m, k in (("a", models[0], 2), ("b", models[1], 3))]
+    return {"spec": spec, "calib": calib, "models": models, "paths": paths, "root": root}
+
+
+@pytest.mark.parametrize("stop", ["layer1", "layer2", "layer3"])
+def test_permuted_copies_come_back_exactly_with_every_layer_solved(stop, tmp_path, calib32, monkeypatch):
+    # Without a ridge of "keep the zipped weights" among the choices, every layer is solved.
+    monkeypatch.setattr(zipcli.refit, "RIDGE_GRID", (1e-3,))
+    spec = small_spec("resnet20")
+    model, paths = _permuted_copies(spec, tmp_path, calib32, 2)
+    x = _images(spec, calib32)
+    result = merge(paths, spec, calib32, MergeOptions(method="permute", stop=stop, reset_bn=False, refit="lsq"))
+    refit = result.metadata["params"]["refit"]
+    assert refit["layers"] > 0 and refit["kept_zipped"] == 0
+    with torch.no_grad():
+        expected, heads = model(x), result.model(x)
+    assert all(_rel(h, expected) < 1e-4 for h in heads)
+
+
+def test_the_solve_returns_the_zipped_weights_when_they_already_reproduce_the_target():
+    torch.manual_seed(0)
+    layer = _Layer("l", nn.Linear(6, 3), (0,), None)
+    w0 = layer.zipped()
+    for fold in (0, 1):
+        x = torch.randn(40, 7, dtype=torch.float64)
+        x[:, -1] = 1
+        layer.add(fold, x, x @ w0.T)
+    w, share, before, after = solve_layer(layer)
+    torch.testing.assert_close(w, w0, rtol=1e-9, atol=1e-9)
+    assert before == pytest.approx(0, abs=1e-9) and after == pytest.approx(0, abs=1e-9)
+
+
+def test_patches_at_sampled_positions_equal_the_unfolded_input():
+    torch.manual_seed(0)
+    for k, stride, pad, dil in ((3, 1, 1, 1), (3, 2, 1, 1), (1, 2, 0, 1), (3, 1, 2, 2), (7, 2, 3, 1)):
+        conv = nn.Conv2d(5, 4, k, stride=stride, padding=pad, dilation=dil)
+        x = torch.randn(2, 5, 13, 11)
+        y = conv(x)
+        where = torch.randperm(y.shape[2] * y.shape[3])[:7]
+        full = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)[:, :, where]
+        torch.testing.assert_close(_patches(conv, x, where, y.shape[3]), full)
+
+
+def _distance_to_sources(result, models, x) -> float:
+    with torch.no_grad():
+        return sum(float((h - m(x)).square().sum()) for h, m in zip(result.model(x), models))
+
+
+@pytest.mark.parametrize("stop", ["layer1", "layer3"])
+def test_the_refit_brings_the_heads_closer_to_their_sources(different, stop):
+    d = different
+    x = torch.cat(list(zipcli.calibration.calibration_stream(d["calib"], d["spec"].input, 48, 0, 48).batches()))
+    plain, refit = (merge(d["paths"], d["spec"], d["calib"], MergeOptions(method="permute", stop=stop, refit=r))
+                    for r in ("none", "lsq"))
+    assert refit.metadata["params"]["refit"]["layers"] > 0
+    assert _distance_to_sources(refit, d["models"], x) < 0.9 * _distance_to_sources(plain, d["models"], x)
+
+
+def test_the_refit_reads_no_labels_and_is_deterministic(different, monkeypatch):
+    def forbidden(*_a, **_k):
+        raise AssertionError("the refit touched labelled data")
+
+    monkeypatch.setattr(zipcli.evaluate, "labelled_images", forbidden)
+    monkeypatch.setattr(zipcli.evaluate, "labelled_batches", forbidden)
+    d = different
+    first, second = (merge(d["paths"], d["spec"], d["calib"], MergeOptions(method="zipit", alpha=0.3, beta=0.125,
+                                                                         stop="layer2", refit="lsq"))
+                     for _ in range(2))
+    assert first.metadata["params"]["refit"]["images"] == 48
+    for (k, a), (_, b) in zip(first.model.state_dict().items(), second.model.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_cli_refit_option(different, tmp_path):
+    runner, d = CliRunner(), different
+    base = ["merge", *map(str, d["paths"]), "--arch", "resnet20", "--calib", str(d["calib"]), "--method", "permute",
+            "--stop", "layer2", "--quiet"]
+    bad = runner.invoke(app, [*base, "--refit", "cca", "-o", str(tmp_path / "bad.safetensors")])
+    assert bad.exit_code == 2 and "--refit" in bad.output and "lsq" in bad.output
+    assert not (tmp_path / "bad.safetensors").exists()
+    out = tmp_path / "m.safetensors"
+    ok = runner.invoke(app, [*base, "--refit", "lsq", "-o", str(out)])
+    assert ok.exit_code == 0, ok.output
+    shown = runner.invoke(app, ["inspect", str(out)])
+    assert shown.exit_code == 0 and "refit" in shown.output and "lsq on 48 images" in shown.output
+    assert "--refit lsq" in (tmp_path / "m.md").read_text()
