@@ -66,3 +66,20 @@ def test_dense_match_refuses_matrices_that_do_not_fit():
         Match.dense(np.ones((3, 5)), np.ones((5, 3)))
     with pytest.raises(ValueError):
         Match()
+
+
+def test_a_new_file_in_the_methods_package_is_a_new_method(tmp_path, monkeypatch):
+    """What specs/README.md and the README promise: adding a method is adding one file."""
+    (tmp_path / "halves.py").write_text(
+        "import numpy as np\n"
+        "from zipcli.methods.base import Match, Method, check_shape\n"
+        "def match_halves(corr, n_models, weight=0.5):\n"
+        "    o = check_shape(corr, n_models)\n"
+        "    return Match.dense(np.hstack([np.eye(o) * weight, np.eye(o) * (1 - weight)]), np.vstack([np.eye(o)] * 2))\n"
+        "METHOD = Method('halves', 'feature k of both models, weighted (test)', match_halves, needs_correlation=False,\n"
+        "                params=('weight',))\n")
+    monkeypatch.setattr(methods, "__path__", [*methods.__path__, str(tmp_path)])
+    found = methods._discover()
+    assert list(found)[:3] == ["zipit", "permute", "average"] and "halves" in found
+    match = found["halves"].match(np.eye(8), 2)
+    np.testing.assert_allclose(match.merge_matrix() @ match.unmerge_matrix(), np.eye(4))

@@ -31,8 +31,10 @@ def different(tmp_path_factory):
 
 @pytest.mark.parametrize("stop", ["layer1", "layer2", "layer3"])
 def test_permuted_copies_come_back_exactly_with_every_layer_solved(stop, tmp_path, calib32, monkeypatch):
-    # Without a ridge of "keep the zipped weights" among the choices, every layer is solved.
+    # Without "keep the zipped weights" among the choices, and without the guard against too few
+    # samples (24 images here), every layer is solved.
     monkeypatch.setattr(zipcli.refit, "RIDGE_GRID", (1e-3,))
+    monkeypatch.setattr(zipcli.refit, "MIN_SAMPLES", 0)
     spec = small_spec("resnet20")
     model, paths = _permuted_copies(spec, tmp_path, calib32, 2)
     x = _images(spec, calib32)
@@ -42,6 +44,15 @@ def test_permuted_copies_come_back_exactly_with_every_layer_solved(stop, tmp_pat
     with torch.no_grad():
         expected, heads = model(x), result.model(x)
     assert all(_rel(h, expected) < 1e-4 for h in heads)
+
+
+def test_a_layer_with_too_few_samples_keeps_its_zipped_weights():
+    torch.manual_seed(0)
+    layer = _Layer("l", nn.Linear(6, 3), (0,), None)
+    for fold in (0, 1):
+        layer.add(fold, torch.randn(10, 7, dtype=torch.float64), torch.randn(10, 3, dtype=torch.float64))
+    w, share, before, after = solve_layer(layer)               # 20 samples < 4 per unknown (7)
+    assert torch.equal(w, layer.zipped()) and share == float("inf") and before is None
 
 
 def test_the_solve_returns_the_zipped_weights_when_they_already_reproduce_the_target():

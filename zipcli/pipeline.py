@@ -24,7 +24,7 @@ from .errors import CalibrationError, ZipitError
 from . import methods
 from .methods import Match
 from .merged import HeadInfo, MergedModel, merge_metadata, save_merged, skeleton
-from .refit import IMAGES as REFIT_IMAGES, KINDS as REFITS, refit
+from .refit import KINDS as REFITS, affordable_images, refit
 from .report import LoggingReporter, Reporter
 from .specs.format import OUTPUT_STOP, Spec
 from .specs.graph import ModelGraph
@@ -354,7 +354,8 @@ class MergeJob:
         refitted = None
         if o.refit != "none":
             t = time.perf_counter()
-            images = self.ranks.together(lambda: self.shard.first(REFIT_IMAGES).to(o.device))
+            most = affordable_images(self.sources[0].model, self.spec.input.size, len(self.sources))
+            images = self.ranks.together(lambda: self.shard.first(most).to(o.device))
             refitted = refit(model, [s.model for s in self.sources], self.graph, self.plan, matches, images,
                              o.reset_bn, o.seed, report, self.ranks)
             self.images_read = True
@@ -376,7 +377,7 @@ class MergeJob:
 
         first_dtype = next(v.dtype for v in self.sources[0].checkpoint.state_dict.values() if v.is_floating_point())
         dtype = o.dtype or next(k for k, v in DTYPES.items() if v == first_dtype)
-        params: dict[str, object] = {p: getattr(setting, p) for p in methods.get(method).params}
+        params: dict[str, object] = {p: getattr(setting, p) for p in methods.get(method).params if hasattr(setting, p)}
         if self.tuning is not None and methods.get(method).needs_correlation:
             params["tuning"] = self.tuning.to_metadata()
         if o.method == AUTO and self.choice is not None:

@@ -39,8 +39,9 @@ from .zip import _SpaceMerge
 KINDS = ("none", "lsq")
 RIDGE_GRID = (float("inf"), 1.0, 1e-1, 1e-2, 1e-3, 1e-4)   # lam as a share of X^T X's mean eigenvalue
 CHUNK = 16                    # images per forward pass, as in the BatchNorm reset
-IMAGES = 512                  # fit images the refit reads at most (all of them are held in memory at once)
-MIN_POSITIONS = 16            # output positions sampled per image and layer, at least
+MEMORY = 2 * 2**30            # bytes the refit's activations may take (all its images are held at once)
+MIN_POSITIONS = 64            # output positions sampled per image and layer, at least (all of a small map)
+MIN_SAMPLES = 4               # a layer is solved only from at least this many samples per unknown of a row
 
 
 @dataclass
@@ -54,6 +55,7 @@ class _Layer:
     gram: list[torch.Tensor] = field(default_factory=list)    # per fold: X^T X  (D, D)
     cross: list[torch.Tensor] = field(default_factory=list)   # per fold: Y^T X  (O, D)
     energy: list[torch.Tensor] = field(default_factory=list)  # per fold: ||Y||^2
+    samples: int = 0                                           # rows of X seen, both folds
 
     @property
     def has_bias(self) -> bool:
@@ -73,6 +75,7 @@ class _Layer:
         self.gram[fold] += (x.T @ x).double()
         self.cross[fold] += (y.T @ x).double()
         self.energy[fold] += y.double().square().sum()
+        self.samples += len(x)
 
 
 def refittable(graph: ModelGraph, plan: StopPlan, module: nn.Module) -> bool:
@@ -106,6 +109,29 @@ def plan_layers(graph: ModelGraph, plan: StopPlan, merged: nn.Module, matches: d
                 if name in mods:
                     out.append(_Layer(name, mods[name], (i,), None))
     return out
+
+
+@torch.no_grad()
+def affordable_images(model: nn.Module, size: int, n_models: int, budget: int = MEMORY) -> int:
+    """How many images the refit may hold at once within ``budget`` bytes, from one image's largest
+    activation: twice that (a residual block's input lives beside its branch) for each of the
+    ``n_models`` sources and the merged model, in float32."""
+    largest = 0
+
+    def hook(_m, _args, out):
+        nonlocal largest
+        if isinstance(out, torch.Tensor):
+            largest = max(largest, out.numel())
+
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        device = next((t.device for t in model.parameters()), torch.device("cpu"))
+        model.eval()(torch.zeros(1, 3, size, size, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    return max(1, budget // (4 * 2 * largest * (n_models + 1)))
 
 
 def _positions(length: int, module: nn.Module, key: int) -> torch.Tensor:
@@ -166,10 +192,13 @@ def _error(w: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor) -> float:
     return float(((w @ gram) * w).sum() - 2 * (w * cross).sum())
 
 
-def solve_layer(layer: _Layer) -> tuple[torch.Tensor, float, float, float]:
+def solve_layer(layer: _Layer) -> tuple[torch.Tensor, float, float | None, float | None]:
     """(new weights, lam as a share of the mean eigenvalue, then the held-out residuals of the zipped
-    and of the refit weights as shares of the target's energy): two-fold cross-validation picks lam."""
+    and of the refit weights as shares of the target's energy, None if the layer had too few samples
+    to be solved): two-fold cross-validation picks lam."""
     w0 = layer.zipped()
+    if layer.samples < MIN_SAMPLES * w0.shape[1]:
+        return w0, float("inf"), None, None    # too few samples to trust any fit: keep the zipped weights
     best, best_err = float("inf"), None
     errors = {}
     for share in RIDGE_GRID:
@@ -359,8 +388,10 @@ def _fit(layer: _Layer, xs: list, ys: list[list], seed: int, ranks: Ranks) -> di
         layer.gram = [ranks.sum(g) for g in layer.gram]
         layer.cross = [ranks.sum(c) for c in layer.cross]
         layer.energy = [ranks.sum(e) for e in layer.energy]
+    samples = layer.samples
     w, share, before, after = solve_layer(layer)
     _store(layer, w)
-    layer.gram = layer.cross = layer.energy = []
+    layer.gram, layer.cross, layer.energy = [], [], []
     return {"layer": layer.name, "head": None if layer.merge is not None else layer.sources[0],
-            "ridge": None if share == float("inf") else share, "residual": [round(before, 6), round(after, 6)]}
+            "ridge": None if share == float("inf") else share, "samples": samples,
+            "residual": None if before is None else [round(before, 6), round(after, 6)]}

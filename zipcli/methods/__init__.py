@@ -1,4 +1,4 @@
-"""Merging methods, one file each. Adding one is a new file with a ``METHOD`` listed here.
+"""Merging methods, one file each: every module of this package that defines ``METHOD`` is one.
 
 A method's ``match`` turns the correlation of n models' features in one space into
 merge and unmerge matrices (``base.Match``); the pipeline, the zip, tuning and the
@@ -7,13 +7,29 @@ parameters it takes and which the default may tune).
 """
 from __future__ import annotations
 
+import pkgutil
+from importlib import import_module
+
 import numpy as np
 
 from ..errors import ZipitError
-from . import average, permute, zipit
 from .base import Match, Method, check_shape
 
-REGISTRY: dict[str, Method] = {m.name: m for m in (zipit.METHOD, permute.METHOD, average.METHOD)}
+ORDER = ("zipit", "permute", "average")     # how the built-ins are listed; others follow by name
+
+
+def _discover() -> dict[str, Method]:
+    """Every ``METHOD`` in this package's modules (zipit's own code, never a user's file)."""
+    found = {}
+    for info in pkgutil.iter_modules(__path__):
+        method = getattr(import_module(f"{__name__}.{info.name}"), "METHOD", None)
+        if isinstance(method, Method):
+            found[method.name] = method
+    order = [n for n in ORDER if n in found] + sorted(n for n in found if n not in ORDER)
+    return {n: found[n] for n in order}
+
+
+REGISTRY: dict[str, Method] = _discover()
 METHODS = tuple(REGISTRY)
 
 

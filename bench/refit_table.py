@@ -1,0 +1,85 @@
+"""Issue 15's table: on every pair, at every stop, permute and zipit, each with and without the refit.
+
+Usage: python bench/refit_table.py [--pairs NAME,...] [--extra DIR] [--num-calib 512] [--test-limit N]
+
+Pairs: those of bench/validate_default.py (the zoo pair, the three pairs of the three-way zoo, and the
+pairs trained for issue 18 in --extra, see docs/tuning.md). The calibration images
+(../shared/datasets/cifar10/train) go through the sources once per pair; each cell merges with
+`MergeOptions(method=..., alpha=0.3, beta=0.125, refit=...)` (zipit at the paper's values) and scores
+average per-task and joint accuracy on the test images (all 10,000 by default), beside the sources'
+ensemble. Prints one JSON line per (pair, stop) and a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from zipcli.evaluate import Ensemble, evaluate, labelled_batches, labelled_images
+from zipcli.pipeline import MergeJob, MergeOptions
+from zipcli.report import SilentReporter
+from zipcli.specs import load_spec
+from zipcli.tuning import FALLBACK, Setting
+
+from validate_default import EXTRA, PAIRS, SHARED
+
+CELLS = [("permute", "none"), ("permute", "lsq"), ("zipit", "none"), ("zipit", "lsq")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", default=None, help="comma-separated names (default: all found)")
+    ap.add_argument("--extra", default="/work/zoo-extra")
+    ap.add_argument("--num-calib", type=int, default=512)
+    ap.add_argument("--test-limit", type=int, default=None, help="test images per class (default: all 1000)")
+    args = ap.parse_args()
+    pairs = dict(PAIRS)
+    pairs.update({k: (Path(args.extra) / a, Path(args.extra) / b) for k, (a, b) in EXTRA.items()
+                  if (Path(args.extra) / a).is_file() and (Path(args.extra) / b).is_file()})
+    if args.pairs:
+        pairs = {k: pairs[k] for k in args.pairs.split(",")}
+    spec = load_spec("resnet20")
+    test = list(labelled_batches(labelled_images(SHARED / "datasets/cifar10/test", args.test_limit), spec.input, 500))
+    rows = []
+    for name, (a, b) in pairs.items():
+        t0 = time.perf_counter()
+        base = MergeOptions(num_calib=args.num_calib, stop="layer3", method="permute")
+        job = MergeJob([a, b], spec, SHARED / "datasets/cifar10/train", base, SilentReporter(), hold_out=False)
+        job.calibrate()
+        names, classes = [s.checkpoint.name for s in job.sources], [s.classes for s in job.sources]
+        ensemble = evaluate(Ensemble([s.model for s in job.sources]), test, names, classes)
+        for stop in spec.stops:
+            job.use_stop(stop)
+            row = {"pair": name, "stop": stop, "ensemble": {"avg": ensemble["avg_task"], "joint": ensemble["joint"]}}
+            for method, refit in CELLS:
+                job.options = replace(base, stop=stop, method=method, refit=refit)
+                t = time.perf_counter()
+                result = job.finish(Setting(*FALLBACK), method)
+                seconds = time.perf_counter() - t
+                acc = evaluate(result.model, test, names, classes)
+                row[f"{method}+{refit}"] = {"avg": acc["avg_task"], "joint": acc["joint"], "merge_s": round(seconds, 2)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        print(f"# {name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    table(rows)
+
+
+def table(rows: list[dict]) -> None:
+    print("\n| pair | stop | permute | permute + refit | zipit 0.3/0.125 | zipit + refit | refit gain over best without "
+          "| ensemble |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        cells = [r[f"{m}+{f}"] for m, f in CELLS]
+        best_without = max(cells[0]["avg"], cells[2]["avg"])
+        best_with = max(cells[1]["avg"], cells[3]["avg"])
+        shown = " | ".join(f"{c['avg']:.4f} / {c['joint']:.4f}" for c in cells)
+        print(f"| {r['pair']} | {r['stop']} | {shown} | {best_with - best_without:+.4f} | "
+              f"{r['ensemble']['avg']:.4f} / {r['ensemble']['joint']:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
