@@ -11,13 +11,10 @@ ensemble. Prints one JSON line per (pair, stop) and a markdown table.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import replace
-from pathlib import Path
 
-import torch
 
 from zipcli.evaluate import Ensemble, evaluate, labelled_batches, labelled_images
 from zipcli.pipeline import MergeJob, MergeOptions
@@ -25,23 +22,13 @@ from zipcli.report import SilentReporter
 from zipcli.specs import load_spec
 from zipcli.tuning import FALLBACK, Setting
 
-from validate_default import EXTRA, PAIRS, SHARED
+from validate_default import SHARED, study_arguments
 
 CELLS = [("permute", "none"), ("permute", "lsq"), ("zipit", "none"), ("zipit", "lsq")]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pairs", default=None, help="comma-separated names (default: all found)")
-    ap.add_argument("--extra", default="/work/zoo-extra")
-    ap.add_argument("--num-calib", type=int, default=512)
-    ap.add_argument("--test-limit", type=int, default=None, help="test images per class (default: all 1000)")
-    args = ap.parse_args()
-    pairs = dict(PAIRS)
-    pairs.update({k: (Path(args.extra) / a, Path(args.extra) / b) for k, (a, b) in EXTRA.items()
-                  if (Path(args.extra) / a).is_file() and (Path(args.extra) / b).is_file()})
-    if args.pairs:
-        pairs = {k: pairs[k] for k in args.pairs.split(",")}
+    args, pairs = study_arguments(__doc__)
     spec = load_spec("resnet20")
     test = list(labelled_batches(labelled_images(SHARED / "datasets/cifar10/test", args.test_limit), spec.input, 500))
     rows = []

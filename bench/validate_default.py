@@ -37,8 +37,9 @@ PAIRS = {
 EXTRA = {"p+q": ("r20x1_c10p_s31.pt", "r20x1_c10q_s32.pt"), "r+s": ("r20x1_c10r_s41.pt", "r20x1_c10s_s42.pt")}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def study_arguments(doc: str) -> tuple[argparse.Namespace, dict[str, tuple[Path, Path]]]:
+    """The options every pair study takes, and the pairs they select (the extra ones where trained)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", default=None, help="comma-separated names (default: all found)")
     ap.add_argument("--extra", default="/work/zoo-extra")
     ap.add_argument("--num-calib", type=int, default=512)
@@ -49,6 +50,11 @@ def main() -> None:
                   if (Path(args.extra) / a).is_file() and (Path(args.extra) / b).is_file()})
     if args.pairs:
         pairs = {k: pairs[k] for k in args.pairs.split(",")}
+    return args, pairs
+
+
+def main() -> None:
+    args, pairs = study_arguments(__doc__)
     spec = load_spec("resnet20")
     items = labelled_images(SHARED / "datasets/cifar10/test", args.test_limit)
     test = list(labelled_batches(items, spec.input, 500))

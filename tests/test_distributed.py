@@ -92,6 +92,15 @@ def test_two_processes_give_the_single_process_merge(pair, name, tmp_path):
         torch.testing.assert_close(value, expected[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
+def test_the_refit_in_two_processes_solves_every_rank_alike(pair, tmp_path):
+    """Each rank refits on its own shard; the statistics are summed, so every rank solves the same layers."""
+    outcomes = _run(pair, dict(OPTIONS["permute"], refit="lsq"), tmp_path)
+    assert all("error" not in o for o in outcomes), outcomes
+    assert outcomes[0]["metadata"] == outcomes[1]["metadata"]
+    refit = outcomes[0]["metadata"]["params"]["refit"]
+    assert refit["layers"] > 0 and refit["layers"] > refit["kept_zipped"]
+
+
 def test_a_failure_on_one_rank_ends_both_with_its_message_and_no_file(pair, tmp_path):
     outcomes = _run(pair, OPTIONS["permute"], tmp_path, fail_rank=1)
     assert outcomes[1]["error"] == "shard unreadable"

@@ -11,7 +11,7 @@ import zipcli.evaluate
 import zipcli.refit
 from zipcli import MergeOptions, merge
 from zipcli.cli import app
-from zipcli.refit import _Layer, _patches, solve_layer
+from zipcli.refit import _Layer, _patches, describe, solve_layer
 
 from conftest import make_images, random_model, save_checkpoint, small_spec
 from test_exactness import _images, _permuted_copies, _rel
@@ -121,4 +121,10 @@ def test_cli_refit_option(different, tmp_path):
     assert ok.exit_code == 0, ok.output
     shown = runner.invoke(app, ["inspect", str(out)])
     assert shown.exit_code == 0 and "refit" in shown.output and "lsq on 48 images" in shown.output
-    assert "--refit lsq" in (tmp_path / "m.md").read_text()
+    card = (tmp_path / "m.md").read_text()
+    assert "--refit lsq" in card and "- Refit: lsq on 48 images" in card
+
+
+@pytest.mark.parametrize("facts", [None, {"per_layer": "x"}, {"per_layer": [{"ridge": 1}]}, {"images": "many"}])
+def test_damaged_refit_figures_in_a_file_give_a_plain_line(facts):
+    assert describe(facts) == "lsq (its figures in the file are unreadable)"

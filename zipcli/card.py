@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from .merged import write_atomic
+from .refit import describe
 from .specs.format import Preprocess
 
 CONFIG_FORMAT = "zipit-config/1"
@@ -67,6 +68,7 @@ def model_card(metadata: dict, pre: Preprocess, file_name: str, command: str | N
         "each source keeps its own head after that.",
         "",
         f"- Method: `{metadata['method']}`, {setting}.",
+        *([f"- Refit: {describe(params['refit'])}."] if params.get("refit") else []),
         f"- Calibration: {cal['num_images']} unlabelled images from `{cal['folder']}` (seed {cal['seed']}"
         f"{', ' + str(cal['held_out']) + ' more held out for tuning' if cal.get('held_out') else ''}), "
         f"BatchNorm reset {'on' if cal['reset_bn'] else 'off'}.",

@@ -133,7 +133,8 @@ def merge_cmd(
             _render_tuning(summary["params"].get("tuning"))
             _render_choice(summary["params"].get("choice"))
             if summary["params"].get("refit"):
-                err.print(f"refit: {refit_text(summary['params']['refit'])}", soft_wrap=not err.is_terminal)
+                from .refit import describe
+                err.print(f"refit: {describe(summary['params']['refit'])}", soft_wrap=not err.is_terminal)
             _render_merge_summary(summary)
         if json_out and ranks.main:
             print_json(summary)
@@ -241,7 +242,8 @@ def _render_merged(f: dict) -> None:
     if choice:
         facts.add_row("why", escape(_choice_text(choice)))
     if f["params"].get("refit"):
-        facts.add_row("refit", escape(refit_text(f["params"]["refit"])))
+        from .refit import describe
+        facts.add_row("refit", escape(describe(f["params"]["refit"])))
     facts.add_row("calibration", f"{cal['num_images']} images from {escape(cal['folder'])}, seed {cal['seed']}, "
                   f"augment {'on' if cal['augment'] else 'off'}, BN reset {'on' if cal['reset_bn'] else 'off'}")
     for s in f["sources"]:
@@ -266,17 +268,6 @@ def _render_merged(f: dict) -> None:
     out.print(spaces)
     if tuning and tuning["candidates"]:
         out.print(_tuning_grid(tuning))
-
-
-def refit_text(facts: dict) -> str:
-    """One line on the refit: how many layers were solved, and how much closer to the sources they came."""
-    rows = [r for r in facts["per_layer"] if r["ridge"] is not None]
-    if not rows:
-        return f"lsq on {facts['images']} images: every layer kept its zipped weights (no held-out gain)"
-    drops = sorted(1 - r["residual"][1] / r["residual"][0] for r in rows if r["residual"][0] > 0)
-    median = drops[len(drops) // 2] if drops else 0.0
-    return (f"lsq on {facts['images']} images: {len(rows)} of {facts['layers']} layers solved, their held-out "
-            f"error to the sources' outputs down by {median:.0%} (median)")
 
 
 def _choice_text(choice: dict) -> str:

@@ -351,15 +351,7 @@ class MergeJob:
                 report.warn(f"space {s['space']}: zipit could not finish within the beta budget and lifted it")
         self.timings["matching+zip"] = time.perf_counter() - t
 
-        refitted = None
-        if o.refit != "none":
-            t = time.perf_counter()
-            most = affordable_images(self.sources[0].model, self.spec.input.size, len(self.sources))
-            images = self.ranks.together(lambda: self.shard.first(most).to(o.device))
-            refitted = refit(model, [s.model for s in self.sources], self.graph, self.plan, matches, images,
-                             o.reset_bn, o.seed, report, self.ranks)
-            self.images_read = True
-            self.timings["refit"] = time.perf_counter() - t
+        refitted = self._refit(model, matches) if o.refit != "none" else None
 
         t = time.perf_counter()
         if o.reset_bn:
@@ -399,6 +391,17 @@ class MergeJob:
                                         calibration=calibration, sources=sources, heads=self.heads, spaces=spaces,
                                         dtype=dtype)
         return MergeResult(model.eval(), model.metadata, self.timings)
+
+    def _refit(self, model: MergedModel, matches: dict[str, Match]) -> dict:
+        """The refit, in place, on as many fit images as its memory allows; its facts for the file."""
+        o, t = self.options, time.perf_counter()
+        most = affordable_images(self.sources[0].model, self.spec.input.size, len(self.sources))
+        images = self.ranks.together(lambda: self.shard.first(most).to(o.device))
+        facts = refit(model, [s.model for s in self.sources], self.graph, self.plan, matches, images,
+                      o.reset_bn, o.seed, self.report, self.ranks)
+        self.images_read = True
+        self.timings["refit"] = time.perf_counter() - t
+        return facts
 
     def _space_summary(self, name: str, m: Match) -> dict:
         """Per-space facts for the file: how well the merged features agree, how many merges stayed

@@ -34,7 +34,7 @@ from .methods import Match
 from .report import Reporter, SilentReporter
 from .specs import layers
 from .specs.graph import ModelGraph, StopPlan, trace
-from .zip import _SpaceMerge
+from .zip import SpaceMerge
 
 KINDS = ("none", "lsq")
 RIDGE_GRID = (float("inf"), 1.0, 1e-1, 1e-2, 1e-3, 1e-4)   # lam as a share of X^T X's mean eigenvalue
@@ -51,7 +51,7 @@ class _Layer:
     name: str                          # module name, the same in the sources and the merged model
     module: nn.Module                  # the merged model's layer
     sources: tuple[int, ...]           # the sources whose outputs make the target
-    merge: _SpaceMerge | None          # trunk: M on the output channels; head: None (its source's own)
+    merge: SpaceMerge | None          # trunk: M on the output channels; head: None (its source's own)
     gram: list[torch.Tensor] = field(default_factory=list)    # per fold: X^T X  (D, D)
     cross: list[torch.Tensor] = field(default_factory=list)   # per fold: Y^T X  (O, D)
     energy: list[torch.Tensor] = field(default_factory=list)  # per fold: ||Y||^2
@@ -78,7 +78,7 @@ class _Layer:
         self.samples += len(x)
 
 
-def refittable(graph: ModelGraph, plan: StopPlan, module: nn.Module) -> bool:
+def refittable(module: nn.Module) -> bool:
     """A dense convolution (zero padding) or a linear layer: its output is a linear map of its input."""
     if isinstance(module, nn.Linear):
         return True
@@ -90,12 +90,12 @@ def plan_layers(graph: ModelGraph, plan: StopPlan, merged: nn.Module, matches: d
                 n_sources: int) -> list[_Layer]:
     """The layers the refit solves: trunk layers that write one whole merged space, and head layers
     that read a merged space (once per head)."""
-    spaces = {s: _SpaceMerge(m) for s, m in matches.items()}
+    spaces = {s: SpaceMerge(m) for s, m in matches.items()}
     trunk = dict(merged.trunk.named_modules())
     out = []
     for name in graph.calls:                       # forward order
         module = graph.modules[name]
-        if not refittable(graph, plan, module):
+        if not refittable(module):
             continue
         if name in plan.trunk_modules:
             writes = graph.writes.get(name, [])
@@ -368,7 +368,8 @@ def refit(merged, sources: list[nn.Module], graph: ModelGraph, plan: StopPlan, m
             if tracked is not None:
                 m.num_batches_tracked.copy_(tracked)
     kept = sum(f["ridge"] is None for f in facts)
-    return {"kind": "lsq", "layers": len(facts), "images": len(images), "kept_zipped": kept, "per_layer": facts}
+    count = int(ranks.sum(images.new_tensor([len(images)]))) if ranks.many else len(images)
+    return {"kind": "lsq", "layers": len(facts), "images": count, "kept_zipped": kept, "per_layer": facts}
 
 
 def _inputs_of(run: _Runner, name: str) -> list:
@@ -388,6 +389,7 @@ def _fit(layer: _Layer, xs: list, ys: list[list], seed: int, ranks: Ranks) -> di
         layer.gram = [ranks.sum(g) for g in layer.gram]
         layer.cross = [ranks.sum(c) for c in layer.cross]
         layer.energy = [ranks.sum(e) for e in layer.energy]
+        layer.samples = int(ranks.sum(layer.energy[0].new_tensor([layer.samples])))
     samples = layer.samples
     w, share, before, after = solve_layer(layer)
     _store(layer, w)
@@ -395,3 +397,19 @@ def _fit(layer: _Layer, xs: list, ys: list[list], seed: int, ranks: Ranks) -> di
     return {"layer": layer.name, "head": None if layer.merge is not None else layer.sources[0],
             "ridge": None if share == float("inf") else share, "samples": samples,
             "residual": None if before is None else [round(before, 6), round(after, 6)]}
+
+
+def describe(facts: dict) -> str:
+    """One line on the refit: how many layers were solved, and how much closer to the sources they came.
+    The facts come from a file, which may be damaged: anything unexpected gives a plain line."""
+    try:
+        rows = [r for r in facts.get("per_layer", []) if r["ridge"] is not None]
+        if not rows:
+            return (f"lsq on {int(facts['images'])} images: every layer kept its zipped weights (too few "
+                    "samples, or no gain on held-out images)")
+        drops = sorted(1 - r["residual"][1] / r["residual"][0] for r in rows if r["residual"][0] > 0)
+        median = drops[len(drops) // 2] if drops else 0.0
+        return (f"lsq on {int(facts['images'])} images: {len(rows)} of {int(facts['layers'])} layers solved, "
+                f"their held-out error to the sources' outputs down by {median:.0%} (median)")
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError, ZeroDivisionError):
+        return "lsq (its figures in the file are unreadable)"

@@ -34,7 +34,7 @@ def _unmerge_in(t: torch.Tensor, assign: torch.Tensor, size: int) -> torch.Tenso
     return out
 
 
-class _SpaceMerge:
+class SpaceMerge:
     """One space's M_i (on output channels) and U_i (on input channels), per model i."""
 
     def __init__(self, match: Match):
@@ -67,7 +67,7 @@ class Zipper:
 
     def __init__(self, graph: ModelGraph, plan: StopPlan, matches: dict[str, Match]):
         self.graph, self.plan = graph, plan
-        self.spaces = {s: _SpaceMerge(m) for s, m in matches.items()}
+        self.spaces = {s: SpaceMerge(m) for s, m in matches.items()}
         for s, m in matches.items():
             if m.size != graph.space_size[s]:
                 raise ValueError(f"space {s}: a merge must keep the space's width")
