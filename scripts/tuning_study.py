@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from zipcli import MergeOptions, load_spec
 from zipcli.evaluate import evaluate, labelled_batches, labelled_images
 import zipcli.calibration
-from zipcli.matching import match
+from zipcli.methods import match
 from zipcli.bn import reset_batchnorm
 from zipcli.pipeline import MergeJob
 from zipcli.tuning import agreement, candidate_settings, divergence, head_outputs

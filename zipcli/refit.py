@@ -134,11 +134,16 @@ def affordable_images(model: nn.Module, size: int, n_models: int, budget: int = 
     return max(1, budget // (4 * 2 * largest * (n_models + 1)))
 
 
-def _positions(length: int, module: nn.Module, key: int) -> torch.Tensor:
-    """Output positions of one image chunk sampled for a convolution: about out/in channels of them
-    (so the statistics cost about what the layer does), at least ``MIN_POSITIONS``."""
+def _position_count(length: int, module: nn.Conv2d) -> int:
+    """Output positions sampled per image for a convolution: about out/in channels of them (so the
+    statistics cost about what the layer does), at least ``MIN_POSITIONS``, at most all."""
     d = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
-    k = min(length, max(MIN_POSITIONS, -(-length * module.out_channels // d)))
+    return min(length, max(MIN_POSITIONS, -(-length * module.out_channels // d)))
+
+
+def _positions(length: int, module: nn.Conv2d, key: int) -> torch.Tensor:
+    """The sampled output positions of one image chunk (seeded by ``key``)."""
+    k = _position_count(length, module)
     if k == length:
         return torch.arange(length)
     return torch.randperm(length, generator=torch.Generator().manual_seed(key))[:k]
@@ -382,8 +387,28 @@ def _inputs_of(run: _Runner, name: str) -> list:
         run.step()
 
 
+def _samples(layer: _Layer, ys: list[list]) -> int:
+    """Rows the layer's statistics would hold: known from the outputs' shapes before any is summed."""
+    module, total = layer.module, 0
+    for y in ys[0]:
+        if isinstance(module, nn.Conv2d):
+            length = y.shape[2] * y.shape[3]
+            total += y.shape[0] * _position_count(length, module)
+        else:
+            total += y.numel() // y.shape[-1]
+    return total
+
+
 def _fit(layer: _Layer, xs: list, ys: list[list], seed: int, ranks: Ranks) -> dict:
-    """Statistics, the solve, and the new weights in place for one layer; its facts."""
+    """Statistics, the solve, and the new weights in place for one layer; its facts. A layer that
+    would get too few samples to be solved is left as it is without computing them."""
+    unknowns = layer.zipped().shape[1]
+    planned = _samples(layer, ys)
+    if ranks.many:
+        planned = int(ranks.sum(layer.zipped().new_tensor([planned])))
+    if planned < MIN_SAMPLES * unknowns:
+        return {"layer": layer.name, "head": None if layer.merge is not None else layer.sources[0],
+                "ridge": None, "samples": planned, "residual": None}
     ranks.together(lambda: _sample(layer, xs, ys, seed * 1_000_003 + zlib.crc32(layer.name.encode())))
     if ranks.many:
         layer.gram = [ranks.sum(g) for g in layer.gram]
