@@ -197,12 +197,17 @@ def _error(w: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor) -> float:
     return float(((w @ gram) * w).sum() - 2 * (w * cross).sum())
 
 
+def _enough(samples: int, unknowns: int) -> bool:
+    """Whether a layer's statistics are worth a solve: ``MIN_SAMPLES`` rows per unknown of a row."""
+    return samples >= MIN_SAMPLES * unknowns
+
+
 def solve_layer(layer: _Layer) -> tuple[torch.Tensor, float, float | None, float | None]:
     """(new weights, lam as a share of the mean eigenvalue, then the held-out residuals of the zipped
     and of the refit weights as shares of the target's energy, None if the layer had too few samples
     to be solved): two-fold cross-validation picks lam."""
     w0 = layer.zipped()
-    if layer.samples < MIN_SAMPLES * w0.shape[1]:
+    if not _enough(layer.samples, w0.shape[1]):
         return w0, float("inf"), None, None    # too few samples to trust any fit: keep the zipped weights
     best, best_err = float("inf"), None
     errors = {}
@@ -357,6 +362,9 @@ def refit(merged, sources: list[nn.Module], graph: ModelGraph, plan: StopPlan, m
             facts.append(_fit(layer, xs, ys, seed, ranks))
             report.advance()
         boundary = trunk.finish()
+        for i in range(len(source_runs)):
+            if i not in head_layers:
+                source_runs[i] = None               # its activations are needed no more
         for i, head in enumerate(merged.head_modules):
             if i not in head_layers:
                 continue
@@ -402,23 +410,20 @@ def _samples(layer: _Layer, ys: list[list]) -> int:
 def _fit(layer: _Layer, xs: list, ys: list[list], seed: int, ranks: Ranks) -> dict:
     """Statistics, the solve, and the new weights in place for one layer; its facts. A layer that
     would get too few samples to be solved is left as it is without computing them."""
-    unknowns = layer.zipped().shape[1]
-    planned = _samples(layer, ys)
+    samples = _samples(layer, ys)
     if ranks.many:
-        planned = int(ranks.sum(layer.zipped().new_tensor([planned])))
-    if planned < MIN_SAMPLES * unknowns:
-        return {"layer": layer.name, "head": None if layer.merge is not None else layer.sources[0],
-                "ridge": None, "samples": planned, "residual": None}
-    ranks.together(lambda: _sample(layer, xs, ys, seed * 1_000_003 + zlib.crc32(layer.name.encode())))
-    if ranks.many:
-        layer.gram = [ranks.sum(g) for g in layer.gram]
-        layer.cross = [ranks.sum(c) for c in layer.cross]
-        layer.energy = [ranks.sum(e) for e in layer.energy]
-        layer.samples = int(ranks.sum(layer.energy[0].new_tensor([layer.samples])))
-    samples = layer.samples
-    w, share, before, after = solve_layer(layer)
-    _store(layer, w)
-    layer.gram, layer.cross, layer.energy = [], [], []
+        samples = int(ranks.sum(layer.zipped().new_tensor([samples])))
+    share, before, after = float("inf"), None, None
+    if _enough(samples, layer.zipped().shape[1]):
+        ranks.together(lambda: _sample(layer, xs, ys, seed * 1_000_003 + zlib.crc32(layer.name.encode())))
+        if ranks.many:
+            layer.gram = [ranks.sum(g) for g in layer.gram]
+            layer.cross = [ranks.sum(c) for c in layer.cross]
+            layer.energy = [ranks.sum(e) for e in layer.energy]
+        layer.samples = samples
+        w, share, before, after = solve_layer(layer)
+        _store(layer, w)
+        layer.gram, layer.cross, layer.energy = [], [], []
     return {"layer": layer.name, "head": None if layer.merge is not None else layer.sources[0],
             "ridge": None if share == float("inf") else share, "samples": samples,
             "residual": None if before is None else [round(before, 6), round(after, 6)]}
