@@ -70,7 +70,7 @@ def merge_cmd(
     refit: str = typer.Option("none", "--refit", metavar="none|lsq", help="lsq: after the zip, solve each merged layer's "
                               "weights in closed form (ridge least squares, no labels) so that its outputs reproduce the "
                               "sources' on the calibration images, layer after layer; one more pass over them (as many "
-                              "as fit in 2 GiB of activations). Default: none."),
+                              "as fit in 256 MiB of activations). Default: none."),
     classes: Optional[List[str]] = typer.Option(None, "--classes", metavar="NAMES|FILE", help="Class names, once per checkpoint in order: "
                                                 "'a,b,c' or a file with one per line. Default: the checkpoint's "
                                                 "JSON sidecar, else class_0, class_1, ..."),

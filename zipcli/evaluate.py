@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from .calibration import DECODE_ERRORS, IMAGE_SUFFIXES, decode
-from .checkpoints import load_sources
+from .checkpoints import load_sources, run_layout
 from .errors import CalibrationError, ZipitError
 from .merged import is_merged_file, load_merged, read_metadata
 from .report import SilentReporter
@@ -132,7 +132,7 @@ def evaluate_files(files: list, data: str | Path, spec=None, classes: list[list[
     plain = [f for f in files if f not in merged]
     runs = []   # (label, kind, model, head names, head classes, preprocessing, file)
     for f in merged:
-        model = load_merged(f, device, trust_builders)
+        model = run_layout(load_merged(f, device, trust_builders), device)
         label = f.name if [g.name for g in merged].count(f.name) == 1 else str(f)
         runs.append((label, "merged", model, [h.name for h in model.heads], [h.classes for h in model.heads],
                      model.spec.input, str(f)))

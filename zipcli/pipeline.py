@@ -17,7 +17,7 @@ import torch
 from .bn import reset_batchnorm
 from .calibration import HOLDOUT, MIN_HOLDOUT, ImageStream, list_images, sample_images, split_holdout
 from .card import card_files
-from .checkpoints import load_sources
+from .checkpoints import load_sources, run_layout
 from .correlation import collect_correlations, sum_over_ranks
 from .distributed import SINGLE, Ranks
 from .errors import CalibrationError, ZipitError
@@ -173,7 +173,8 @@ class MergeJob:
                                    f"too few for {ranks.world} processes (each needs one)",
                                    "use fewer processes, or a smaller batch size (batch_size, --batch-size)")
         self._warned_skips = 0
-        self.states = [{k: v.detach().cpu() for k, v in s.model.state_dict().items()} for s in self.sources]
+        self.states = [{k: v.detach().cpu().contiguous() for k, v in s.model.state_dict().items()}
+                       for s in self.sources]
         self.correlations: dict[str, np.ndarray] = {}
         self._held: HeldOut | None = None
         self._held_for: int | None = None          # how many held-out images ``_held`` was read for
@@ -235,7 +236,7 @@ class MergeJob:
         """Zip the sources into a new model along ``matches`` (no BN reset)."""
         model = skeleton(self.spec, self.stop, self.heads)
         model.load_state_dict(self.zipped_state(matches))
-        return model.to(self.options.device)
+        return run_layout(model.to(self.options.device), self.options.device)
 
     def zipped_state(self, matches: dict[str, Match]) -> dict[str, torch.Tensor]:
         """The merged model's tensors along ``matches``, by their names in ``MergedModel``."""
@@ -251,7 +252,7 @@ class MergeJob:
         """This stop's merged model, built once: tuning candidates are tensors run through it
         (building a model runs its initialisers, which costs more than scoring a candidate)."""
         if self.stop not in self._templates:
-            model = skeleton(self.spec, self.stop, self.heads).to(self.options.device)
+            model = run_layout(skeleton(self.spec, self.stop, self.heads).to(self.options.device), self.options.device)
             self._templates[self.stop] = model, count_macs(model, self.spec.input.size)
         return self._templates[self.stop][0]
 

@@ -39,7 +39,7 @@ from .zip import SpaceMerge
 KINDS = ("none", "lsq")
 RIDGE_GRID = (float("inf"), 1.0, 1e-1, 1e-2, 1e-3, 1e-4)   # lam as a share of X^T X's mean eigenvalue
 CHUNK = 16                    # images per forward pass, as in the BatchNorm reset
-MEMORY = 2 * 2**30            # bytes the refit's activations may take (all its images are held at once)
+MEMORY = 2**28                # bytes the refit's activations may take (all its images are held at once)
 MIN_POSITIONS = 64            # output positions sampled per image and layer, at least (all of a small map)
 MIN_SAMPLES = 4               # a layer is solved only from at least this many samples per unknown of a row
 
@@ -74,7 +74,7 @@ class _Layer:
             self.energy = [x.new_zeros((), dtype=torch.float64) for _ in range(2)]
         self.gram[fold] += (x.T @ x).double()
         self.cross[fold] += (y.T @ x).double()
-        self.energy[fold] += y.double().square().sum()
+        self.energy[fold] += torch.linalg.vector_norm(y).double() ** 2
         self.samples += len(x)
 
 
@@ -134,16 +134,20 @@ def affordable_images(model: nn.Module, size: int, n_models: int, budget: int = 
     return max(1, budget // (4 * 2 * largest * (n_models + 1)))
 
 
-def _position_count(length: int, module: nn.Conv2d) -> int:
+def _position_count(length: int, module: nn.Conv2d, images: int) -> int:
     """Output positions sampled per image for a convolution: about out/in channels of them (so the
-    statistics cost about what the layer does), at least ``MIN_POSITIONS``, at most all."""
+    statistics cost about what the layer does), at least ``MIN_POSITIONS``, and at least what
+    ``images`` images need to reach ``MIN_SAMPLES`` per unknown (few images, where memory is
+    short, are sampled more densely); at most all."""
     d = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
-    return min(length, max(MIN_POSITIONS, -(-length * module.out_channels // d)))
+    unknowns = d + (module.bias is not None)
+    return min(length, max(MIN_POSITIONS, -(-length * module.out_channels // d),
+                           -(-MIN_SAMPLES * unknowns // max(1, images))))
 
 
-def _positions(length: int, module: nn.Conv2d, key: int) -> torch.Tensor:
+def _positions(length: int, module: nn.Conv2d, images: int, key: int) -> torch.Tensor:
     """The sampled output positions of one image chunk (seeded by ``key``)."""
-    k = _position_count(length, module)
+    k = _position_count(length, module, images)
     if k == length:
         return torch.arange(length)
     return torch.randperm(length, generator=torch.Generator().manual_seed(key))[:k]
@@ -152,26 +156,27 @@ def _positions(length: int, module: nn.Conv2d, key: int) -> torch.Tensor:
 def _rows_of_output(module: nn.Module, y: torch.Tensor, where: torch.Tensor | None) -> torch.Tensor:
     """A layer's output as (samples, channels), at the sampled positions."""
     if isinstance(module, nn.Conv2d):
-        y = y.flatten(2)[:, :, where]
-        return y.transpose(1, 2).reshape(-1, y.shape[1])
+        rows = y.permute(0, 2, 3, 1).reshape(y.shape[0], -1, y.shape[1])   # a view of a channels-last map
+        return rows[:, where].reshape(-1, y.shape[1])
     return y.reshape(-1, y.shape[-1])
 
 
 def _patches(conv: nn.Conv2d, x: torch.Tensor, where: torch.Tensor, out_width: int) -> torch.Tensor:
-    """The unfolded input (B, C*kh*kw, k) of ``conv`` at output positions ``where`` only (a full
+    """The unfolded input (B, k, C*kh*kw) of ``conv`` at output positions ``where`` only (a full
     unfold would copy the input kh*kw times to keep a few positions)."""
     (kh, kw), (sh, sw), (dh, dw), (ph, pw) = conv.kernel_size, conv.stride, conv.dilation, conv.padding
     padded = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    pixels = padded.permute(0, 2, 3, 1)                # (B, H, W, C): gathers whole channel vectors
     top, left = (where // out_width) * sh, (where % out_width) * sw
-    taps = [padded[:, :, top + i * dh, left + j * dw] for i in range(kh) for j in range(kw)]
-    return torch.stack(taps, 2).flatten(1, 2)          # channel-major, as weight.flatten(1)
+    taps = [pixels[:, top + i * dh, left + j * dw] for i in range(kh) for j in range(kw)]
+    return torch.stack(taps, 3).flatten(2)             # channel-major, as weight.flatten(1)
 
 
 def _rows_of_input(module: nn.Module, x: torch.Tensor, where) -> torch.Tensor:
     """A layer's input as (samples, D): patches for a convolution, a column of ones for a bias."""
     if isinstance(module, nn.Conv2d):
         cols = _patches(module, x, *where)
-        rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        rows = cols.reshape(-1, cols.shape[2])
     else:
         rows = x.reshape(-1, x.shape[-1])
     if module.bias is not None:
@@ -301,7 +306,7 @@ class _Runner:
         return values
 
 
-def _sample(layer: _Layer, xs: list, ys: list[list], key: int) -> None:
+def _sample(layer: _Layer, xs: list, ys: list[list], images: int, key: int) -> None:
     """Add one layer's statistics: merged inputs ``xs`` against each source's outputs ``ys[i]``,
     chunk by chunk, at sampled output positions; chunks alternate between the two folds."""
     module = layer.module
@@ -310,13 +315,10 @@ def _sample(layer: _Layer, xs: list, ys: list[list], key: int) -> None:
         outs = [y[c] for y in ys]
         if isinstance(module, nn.Conv2d):
             h, w = outs[0].shape[2:]
-            where = _positions(h * w, module, key + 7919 * c), w
+            where = _positions(h * w, module, images, key + 7919 * c), w
         x_rows = _rows_of_input(module, x, where).float()
         y_rows = [_rows_of_output(module, y, where and where[0]).float() for y in outs]
-        if layer.merge is None:
-            target = y_rows[0]
-        else:
-            target = sum(layer.merge.merge_out(y.T, i) for i, y in zip(layer.sources, y_rows)).T
+        target = y_rows[0] if layer.merge is None else layer.merge.merge_rows(y_rows)
         layer.add(c % 2, x_rows, target.to(x_rows.dtype))
 
 
@@ -339,6 +341,7 @@ def refit(merged, sources: list[nn.Module], graph: ModelGraph, plan: StopPlan, m
     if not todo:
         return {"kind": "lsq", "layers": 0, "images": 0, "per_layer": facts}
     chunks = [(x,) for x in images.split(CHUNK)]
+    count = int(ranks.sum(images.new_tensor([len(images)]))) if ranks.many else len(images)   # every rank's
     norms = [m for m in merged.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.track_running_stats]
     saved = [(m, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
              for m in norms]
@@ -359,7 +362,7 @@ def refit(merged, sources: list[nn.Module], graph: ModelGraph, plan: StopPlan, m
         for layer in (t for t in todo if t.merge is not None):
             xs = _inputs_of(trunk, layer.name)
             ys = [source_runs[i].until_module(layer.name) for i in layer.sources]
-            facts.append(_fit(layer, xs, ys, seed, ranks))
+            facts.append(_fit(layer, xs, ys, seed, ranks, count))
             report.advance()
         boundary = trunk.finish()
         for i in range(len(source_runs)):
@@ -372,7 +375,7 @@ def refit(merged, sources: list[nn.Module], graph: ModelGraph, plan: StopPlan, m
             for layer in head_layers[i]:
                 xs = _inputs_of(run, layer.name)
                 ys = [source_runs[i].until_module(layer.name)]
-                facts.append(_fit(layer, xs, ys, seed, ranks))
+                facts.append(_fit(layer, xs, ys, seed, ranks, count))
                 report.advance()
     finally:
         report.done()
@@ -381,7 +384,6 @@ def refit(merged, sources: list[nn.Module], graph: ModelGraph, plan: StopPlan, m
             if tracked is not None:
                 m.num_batches_tracked.copy_(tracked)
     kept = sum(f["ridge"] is None for f in facts)
-    count = int(ranks.sum(images.new_tensor([len(images)]))) if ranks.many else len(images)
     return {"kind": "lsq", "layers": len(facts), "images": count, "kept_zipped": kept, "per_layer": facts}
 
 
@@ -395,27 +397,27 @@ def _inputs_of(run: _Runner, name: str) -> list:
         run.step()
 
 
-def _samples(layer: _Layer, ys: list[list]) -> int:
+def _samples(layer: _Layer, ys: list[list], images: int) -> int:
     """Rows the layer's statistics would hold: known from the outputs' shapes before any is summed."""
     module, total = layer.module, 0
     for y in ys[0]:
         if isinstance(module, nn.Conv2d):
             length = y.shape[2] * y.shape[3]
-            total += y.shape[0] * _position_count(length, module)
+            total += y.shape[0] * _position_count(length, module, images)
         else:
             total += y.numel() // y.shape[-1]
     return total
 
 
-def _fit(layer: _Layer, xs: list, ys: list[list], seed: int, ranks: Ranks) -> dict:
+def _fit(layer: _Layer, xs: list, ys: list[list], seed: int, ranks: Ranks, images: int) -> dict:
     """Statistics, the solve, and the new weights in place for one layer; its facts. A layer that
     would get too few samples to be solved is left as it is without computing them."""
-    samples = _samples(layer, ys)
+    samples = _samples(layer, ys, images)
     if ranks.many:
         samples = int(ranks.sum(layer.zipped().new_tensor([samples])))
     share, before, after = float("inf"), None, None
     if _enough(samples, layer.zipped().shape[1]):
-        ranks.together(lambda: _sample(layer, xs, ys, seed * 1_000_003 + zlib.crc32(layer.name.encode())))
+        ranks.together(lambda: _sample(layer, xs, ys, images, seed * 1_000_003 + zlib.crc32(layer.name.encode())))
         if ranks.many:
             layer.gram = [ranks.sum(g) for g in layer.gram]
             layer.cross = [ranks.sum(c) for c in layer.cross]

@@ -55,6 +55,16 @@ class SpaceMerge:
             return _merge_out(t, self.assign[i], self.counts)
         return torch.tensordot(self.merges[i].to(t.dtype), t, dims=([1], [0]))
 
+    def merge_rows(self, rows: list[torch.Tensor]) -> torch.Tensor:
+        """sum_i M_i y_i for samples ``rows[i]`` (samples, O_i) of each model's features, as
+        (samples, O), in their dtype."""
+        if self.assign is None:
+            return sum(r @ m.T.to(r.dtype) for r, m in zip(rows, self.merges))
+        out = rows[0].new_zeros(len(rows[0]), self.size)
+        for r, assign in zip(rows, self.assign):
+            out.index_add_(1, assign, r)
+        return out / self.counts.to(out.dtype)
+
     def unmerge_in(self, t: torch.Tensor, i: int) -> torch.Tensor:
         """W_i U_i on axis 1."""
         if self.assign is not None:
