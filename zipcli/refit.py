@@ -412,11 +412,12 @@ def _samples(layer: _Layer, ys: list[list], images: int) -> int:
 def _fit(layer: _Layer, xs: list, ys: list[list], seed: int, ranks: Ranks, images: int) -> dict:
     """Statistics, the solve, and the new weights in place for one layer; its facts. A layer that
     would get too few samples to be solved is left as it is without computing them."""
+    w0 = layer.zipped()
     samples = _samples(layer, ys, images)
     if ranks.many:
-        samples = int(ranks.sum(layer.zipped().new_tensor([samples])))
+        samples = int(ranks.sum(w0.new_tensor([samples])))
     share, before, after = float("inf"), None, None
-    if _enough(samples, layer.zipped().shape[1]):
+    if _enough(samples, w0.shape[1]):
         ranks.together(lambda: _sample(layer, xs, ys, images, seed * 1_000_003 + zlib.crc32(layer.name.encode())))
         if ranks.many:
             layer.gram = [ranks.sum(g) for g in layer.gram]
