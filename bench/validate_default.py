@@ -88,12 +88,12 @@ def table(rows: list[dict]) -> None:
     """The default (what ``zipit merge`` chose, and its evidence) beside tuned zipit, permute and the
     paper's values."""
     print("\n| pair | stop | default: pick, avg (− permute) | zipit tuned (α/β) | permute | paper 0.3/0.125 | "
-          "held-out, rounds | divergence zipit − permute [95%] |")
+          "held-out, rounds | divergence zipit − permute [interval], images behind it |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         c, d, z = r["choice"], r["default"], r["zipit tuned"]
-        evidence = (f"{c['difference']:+.4f} [{c['interval'][0]:+.4f}, {c['interval'][1]:+.4f}]" if "interval" in c
-                    else c["reason"])
+        evidence = (f"{c['difference']:+.4f} [{c['interval'][0]:+.4f}, {c['interval'][1]:+.4f}] "
+                    f"({c.get('level', 0.95) * 100:g}%), {c['held_out_images']}" if "interval" in c else c["reason"])
         print(f"| {r['pair']} | {r['stop']} | {d['method']}, {d['avg']:.4f} ({d['avg'] - r['permute']['avg']:+.4f}) | "
               f"{z['avg']:.4f} ({z['alpha']:g}/{z['beta']:g}) | {r['permute']['avg']:.4f} | {r['paper']['avg']:.4f} | "
               f"{r['plan']['held_out_images']}, {r['plan']['rounds']} | {evidence} |")

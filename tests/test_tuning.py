@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import zipcli.calibration
 import zipcli.evaluate
 import zipcli.pipeline
 import zipcli.tuning
@@ -13,8 +14,9 @@ from zipcli import MergeOptions, merge
 from zipcli.cli import app
 from zipcli.merged import read_metadata
 from zipcli.calibration import HOLDOUT, MIN_HOLDOUT, split_holdout
-from zipcli.tuning import (KEEP, HeldOut, Setting, TuningPlan, agreement, candidate_settings, claims, divergence,
-                           plan_tuning, search)
+from zipcli.merged import HeadInfo, skeleton
+from zipcli.tuning import (KEEP, HeldOut, Setting, TuningPlan, _Scored, agreement, candidate_settings, claims,
+                           divergence, head_outputs, image_divergences, plan_tuning, search)
 
 from conftest import make_images, random_model, save_checkpoint, small_spec
 from typer.testing import CliRunner
@@ -169,7 +171,7 @@ def test_auto_never_reads_labels_or_held_out_images_for_correlations(pair, monke
     tuning = result.metadata["params"]["tuning"]
     assert result.metadata["calibration"]["held_out"] == 16 and tuning["held_out_images"] == 16   # whole 16s
     assert len(seen["files"]) == 72 - 16 == result.metadata["calibration"]["num_images"]
-    assert len(tuning["candidates"]) == len(candidate_settings(2))
+    assert len(tuning["candidates"]) + len(tuning["not_screened"]) == len(candidate_settings(2))
     chosen = tuning["chosen"]
     assert (chosen["alpha"], chosen["beta"]) == (result.metadata["params"]["alpha"], result.metadata["params"]["beta"])
     best = min(c["score"] for c in tuning["candidates"])
@@ -190,6 +192,17 @@ def test_auto_is_deterministic_for_a_seed_and_recorded_by_the_cli(pair, tmp_path
     assert params["tuning"]["candidates"] and params["tuning"]["reason"] == ""
     shown = runner.invoke(app, ["inspect", str(outs[0])])
     assert shown.exit_code == 0 and "tuned" in shown.output and "divergence" in shown.output
+    unscreened = params["tuning"]["not_screened"]
+    assert unscreened and ("–: not scored" in shown.output)
+    lines = shown.output[shown.output.index("alpha/beta tuning"):].splitlines()
+    columns = [float(c) for c in lines[1].split("┃")[1:]]
+    grid = {}
+    for line in lines[3:]:
+        if "│" in line:
+            cells = [c.strip() for c in line.split("│")]
+            grid.setdefault(float(cells[0].split()[0]), cells[1:])      # a beta's first row: its round 1
+    for u in unscreened:                    # each unscored setting is a "–" in its beta's row
+        assert grid[u["beta"]][columns.index(u["alpha"])] == "–"
     as_json = json.loads(runner.invoke(app, ["inspect", str(outs[0]), "--json"]).stdout)
     assert as_json["params"]["tuning"]["chosen"] == params["tuning"]["chosen"]
 
@@ -254,3 +267,127 @@ def test_when_the_evidence_would_cost_more_than_the_budget_the_default_is_permut
     choice = result.metadata["params"]["choice"]
     assert result.metadata["method"] == choice["chosen"] == "permute" and "budget" in choice["reason"]
     assert result.metadata["calibration"]["held_out"] == 0 and result.metadata["calibration"]["num_images"] == 72
+
+
+@pytest.mark.parametrize("name,size", [("resnet20", None), ("cifar_vgg11", None), ("mobilenet_v2", 64),
+                                       ("densenet121", 64)])
+def test_heads_asked_for_some_images_give_exactly_those_rows_of_their_logits(name, size):
+    spec = small_spec(name, size)
+    heads = [HeadInfo("a", ["x", "y"], "a.pt"), HeadInfo("b", ["x", "y", "z"], "b.pt")]
+    x = torch.randn(5, 3, spec.input.size, spec.input.size)
+    for stop in spec.stops:
+        torch.manual_seed(0)
+        model = skeleton(spec, stop, heads)
+        with torch.no_grad():
+            full = model(x)
+            routed = model(x, rows=[torch.tensor([0, 3, 4]), torch.tensor([], dtype=torch.long)])
+        assert routed[1] is None, stop
+        torch.testing.assert_close(routed[0], full[0][[0, 3, 4]], rtol=1e-5, atol=1e-5, msg=stop)
+
+
+def test_scoring_each_head_on_its_claimed_images_only_gives_the_scores_of_full_passes(pair):
+    """Tuning runs head i only on the images source i claims; the score must be what running
+    every head on every image gives."""
+    job = zipcli.pipeline.MergeJob(pair["paths"], pair["spec"], pair["calib"], MergeOptions(stop="layer2"))
+    job.calibrate()
+    read = job.held_out()
+    a, b = read.targets
+    held = HeldOut(read.images, [a, torch.cat([b[:8] * 10, b[8:]])])   # source b claims the first 8 images
+    owner = claims(held.targets)
+    assert 0 < int((owner == 0).sum()) < len(owner)          # both heads claim some images
+    scorer = job.scorer(job.match(Setting(0.3, 0.125)), job.bn_subset())
+    full = head_outputs(scorer, held.images, 2)
+    scored = _Scored(scorer).upto(held, len(owner))
+    assert divergence(scored, held.targets) == pytest.approx(divergence(full, held.targets), rel=1e-5)
+    torch.testing.assert_close(image_divergences(scored, held.targets), image_divergences(full, held.targets),
+                               rtol=1e-5, atol=1e-6)
+
+
+class _Offset(torch.nn.Module):
+    """One head whose logits are the source's plus ``offset`` on the wrong class: divergence grows with it."""
+
+    def __init__(self, targets: torch.Tensor, offset: float):
+        super().__init__()
+        self.targets, self.offset = targets, offset
+
+    def forward(self, x):
+        rows = x[:, 0].long()
+        return [self.targets[rows] + self.offset * torch.eye(3)[(self.targets[rows].argmax(1) + 1) % 3]]
+
+
+def test_round_one_scores_one_alpha_per_beta_then_every_alpha_of_the_two_best_betas():
+    n = 64
+    targets = 3 * torch.randn(n, 3, generator=torch.Generator().manual_seed(0))
+    held = HeldOut(torch.arange(n, dtype=torch.float32)[:, None], [targets])
+    settings = candidate_settings(2)
+    badness = {0.0: 5.0, 0.0625: 4.0, 0.125: 1.0, 0.25: 2.0, 0.5: 3.0}      # per beta; alpha 0.5 best within a row
+    built = []
+
+    def prepare(s: Setting):
+        return (s.alpha, s.beta), lambda: built.append(s) or _Offset(targets, badness[s.beta] + abs(s.alpha - 0.5))
+
+    result = search(prepare, held, settings, TuningPlan(n, (16,), False, 0, 0), Setting(0.3, 0.125))
+    first_wave = {Setting(1.0, 0.0), *(Setting(0.3, b) for b in (0.0625, 0.125, 0.25, 0.5))}
+    second_wave = {Setting(a, b) for a in (0.1, 0.5, 1.0) for b in (0.125, 0.25)}
+    assert set(built) == first_wave | second_wave and len(built) == 11
+    assert {t.setting for t in result.trials} == set(built)
+    assert set(result.unscreened) == set(settings) - set(built)
+    assert result.chosen == Setting(0.5, 0.125)
+    meta = result.to_metadata()
+    assert len(meta["candidates"]) == 11 and len(meta["not_screened"]) == 6
+    assert zipcli.tuning.screened_count(settings) == 11 and zipcli.tuning.screened_count(candidate_settings(3)) == 11
+
+
+def _compared(gap: float, n: int = 512):
+    """The final comparison of a zipit candidate ``gap`` worse per image than permute, with its reads."""
+    targets = 3 * torch.randn(n, 3, generator=torch.Generator().manual_seed(1))
+    full = HeldOut(torch.arange(n, dtype=torch.float32)[:, None], [targets])
+    noisy = torch.rand(n, generator=torch.Generator().manual_seed(2)) * 2
+    reads = []
+
+    class PerImage(torch.nn.Module):
+        def __init__(self, extra):
+            super().__init__()
+            self.extra = extra
+
+        def forward(self, x):
+            rows = x[:, 0].long()
+            wrong = torch.eye(3)[(targets[rows].argmax(1) + 1) % 3]
+            return [targets[rows] + (noisy[rows] + self.extra)[:, None] * wrong]
+
+    plan = TuningPlan(n, (), True, 0, 0)
+    result = search(lambda s: (s, lambda: PerImage(gap)), full.first(n // 2), [Setting(0.3, 0.125)], plan,
+                    Setting(0.3, 0.125), permute=lambda: PerImage(0.0), more=lambda: reads.append(1) or full)
+    return result.choice, reads
+
+
+def test_the_comparison_reads_the_second_half_only_when_the_first_leaves_it_undecided():
+    assert TuningPlan(512, (32, 128), True, 0, 0).looks == (256, 512)
+    assert TuningPlan(192, (32, 48), True, 0, 0).looks == (192,)              # half would be under a search's worth
+    clear, reads = _compared(-1.0)
+    assert clear.method == "zipit" and clear.images == 256 and not reads and clear.level == 0.975
+    worse, reads = _compared(+1.0)
+    assert worse.method == "permute" and worse.images == 256 and not reads  # clearly worse: permute at once
+    tied, reads = _compared(0.0)
+    assert tied.method == "permute" and tied.images == 512 and reads == [1]
+    assert "then on all 512" in tied.to_metadata()["rule"] and tied.to_metadata()["level"] == 0.975
+
+
+def test_held_out_images_are_read_once_and_more_of_them_extend_the_first(pair, monkeypatch):
+    job = zipcli.pipeline.MergeJob(pair["paths"], pair["spec"], pair["calib"], MergeOptions(stop="layer1"),
+                                   hold_out=True)
+    decoded = []
+    real = zipcli.calibration.decode
+    monkeypatch.setattr(zipcli.calibration, "decode", lambda path, pre: decoded.append(path) or real(path, pre))
+    everything = job.held_out()
+    assert everything is not None and len(decoded) == len(job.held_files) == len(everything.images)
+    decoded.clear()
+    fresh = zipcli.pipeline.MergeJob(pair["paths"], pair["spec"], pair["calib"], MergeOptions(stop="layer1"),
+                                     hold_out=True)
+    head = fresh.held_out(8)
+    assert head is None and len(decoded) == 8                  # fewer than MIN_HOLDOUT: no held-out set yet
+    whole = fresh.held_out()
+    assert len(decoded) == len(fresh.held_files)               # only the files not read before
+    torch.testing.assert_close(whole.images, everything.images)
+    torch.testing.assert_close(whole.targets[1], everything.targets[1])
+    assert len(fresh.held_out(16).images) == 16 and fresh.held_count == len(fresh.held_files)

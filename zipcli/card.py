@@ -56,7 +56,8 @@ def model_card(metadata: dict, pre: Preprocess, file_name: str, command: str | N
         lo, hi = choice["interval"]
         setting += (f"; chosen by the default over {'permute' if choice['chosen'] == 'zipit' else 'zipit'}: held-out "
                     f"divergence zipit {choice['zipit']['divergence']:.4f}, permute "
-                    f"{choice['permute']['divergence']:.4f}, 95% interval of the difference {lo:+.4f} to {hi:+.4f}")
+                    f"{choice['permute']['divergence']:.4f}, {choice.get('level', 0.95) * 100:g}% interval of the "
+                    f"difference {lo:+.4f} to {hi:+.4f} on {choice['held_out_images']} held-out images")
     pre = _input(pre)
     size = pre["input_size"][1]
     resize = f"resize the shorter side to {pre['resize']} px, " if pre["resize"] else ""

@@ -163,8 +163,9 @@ def _render_choice(choice: dict | None) -> None:
         return
     lo, hi = choice["interval"]
     err.print(f"chose {choice['chosen']}: divergence zipit {choice['zipit']['divergence']:.4f}, permute "
-              f"{choice['permute']['divergence']:.4f}, difference {choice['difference']:+.4f} (95% interval "
-              f"{lo:+.4f} to {hi:+.4f} on {choice['held_out_images']} held-out images; zipit only if wholly below 0)",
+              f"{choice['permute']['divergence']:.4f}, difference {choice['difference']:+.4f} "
+              f"({choice.get('level', 0.95) * 100:g}% interval {lo:+.4f} to {hi:+.4f} on {choice['held_out_images']} "
+              "held-out images; zipit only if wholly below 0)",
               soft_wrap=not err.is_terminal)
 
 
@@ -276,8 +277,9 @@ def _choice_text(choice: dict) -> str:
     lo, hi = choice["interval"]
     return (f"{choice['chosen']}: divergence zipit {choice['zipit']['divergence']:.4f} (alpha "
             f"{choice['zipit']['alpha']:g}, beta {choice['zipit']['beta']:g}), permute "
-            f"{choice['permute']['divergence']:.4f}; difference {choice['difference']:+.4f}, 95% interval "
-            f"{lo:+.4f} to {hi:+.4f} on {choice['held_out_images']} held-out images (zipit only if wholly below 0)")
+            f"{choice['permute']['divergence']:.4f}; difference {choice['difference']:+.4f}, "
+            f"{choice.get('level', 0.95) * 100:g}% interval {lo:+.4f} to {hi:+.4f} on {choice['held_out_images']} "
+            "held-out images (zipit only if wholly below 0)")
 
 
 def _tuning_grid(tuning: dict) -> Table:
@@ -288,9 +290,11 @@ def _tuning_grid(tuning: dict) -> Table:
     screened = min(c["images"] for c in tuning["candidates"])
     full = max(c["images"] for c in tuning["candidates"])
     two = screened < full
-    title = (f"alpha/beta tuning: divergence from the sources (lower is better); every candidate on {screened} "
+    title = (f"alpha/beta tuning: divergence from the sources (lower is better); candidates on {screened} "
              f"held-out images, the best then on more (up to {full}); chosen: *" if two else
              f"alpha/beta tuning: divergence from the sources on {full} held-out images (lower is better); chosen: *")
+    if tuning.get("not_screened"):
+        title += "; –: not scored (not in the grid, or its beta ranked below the best two in round 1)"
     grid = Table(title=title, title_justify="left", show_edge=False)
     grid.add_column("beta \\ alpha")
     for a in alphas:

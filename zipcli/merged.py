@@ -51,9 +51,21 @@ class MergedModel(nn.Module):
         self.trunk = trunk
         self.head_modules = nn.ModuleList(modules)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, rows: list[torch.Tensor] | None = None) -> list[torch.Tensor | None]:
+        """Each head's logits on ``x``; with ``rows``, head i's on the images ``rows[i]`` only (None
+        where that is empty): tuning scores each head on the images its source claims, and runs
+        no head on the others."""
         shared = self.trunk(x)
-        return [head(*shared) for head in self.head_modules]
+        if rows is None:
+            return [head(*shared) for head in self.head_modules]
+        return [head(*[_select(s, r, len(x)) for s in shared]) if len(r) else None
+                for head, r in zip(self.head_modules, rows)]
+
+
+def _select(value, rows: torch.Tensor, batch: int):
+    """``value``'s rows ``rows`` if it holds one row per image (its first dimension is the batch), else
+    ``value`` as it is (a size, a constant)."""
+    return value[rows] if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == batch else value
 
 
 def skeleton(spec: Spec, stop: str, heads: list[HeadInfo]) -> MergedModel:

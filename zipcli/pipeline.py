@@ -30,7 +30,7 @@ from .specs.format import OUTPUT_STOP, Spec
 from .specs.graph import ModelGraph
 from .macs import count_macs
 from .tuning import (FALLBACK, HeldOut, MethodChoice, Setting, TuningPlan, TuningResult, candidate_settings,
-                     BN_IMAGES, plan_tuning, tune, tuning_budget)
+                     BN_IMAGES, plan_tuning, screened_count, tune, tuning_budget)
 from .zip import Zipper
 
 AUTO = "auto"
@@ -176,8 +176,9 @@ class MergeJob:
         self.states = [{k: v.detach().cpu().contiguous() for k, v in s.model.state_dict().items()}
                        for s in self.sources]
         self.correlations: dict[str, np.ndarray] = {}
-        self._held: HeldOut | None = None
-        self._held_for: int | None = None          # how many held-out images ``_held`` was read for
+        self._held: HeldOut | None = None          # every held-out image read so far, in file order
+        self._held_files_read = 0                  # held-out files read (or found unreadable) so far
+        self._held_unreadable: set[Path] = set()
         self._bn_images: torch.Tensor | None = None
         self.images_read = False
         self.tuning: TuningResult | None = None
@@ -269,7 +270,7 @@ class MergeJob:
         if self.options.reset_bn and bn_images is not None:
             reset_batchnorm(template, [bn_images], self.options.device)
         state = {k: v.clone() for k, v in template.state_dict().items()}
-        return lambda x: torch.func.functional_call(template.eval(), state, (x,))
+        return lambda x, rows=None: torch.func.functional_call(template.eval(), state, (x,), {"rows": rows})
 
     def bn_subset(self) -> torch.Tensor:
         """The fit images each tuning candidate's BatchNorm is reset on."""
@@ -278,17 +279,20 @@ class MergeJob:
         return self._bn_images
 
     def held_out(self, n: int | None = None) -> HeldOut | None:
-        """The first ``n`` (default: all) held-out images, never used for correlations, and the
-        source models' logits on them; None if fewer than ``MIN_HOLDOUT`` could be read. Read once
-        for each ``n`` asked."""
+        """The held-out images of the first ``n`` held-out files (default: all), never used for
+        correlations, and the source models' logits on them; None if fewer than ``MIN_HOLDOUT``
+        could be read. Each file is read once: asking for more reads only the new ones."""
         want = len(self.held_files) if n is None else min(n, len(self.held_files))
-        if self._held_for != want:
-            batches = list(self.stream.with_files(self.held_files[:want], augment=False).batches())
-            images = torch.cat(batches).to(self.options.device) if batches else torch.empty(0)
-            self._held = (HeldOut.from_sources(images, [s.model for s in self.sources])
-                          if len(images) >= MIN_HOLDOUT else None)
-            self._held_for = want
-        return self._held
+        if want > self._held_files_read:
+            stream = self.stream.with_files(self.held_files[self._held_files_read:want], augment=False)
+            batches = list(stream.batches())
+            if batches:
+                new = HeldOut.from_sources(torch.cat(batches).to(self.options.device), [s.model for s in self.sources])
+                self._held = new if self._held is None else self._held.joined(new)
+            self._held_unreadable |= {path for path, _ in stream.skipped}
+            self._held_files_read = want
+        count = want - len(self._held_unreadable.intersection(self.held_files[:want]))
+        return self._held.first(count) if self._held is not None and count >= MIN_HOLDOUT else None
 
     @property
     def held_count(self) -> int:
@@ -302,7 +306,8 @@ class MergeJob:
         fit = len(self.stream) if fit_images is None else fit_images
         return plan_tuning(tuning_budget(fit * self.source_macs), self.source_macs, self.merged_macs(),
                            HOLDOUT if available is None else available,
-                           len(candidate_settings(len(self.sources), o.alpha, o.beta)), compare=o.method == AUTO)
+                           screened_count(candidate_settings(len(self.sources), o.alpha, o.beta)),
+                           compare=o.method == AUTO)
 
     def prepare(self, setting: Setting):
         """(key of the setting's matching, builder of its candidate) for ``tuning.search``."""
@@ -320,17 +325,19 @@ class MergeJob:
         t = time.perf_counter()
         settings = candidate_settings(len(self.sources), o.alpha, o.beta)
         plan = self.plan_tuning(available=HOLDOUT if self._over_budget else len(self.held_files))
-        held = self.held_out(plan.held) if plan.held else None
-        if held is not None and len(held.images) < plan.held:          # some were unreadable
+        held = self.held_out(plan.looks[0]) if plan.held else None     # the rest only if the comparison needs it
+        more = lambda: self.held_out(plan.held)                        # noqa: E731
+        if held is not None and len(held.images) < plan.looks[0]:      # some were unreadable
             plan = self.plan_tuning(available=len(held.images))
-            held = HeldOut(held.images[:plan.held], [t[:plan.held] for t in held.targets]) if plan.held else None
+            held = held.first(plan.held) if plan.held else None
+            more = lambda: held                                         # noqa: E731
         if held is None and self.held_files and plan.held:
             self.report.warn(f"fewer than {MIN_HOLDOUT} held-out images could be read; using "
                              + ("permute" if o.method == AUTO else
                                 f"alpha {o.fixed_setting.alpha:g}, beta {o.fixed_setting.beta:g}"))
         permute = (lambda: self.scorer(self.match(o.fixed_setting, "permute"), self.bn_subset())) if o.method == AUTO else None
         self.tuning = tune(self.prepare, held, settings, o.fixed_setting, plan,
-                           self.report, permute, self.ranks)
+                           self.report, permute, self.ranks, more)
         if self.tuning.trials or self.tuning.choice:
             self.timings["tuning"] = time.perf_counter() - t
         if o.method != AUTO:

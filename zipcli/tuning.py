@@ -14,7 +14,7 @@ search. Each candidate's BatchNorm is reset on ``BN_IMAGES`` fit images before i
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Hashable, Iterable, Sequence
 
 import torch
@@ -29,8 +29,9 @@ TUNING_MACS = 2.5e11        # tuning may always spend this many multiply-accumul
 TUNING_SHARE = 0.3          # ... or this share of the calibration pass's, if that is more
 MIN_SEARCH = 128            # a search needs this many held-out images (the final comparison's evidence)
 KEEP = 4                    # candidates that go on to round 2 (on a quarter of the held-out images)
+TOP_BETAS = 2               # round 1 scores every alpha of this many betas, the best with one alpha each
 CHUNK = 32                  # held-out images per forward chunk
-BN_IMAGES = 64              # fit images each candidate's BatchNorm is reset on before it is scored
+BN_IMAGES = 64              # fit images each candidate's BatchNorm is reset on (one chunk) before it is scored
 HELD_SIZES = (512, 384, 256, 192, 128, 96, 64, 48, 32, 16)   # held-out sizes a plan tries, largest first
 
 
@@ -54,6 +55,26 @@ def candidate_settings(n_models: int, alpha: float | None = None, beta: float | 
     return grid
 
 
+def _beta_rows(settings: Sequence[Setting]) -> dict[float, list[int]]:
+    """Indices of ``settings`` by beta, in order of first appearance."""
+    rows: dict[float, list[int]] = {}
+    for i, s in enumerate(settings):
+        rows.setdefault(s.beta, []).append(i)
+    return rows
+
+
+def _first_wave(settings: Sequence[Setting]) -> dict[float, int]:
+    """Round 1's first wave: for each beta one setting, with the paper's alpha where the grid has it."""
+    return {b: next((i for i in idx if settings[i].alpha == FALLBACK[0]), idx[0])
+            for b, idx in _beta_rows(settings).items()}
+
+
+def screened_count(settings: Sequence[Setting]) -> int:
+    """Most settings round 1 scores: one per beta, then the other alphas of the ``TOP_BETAS`` best betas."""
+    others = sorted((len(idx) - 1 for idx in _beta_rows(settings).values()), reverse=True)
+    return len(_beta_rows(settings)) + sum(others[:TOP_BETAS])
+
+
 @dataclass
 class HeldOut:
     """Unlabelled images and what each source model outputs on them (its logits)."""
@@ -66,6 +87,14 @@ class HeldOut:
     def from_sources(cls, images: torch.Tensor, models: Iterable[nn.Module], chunk: int = 32) -> "HeldOut":
         targets = [torch.cat([m(x) for x in images.split(chunk)]) for m in models]
         return cls(images, targets)
+
+    def first(self, n: int) -> "HeldOut":
+        return HeldOut(self.images[:n], [t[:n] for t in self.targets])
+
+    def joined(self, more: "HeldOut") -> "HeldOut":
+        """These images, then ``more``'s."""
+        return HeldOut(torch.cat([self.images, more.images]),
+                       [torch.cat([a, b]) for a, b in zip(self.targets, more.targets)])
 
 
 def claims(targets: list[torch.Tensor]) -> torch.Tensor:
@@ -146,9 +175,16 @@ class TuningPlan:
     budget: float
     available: int = 0              # held-out images there were to plan with
 
+    @property
+    def looks(self) -> tuple[int, ...]:
+        """Held-out images behind each look of the final comparison: half of them first, and all of
+        them only if that look is undecided (when half is still a search's worth)."""
+        return (self.held // 2, self.held) if self.compare and self.held // 2 >= MIN_SEARCH else (self.held,)
+
     def to_metadata(self) -> dict:
         return {"held_out_images": self.held, "rounds": list(self.rounds), "compare_with_permute": self.compare,
-                "gmacs": round(self.macs / 1e9, 3), "budget_gmacs": round(self.budget / 1e9, 3)}
+                "looks": list(self.looks), "gmacs": round(self.macs / 1e9, 3),
+                "budget_gmacs": round(self.budget / 1e9, 3)}
 
 
 def tuning_budget(calibration_macs: float) -> float:
@@ -163,7 +199,9 @@ def plan_tuning(budget: float, source_macs: float, merged_macs: float, available
     many held-out images as fit; else nothing.
 
     ``source_macs``: all sources together, per image; ``merged_macs``: the merged model per image;
-    ``available``: held-out images there are; ``n_settings``: candidates in round 1.
+    ``available``: held-out images there are; ``n_settings``: candidates in round 1
+    (``screened_count``). The cost counts every held-out image, as if the final comparison
+    needed its second look.
     """
     top = min(available, HOLDOUT) // MIN_HOLDOUT * MIN_HOLDOUT
     sizes = [top] + [h for h in HELD_SIZES if h < top]
@@ -202,19 +240,35 @@ def head_outputs(model: nn.Module, images: torch.Tensor, n_heads: int, chunk: in
 
 class _Scored:
     """A candidate (a callable giving each head's logits) and its logits on a growing prefix of
-    the held-out images: a candidate that goes on to more images is only run on the new ones."""
+    the held-out images: a candidate that goes on to more images is only run on the new ones.
 
-    def __init__(self, model: Callable[[torch.Tensor], list[torch.Tensor]], n_heads: int):
-        self.model, self.n_heads = model, n_heads
+    With several heads, head i is only run on the images source i claims (the callable takes
+    ``rows``, as ``MergedModel`` does): the criterion reads nothing else. Its other rows stay 0.
+    """
+
+    def __init__(self, model: Callable[..., list[torch.Tensor]]):
+        self.model = model
         self.logits: list[list[torch.Tensor]] = []     # per chunk, per head
 
     @torch.no_grad()
-    def upto(self, images: torch.Tensor, n: int) -> list[torch.Tensor]:
-        """Each head's logits on ``images[:n]``."""
-        done = sum(len(c[0]) for c in self.logits)
+    def upto(self, held: HeldOut, n: int) -> list[torch.Tensor]:
+        """Each head's logits on the first ``n`` held-out images (on the images its source claims)."""
+        heads, done = len(held.targets), sum(len(c[0]) for c in self.logits)
+        owner = claims([t[:n] for t in held.targets]) if heads > 1 and n > done else None
         for lo in range(done, n, CHUNK):
-            self.logits.append([o.detach() for o in self.model(images[lo:min(lo + CHUNK, n)])[:self.n_heads]])
-        return [torch.cat([c[i] for c in self.logits])[:n] for i in range(self.n_heads)]
+            x = held.images[lo:min(lo + CHUNK, n)]
+            if owner is None:
+                self.logits.append([o.detach() for o in self.model(x)[:heads]])
+                continue
+            rows = [(owner[lo:lo + len(x)] == i).nonzero().squeeze(1) for i in range(heads)]
+            chunk = []
+            for r, target, out in zip(rows, held.targets, self.model(x, rows=rows)):
+                full = x.new_zeros(len(x), target.shape[1])
+                if out is not None:
+                    full[r] = out.detach().to(full.dtype)
+                chunk.append(full)
+            self.logits.append(chunk)
+        return [torch.cat([c[i] for c in self.logits])[:n] for i in range(heads)]
 
 
 @dataclass(frozen=True)
@@ -233,6 +287,7 @@ class TuningResult:
     reason: str = ""            # why tuning fell back or did not search, if it did
     plan: TuningPlan | None = None
     choice: "MethodChoice | None" = None
+    unscreened: list[Setting] = field(default_factory=list)    # left out by round 1's second wave
 
     def to_metadata(self) -> dict:
         return {"criterion": "mean KL divergence of each head from its source on the held-out images that source "
@@ -240,10 +295,13 @@ class TuningResult:
                 "held_out_images": self.held_out, "reason": self.reason,
                 **({} if self.plan is None else {"plan": self.plan.to_metadata()}),
                 "chosen": {"alpha": self.chosen.alpha, "beta": self.chosen.beta},
+                "screening": f"round 1 scores one alpha per beta ({FALLBACK[0]:g} where the grid has it), then "
+                             f"every alpha of the {TOP_BETAS} best betas",
                 "candidates": [{"alpha": t.setting.alpha, "beta": t.setting.beta, "score": round(t.score, 6),
                                 "images": t.images,
                                 **({} if t.screen_score is None else {"screen_score": round(t.screen_score, 6)})}
-                               for t in self.trials]}
+                               for t in self.trials],
+                "not_screened": [{"alpha": u.alpha, "beta": u.beta} for u in self.unscreened]}
 
 
 @dataclass
@@ -252,7 +310,9 @@ class MethodChoice:
 
     Permute is the simpler method and wins unless zipit's mean divergence on the held-out images
     is lower by more than the score's noise: the whole paired-bootstrap interval of
-    (zipit - permute) must lie below 0.
+    (zipit - permute) must lie below 0. With two looks (half the held-out images, then all of
+    them only if the first is undecided) each interval is at ``1 - (1 - LEVEL) / 2``, so that
+    looking twice does not make zipit likelier to win by chance.
     """
 
     method: str
@@ -262,124 +322,167 @@ class MethodChoice:
     interval: tuple[float, float] | None = None
     images: int = 0
     reason: str = ""                    # why there is no evidence, if there is none
+    level: float = 0.95
+    looks: tuple[int, ...] = ()         # held-out images each planned look reads
 
     @classmethod
-    def from_divergences(cls, setting: Setting, zipit: torch.Tensor, permute: torch.Tensor) -> "MethodChoice":
-        lo, hi = paired_interval(zipit, permute, LEVEL)
+    def from_divergences(cls, setting: Setting, zipit: torch.Tensor, permute: torch.Tensor, level: float = 0.95,
+                         looks: tuple[int, ...] = ()) -> "MethodChoice":
+        lo, hi = paired_interval(zipit, permute, level)
         return cls("zipit" if hi < 0 else "permute", setting, float(zipit.mean()), float(permute.mean()),
-                   (lo, hi), len(zipit))
+                   (lo, hi), len(zipit), level=level, looks=looks or (len(zipit),))
+
+    @property
+    def decided(self) -> bool:
+        """The interval lies wholly on one side of 0: more images would hardly change the choice."""
+        return self.interval is not None and (self.interval[1] < 0 or self.interval[0] > 0)
 
     @classmethod
     def without_evidence(cls, setting: Setting, why: str = "") -> "MethodChoice":
         return cls("permute", setting, reason=why or "no held-out images")
 
     def to_metadata(self) -> dict:
-        rule = (f"permute unless zipit's mean divergence is lower with the whole {LEVEL:.0%} paired-bootstrap "
-                "interval of the difference below 0")
+        level = f"{self.level * 100:g}%"
+        rule = (f"permute unless zipit's mean divergence is lower with the whole {level} paired-bootstrap interval "
+                "of the difference below 0" +
+                (f", on the first {self.looks[0]} held-out images, then on all {self.looks[-1]} if that interval "
+                 "contains 0" if len(self.looks) > 1 else ""))
         if self.interval is None:
             return {"chosen": self.method, "rule": rule, "reason": f"{self.reason}: no evidence against permute"}
-        return {"chosen": self.method, "rule": rule, "held_out_images": self.images,
+        return {"chosen": self.method, "rule": rule, "held_out_images": self.images, "level": self.level,
                 "zipit": {"alpha": self.setting.alpha, "beta": self.setting.beta, "divergence": round(self.zipit, 6)},
                 "permute": {"divergence": round(self.permute, 6)},
                 "difference": round(self.zipit - self.permute, 6),
                 "interval": [round(self.interval[0], 6), round(self.interval[1], 6)]}
 
 
-LEVEL = 0.95
+LEVEL = 0.95                # the comparison's confidence, over all of its looks
 
 
 def search(prepare: Callable[[Setting], tuple[Hashable, Callable[[], nn.Module]]], held: HeldOut,
            settings: Sequence[Setting], plan: TuningPlan, fallback: Setting,
-           permute: Callable[[], nn.Module] | None = None, report=None, ranks: Ranks = SINGLE) -> TuningResult:
+           permute: Callable[[], nn.Module] | None = None, report=None, ranks: Ranks = SINGLE,
+           more: Callable[[], HeldOut] | None = None) -> TuningResult:
     """Successive halving over ``settings``, then, with ``permute``, the default's final comparison.
 
     ``prepare(setting)`` gives a key for the setting's matching and a function that builds
-    the model; settings that match alike share one score. Round 1 scores every distinct
-    candidate on the first ``plan.rounds[0]`` held-out images (the held-out order is random);
-    the ``KEEP`` best go on to the first ``plan.rounds[1]`` (their round-1 logits reused);
-    the best of the last round is zipit's setting (``fallback`` when the plan has no rounds).
-    With ``permute`` (builder of the permute merge) that setting and permute are then
-    scored image by image on all ``plan.held`` images, for ``MethodChoice``. The lowest
-    divergence wins, ties go to the earlier setting. With several ``ranks`` the candidates
-    are dealt out and the scores summed, so that every rank ends with the same result.
-    ``report``: a progress bar per round and one for the final comparison.
+    the model; settings that match alike share one score. Round 1 scores candidates on the
+    first ``plan.rounds[0]`` held-out images (the held-out order is random) in two waves: one
+    setting per beta (``_first_wave``), then every other alpha of the ``TOP_BETAS`` best betas;
+    the rest are not scored. The ``KEEP`` best go on to the first ``plan.rounds[1]`` (their
+    round-1 logits reused); the best of the last round is zipit's setting (``fallback`` when
+    the plan has no rounds). With ``permute`` (builder of the permute merge) that setting and
+    permute are then compared image by image over ``plan.looks`` (``held`` holds the first
+    look's images, ``more()`` all of them), for ``MethodChoice``. The lowest divergence wins,
+    ties go to the earlier setting. With several ``ranks`` the candidates are dealt out and the
+    scores summed, so that every rank ends with the same result. ``report``: a progress bar
+    per wave and round, and one for the final comparison.
     """
     report = report or SilentReporter()
-    n = len(held.targets)
     mine: dict[int, _Scored] = {}           # this rank's candidates, by index among the distinct ones
     trials: list[Trial] = []
+    unscreened: list[Setting] = []
     winner, chosen, owner = None, fallback, 0
-    keys: list[Hashable] = []
     if plan.rounds:
-        makers: dict[Hashable, Callable[[], nn.Module]] = {}
+        keys, makers = [], {}
         for s in settings:
             key, make = prepare(s)
             keys.append(key)
             makers.setdefault(key, make)
         distinct = list(makers)             # in order of first appearance
         first = [keys.index(k) for k in distinct]
-        alive, rounds = list(range(len(distinct))), []
-        for r, size in enumerate(plan.rounds):
-            local = {}
+        of = [distinct.index(k) for k in keys]
 
-            def run(size=size, entrants=tuple(alive), build=r == 0) -> None:
-                for j in entrants:
+        def scored_on(size: int, entrants: list[int], title: str, by_setting: bool = False) -> dict[int, float]:
+            """Each entrant's score on the first ``size`` images; progress counts the settings an
+            entrant stands for (``by_setting``) or entrants."""
+            local, weight = {}, [keys.count(distinct[j]) if by_setting else 1 for j in entrants]
+
+            def run() -> None:
+                for j, w in zip(entrants, weight):
                     if ranks.owns(j):
-                        if build:
-                            mine[j] = _Scored(makers[distinct[j]](), n)
-                        local[j] = score(mine[j].upto(held.images, size), [t[:size] for t in held.targets])
-                    report.advance(keys.count(distinct[j]) if build else 1)    # settings this candidate stands for
+                        if j not in mine:
+                            mine[j] = _Scored(makers[distinct[j]]())
+                        local[j] = score(mine[j].upto(held, size), [t[:size] for t in held.targets])
+                    report.advance(w)
 
-            report.start(f"tuning round {r + 1}", len(settings) if r == 0 else len(alive))
+            report.start(title, sum(weight))
             try:
                 ranks.together(run)
             finally:
                 report.done()
-            scored = dict(zip(alive, _gathered(local, alive, ranks, held.images.device)))
-            rounds.append(scored)
-            alive = sorted(alive, key=lambda j: (scored[j], first[j]))[:KEEP]
+            return dict(zip(entrants, _gathered(local, entrants, ranks, held.images.device)))
+
+        size, rows, anchors = plan.rounds[0], _beta_rows(settings), _first_wave(settings)
+        wave = list(dict.fromkeys(of[i] for i in anchors.values()))
+        scored = scored_on(size, wave, "tuning round 1 (per beta)", by_setting=True)
+        best = sorted(rows, key=lambda b: (scored[of[anchors[b]]], anchors[b]))[:TOP_BETAS]
+        wave = [j for j in dict.fromkeys(of[i] for b in best for i in rows[b]) if j not in scored]
+        if wave:
+            scored.update(scored_on(size, wave, "tuning round 1 (best betas)", by_setting=True))
+        rounds = [scored]
+        alive = sorted(scored, key=lambda j: (scored[j], first[j]))[:KEEP]
+        for r, size in enumerate(plan.rounds[1:], start=2):
             for j in [j for j in mine if j not in alive]:
                 del mine[j]                 # out of the running: free its model
+            scored = scored_on(size, alive, f"tuning round {r}")
+            rounds.append(scored)
+            alive = sorted(alive, key=lambda j: (scored[j], first[j]))[:KEEP]
         owner = alive[0]
+        for j in [j for j in mine if j != owner]:
+            del mine[j]
         winner, chosen = mine.get(owner), settings[first[owner]]
-        for s, key in zip(settings, keys):
-            j = distinct.index(key)
+        for s, j in zip(settings, of):
+            if j not in rounds[0]:
+                unscreened.append(s)
+                continue
             last = max(r for r, sc in enumerate(rounds) if j in sc)
             trials.append(Trial(s, rounds[last][j], plan.rounds[last], rounds[0][j] if last else None))
     choice = None
     if permute is not None:
-        zipit = (lambda: winner) if plan.rounds else (lambda: _Scored(prepare(fallback)[1](), n))   # no search:
-        report.start("zipit vs permute", 2)
+        zipit = (lambda: winner) if plan.rounds else (lambda: _Scored(prepare(fallback)[1]()))   # no search:
+        report.start("zipit vs permute", 2 * len(plan.looks))                                     # fixed setting
         try:
-            choice = _compare(zipit, chosen, permute, held, plan.held, owner, ranks, report.advance)  # fixed setting
+            choice = _compare(zipit, chosen, permute, held, more or (lambda: held), plan.looks, owner, ranks,
+                              report.advance)
         finally:
             report.done()
-        if trials:                          # the winner's score is now on every held-out image
-            won = keys[settings.index(chosen)]
-            trials = [Trial(t.setting, choice.zipit, plan.held, t.screen_score if t.screen_score is not None
-                            else t.score) if k == won else t for t, k in zip(trials, keys)]
-    return TuningResult(trials, chosen, plan.held, plan=plan, choice=choice,
+        if trials:                          # the winner's score is now on the comparison's held-out images
+            trials = [Trial(t.setting, choice.zipit, choice.images, t.screen_score if t.screen_score is not None
+                            else t.score) if of[settings.index(t.setting)] == owner else t for t in trials]
+    return TuningResult(trials, chosen, plan.held, plan=plan, choice=choice, unscreened=unscreened,
                         reason="" if plan.rounds else "the tuning budget leaves no room to search alpha and beta")
 
 
 def _compare(zipit: Callable[[], _Scored], setting: Setting, permute: Callable[[], nn.Module], held: HeldOut,
-             size: int, owner: int, ranks: Ranks, advance: Callable[[int], None] = lambda n: None) -> "MethodChoice":
-    """zipit's best (``zipit()``, on the rank that owns it) against permute, image by image on the
-    first ``size`` held-out images."""
-    n, targets = len(held.targets), [t[:size] for t in held.targets]
-    local = torch.zeros(2, size, dtype=torch.float64, device=held.images.device)   # nccl sums on the GPU
+             more: Callable[[], HeldOut], looks: tuple[int, ...], owner: int, ranks: Ranks,
+             advance: Callable[[int], None] = lambda n: None) -> "MethodChoice":
+    """zipit's best (``zipit()``, on the rank that owns it) against permute, image by image: on the
+    first ``looks[0]`` held-out images, then, if that is undecided, on the first ``looks[1]``
+    (read by ``more()``; fewer if some were unreadable)."""
+    built: dict[int, _Scored] = {}
+    level = 1 - (1 - LEVEL) / len(looks)
+    for k, size in enumerate(looks):
+        if k:
+            held = more()
+        size = min(size, len(held.images))
+        targets = [t[:size] for t in held.targets]
+        local = torch.zeros(2, size, dtype=torch.float64, device=held.images.device)   # nccl sums on the GPU
 
-    def work() -> None:
-        if ranks.owns(owner):
-            local[0] = image_divergences(zipit().upto(held.images, size), targets)
-        advance(1)
-        if ranks.owns(owner + 1):
-            local[1] = image_divergences(_Scored(permute(), n).upto(held.images, size), targets)
-        advance(1)
+        def work() -> None:
+            for row, (rank, build) in enumerate(((owner, zipit), (owner + 1, lambda: _Scored(permute())))):
+                if ranks.owns(rank):
+                    if row not in built:
+                        built[row] = build()
+                    local[row] = image_divergences(built[row].upto(held, size), targets)
+                advance(1)
 
-    ranks.together(work)
-    both = ranks.sum(local).cpu()
-    return MethodChoice.from_divergences(setting, both[0], both[1])
+        ranks.together(work)
+        both = ranks.sum(local).cpu()
+        choice = MethodChoice.from_divergences(setting, both[0], both[1], level, looks)
+        if choice.decided:
+            break
+    return choice
 
 
 def _gathered(local: dict[int, float], keys: list[int], ranks: Ranks, device) -> list[float]:
@@ -390,12 +493,14 @@ def _gathered(local: dict[int, float], keys: list[int], ranks: Ranks, device) ->
 
 def tune(prepare: Callable[[Setting], tuple[Hashable, Callable[[], nn.Module]]], held: HeldOut | None,
          settings: Sequence[Setting], fallback: Setting, plan: TuningPlan, report,
-         permute: Callable[[], nn.Module] | None = None, ranks: Ranks = SINGLE) -> TuningResult:
-    """Run ``plan`` on ``held`` with progress on ``report``; without a held-out set, the fallback
-    with the reason. The caller renders the result (``TuningResult.to_metadata``)."""
+         permute: Callable[[], nn.Module] | None = None, ranks: Ranks = SINGLE,
+         more: Callable[[], HeldOut] | None = None) -> TuningResult:
+    """Run ``plan`` on ``held`` (the first look's held-out images; ``more()``: all of them) with
+    progress on ``report``; without a held-out set, the fallback with the reason. The caller
+    renders the result (``TuningResult.to_metadata``)."""
     if held is None or plan.held == 0:
         why = (f"scoring even {MIN_HOLDOUT} held-out images would cost more than the tuning budget "
                f"({plan.budget / 1e9:.0f} GMAC)" if plan.held == 0 and plan.available >= MIN_HOLDOUT else
                f"too few readable calibration images to hold out {MIN_HOLDOUT}")
         return TuningResult([], fallback, 0, reason=why, plan=plan)
-    return search(prepare, held, settings, plan, fallback, permute, report, ranks)
+    return search(prepare, held, settings, plan, fallback, permute, report, ranks, more)
