@@ -1,6 +1,6 @@
 """Cost of the default (label-free choice of method, alpha and beta) against a fixed-value merge, same run.
 
-Usage: python bench/auto_vs_fixed.py [--num-calib 512] [--calib DIR] [--stop layer2] [--repeat 3]
+Usage: python bench/auto_vs_fixed.py [--num-calib 512] [--calib DIR] [--stop layer2] [--repeat 3] [--zoos pair]
 
 Runs the zoo's ResNet-20 pair and its three-way split, each merged with fixed values
 (--method zipit --alpha 0.3 --beta 0.125) and with default options, as whole processes
@@ -30,12 +30,13 @@ def main() -> None:
     p.add_argument("--calib", default=str(SHARED / "datasets/cifar10/train"))
     p.add_argument("--stop", default="layer2")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--zoos", default=",".join(ZOOS), help="comma-separated: pair, three-way (default: both)")
     a = p.parse_args()
     print("| zoo | fixed (zipit α 0.3, β 0.125) | default | of which tuning | plan: held-out, rounds | default chose "
           "| default / fixed |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as d:
-        for name, files in ZOOS.items():
+        for name, files in ((n, ZOOS[n]) for n in a.zoos.split(",")):
             ckpts = [str(SHARED / "zoo" / f) for f in files]
             base = [sys.executable, "-m", "zipcli", "merge", *ckpts, "--arch", "resnet20", "--calib", a.calib,
                     "--num-calib", str(a.num_calib), "--stop", a.stop, "--quiet", "--json", "--force",
