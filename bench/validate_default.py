@@ -28,13 +28,17 @@ from zipcli.tuning import FALLBACK, Setting
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 ZOO = SHARED / "zoo"
+HERE = Path(__file__).resolve().parent / "zoo"      # pairs trained in session 10 (bench/zoo/README.md)
 PAIRS = {
     "zoo a+b": (ZOO / "r20x1_c10a_s1.pt", ZOO / "r20x1_c10b_s2.pt"),
     "x3 a+b": (ZOO / "r20x1_c10x3a_s21.pt", ZOO / "r20x1_c10x3b_s22.pt"),
     "x3 a+c": (ZOO / "r20x1_c10x3a_s21.pt", ZOO / "r20x1_c10x3c_s23.pt"),
     "x3 b+c": (ZOO / "r20x1_c10x3b_s22.pt", ZOO / "r20x1_c10x3c_s23.pt"),
+    "r+s": (ZOO / "r20x1_c10r_s41.pt", ZOO / "r20x1_c10s_s42.pt"),
+    "u+v": (HERE / "r20x1_c10u_s51.pt", HERE / "r20x1_c10v_s52.pt"),
+    "w+x": (HERE / "r20x1_c10w_s61.pt", HERE / "r20x1_c10x_s62.pt"),
 }
-EXTRA = {"p+q": ("r20x1_c10p_s31.pt", "r20x1_c10q_s32.pt"), "r+s": ("r20x1_c10r_s41.pt", "r20x1_c10s_s42.pt")}
+EXTRA = {"p+q": ("r20x1_c10p_s31.pt", "r20x1_c10q_s32.pt")}     # trained in session 6, kept outside the repo
 
 
 def study_arguments(doc: str) -> tuple[argparse.Namespace, dict[str, tuple[Path, Path]]]:
@@ -73,7 +77,9 @@ def main() -> None:
             choice = job.choice.to_metadata()
             runs = {"default": (method, setting), "zipit tuned": ("zipit", setting),
                     "permute": ("permute", Setting(*FALLBACK)), "paper": ("zipit", Setting(*FALLBACK))}
+            runs.update({"default + refit": (method, setting), "permute + refit": ("permute", Setting(*FALLBACK))})
             for label, (m, s) in runs.items():
+                job.options = replace(base, stop=stop, refit="lsq" if label.endswith("refit") else "none")
                 acc = evaluate(job.finish(s, m).model, test, names, classes)
                 row[label] = {"method": m, "avg": acc["avg_task"], "joint": acc["joint"],
                               **({"alpha": s.alpha, "beta": s.beta} if m == "zipit" else {})}
@@ -88,14 +94,15 @@ def table(rows: list[dict]) -> None:
     """The default (what ``zipit merge`` chose, and its evidence) beside tuned zipit, permute and the
     paper's values."""
     print("\n| pair | stop | default: pick, avg (− permute) | zipit tuned (α/β) | permute | paper 0.3/0.125 | "
-          "held-out, rounds | divergence zipit − permute [interval], images behind it |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "default + refit | permute + refit | held-out, rounds | divergence zipit − permute [interval], images behind it |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         c, d, z = r["choice"], r["default"], r["zipit tuned"]
         evidence = (f"{c['difference']:+.4f} [{c['interval'][0]:+.4f}, {c['interval'][1]:+.4f}] "
                     f"({c.get('level', 0.95) * 100:g}%), {c['held_out_images']}" if "interval" in c else c["reason"])
         print(f"| {r['pair']} | {r['stop']} | {d['method']}, {d['avg']:.4f} ({d['avg'] - r['permute']['avg']:+.4f}) | "
               f"{z['avg']:.4f} ({z['alpha']:g}/{z['beta']:g}) | {r['permute']['avg']:.4f} | {r['paper']['avg']:.4f} | "
+              f"{r['default + refit']['avg']:.4f} | {r['permute + refit']['avg']:.4f} | "
               f"{r['plan']['held_out_images']}, {r['plan']['rounds']} | {evidence} |")
 
 if __name__ == "__main__":

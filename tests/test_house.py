@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -109,3 +110,111 @@ def test_evaluate_does_not_import_the_merge_pipeline():
     tree = ast.parse((ROOT / "zipcli" / "evaluate.py").read_text())
     modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert "pipeline" not in modules
+
+
+# --- Issue 26: bugs found reading the code at 33dc36e, each pinned by a test that failed before its fix.
+
+from zipcli.checkpoints import load_checkpoint  # noqa: E402
+from zipcli.errors import CalibrationError, CheckpointError, OutputError  # noqa: E402
+from zipcli.merged import MergedModel  # noqa: E402
+from zipcli.pipeline import MergeJob  # noqa: E402
+from zipcli.tuning import Setting  # noqa: E402
+
+
+def test_a_value_error_inside_the_models_forward_is_not_called_unreadable_images(pair, monkeypatch):
+    forward = MergedModel.forward
+
+    def broken(self, x, rows=None):          # fails in train mode: the BatchNorm reset's passes
+        if self.training:
+            raise ValueError("shapes do not fit")
+        return forward(self, x, rows)
+
+    monkeypatch.setattr(MergedModel, "forward", broken)
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        merge(pair["paths"], pair["spec"], pair["calib"], MergeOptions(method="permute"))
+
+
+def test_no_readable_image_for_the_batchnorm_reset_is_still_a_calibration_error(pair, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(3):
+        (bad / f"{i}.png").write_bytes(b"not an image")
+    with pytest.raises(CalibrationError, match="no calibration image could be read"):
+        merge(pair["paths"], pair["spec"], bad, MergeOptions(method="average"))
+
+
+def test_matching_a_space_that_was_never_calibrated_is_refused_not_guessed(pair):
+    job = MergeJob(pair["paths"], pair["spec"], pair["calib"], MergeOptions(method="permute", stop="layer1"))
+    job.calibrate()
+    job.use_stop("layer3")
+    with pytest.raises(RuntimeError, match="has no correlation"):
+        job.match(Setting(0.3, 0.125))
+    assert job.match(Setting(0.3, 0.125), "average")        # averaging needs no correlation
+
+
+def test_each_result_keeps_its_own_timings_and_no_earlier_tuning(pair, tmp_path):
+    calib = make_images(tmp_path / "calib", 80, 32, seed=5)                 # enough to hold some out and tune
+    job = MergeJob(pair["paths"], pair["spec"], calib, MergeOptions(method="zipit", stop="layer1", num_calib=60))
+    job.calibrate()
+    first = job.finish(*job.choose())
+    assert "tuning" in first.timings
+    kept = dict(first.timings)
+    job.options.alpha, job.options.beta = 0.3, 0.125         # a later point with nothing to tune
+    second = job.finish(*job.choose())
+    assert "tuning" not in second.timings
+    assert first.timings == kept and first.timings is not second.timings
+
+
+@pytest.mark.parametrize("case", ["integers", "float8"])
+def test_checkpoints_without_mergeable_weights_end_in_one_line_naming_the_file(pair, tmp_path, case):
+    state = torch.load(pair["paths"][1], weights_only=True)
+    if case == "integers":
+        state = {k: v.to(torch.int32) for k, v in state.items()}
+    else:
+        state = {k: v.to(torch.float8_e4m3fn) if v.is_floating_point() else v for k, v in state.items()}
+    bad = save_checkpoint(tmp_path / "B8.pt", state, ["b0", "b1", "b2"])
+    with pytest.raises(CheckpointError, match="B8.pt"):
+        load_checkpoint(bad)
+    r = runner.invoke(app, ["merge", str(pair["paths"][0]), str(bad), "--arch", "resnet20",
+                            "--calib", str(pair["calib"]), "-o", str(tmp_path / "m.safetensors")])
+    assert r.exit_code == 2 and handled(r), r.output
+    assert "B8.pt" in r.output and "internal error" not in r.output and not (tmp_path / "m.safetensors").exists()
+
+
+def test_a_source_keeps_its_model_not_a_second_copy_of_its_weights(pair):
+    job = MergeJob(pair["paths"], pair["spec"], pair["calib"], MergeOptions(method="permute"))
+    assert all(s.checkpoint.state_dict == {} and s.checkpoint.dtype == torch.float32 for s in job.sources)
+
+
+def _failing_replace(monkeypatch, target_suffix: str):
+    real = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith(target_suffix):
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def test_a_failed_model_rename_leaves_the_old_model_and_its_old_card(pair, tmp_path, monkeypatch):
+    out = tmp_path / "m.safetensors"
+    first = merge(pair["paths"], pair["spec"], pair["calib"], MergeOptions(method="permute", stop="layer1"))
+    first.save(out)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    second = merge(pair["paths"], pair["spec"], pair["calib"], MergeOptions(method="permute", stop="layer2"))
+    _failing_replace(monkeypatch, "m.safetensors")
+    with pytest.raises(OutputError, match="nothing was written"):
+        second.save(out, force=True)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_failed_card_rename_leaves_no_card_that_describes_the_old_model(pair, tmp_path, monkeypatch):
+    out = tmp_path / "m.safetensors"
+    merge(pair["paths"], pair["spec"], pair["calib"], MergeOptions(method="permute", stop="layer1")).save(out)
+    second = merge(pair["paths"], pair["spec"], pair["calib"], MergeOptions(method="permute", stop="layer2"))
+    _failing_replace(monkeypatch, "m.md")
+    with pytest.raises(OutputError, match="wrote .*m.safetensors.* but not .*m.md"):
+        second.save(out, force=True)
+    assert read_metadata(out)["stop"] == "layer2" and not (tmp_path / "m.md").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]       # no temporary left

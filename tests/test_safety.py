@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -239,3 +240,92 @@ def test_two_writers_with_force_leave_one_whole_file(tmp_path):
         t.join()
     assert target.read_bytes() in payloads
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+# --- Issue 28: --force replaces an old output, never an input; --kw obeys the rules of a spec's kwargs.
+
+@pytest.mark.parametrize("how", ["symlink", "relative"])
+def test_merge_never_writes_over_an_input_even_with_force(tmp_path, calib32, how, monkeypatch):
+    from conftest import resnet20_pair
+    from safetensors.torch import save_file
+    from zipcli.cli import app as cli_app
+    a, b = resnet20_pair(tmp_path, calib32)
+    if how == "symlink":                        # another name for the .pt input
+        target, out = a, tmp_path / "link.safetensors"
+        out.symlink_to(a)
+    else:                                       # the same file, named relatively
+        target, out = tmp_path / "A.safetensors", Path("A.safetensors")
+        save_file(torch.load(a, weights_only=True), str(target))
+    before = target.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(cli_app, ["merge", str(target), str(b), "--arch", "resnet20", "--calib", str(calib32),
+                                     "-o", str(out), "--force"])
+    assert r.exit_code == 2, r.output
+    assert "is the input" in r.output and "never an input" in r.output, r.output
+    assert target.read_bytes() == before
+
+
+def test_merge_onto_a_safetensors_input_is_refused_before_any_work(tmp_path, calib32, monkeypatch):
+    from conftest import resnet20_pair
+    from safetensors.torch import save_file
+    from zipcli.cli import app as cli_app
+    a, b = resnet20_pair(tmp_path, calib32)
+    st = tmp_path / "A.safetensors"
+    save_file(torch.load(a, weights_only=True), str(st))
+    before = st.read_bytes()
+    _no_merge(monkeypatch)
+    r = CliRunner().invoke(cli_app, ["merge", str(st), str(b), "--arch", "resnet20", "--calib", str(calib32),
+                                     "-o", str(st), "--force"])
+    assert r.exit_code == 2 and "is the input" in r.output and "the merge ran" not in r.output, r.output
+    assert st.read_bytes() == before
+
+
+def test_export_never_replaces_the_merged_file_it_reads(tmp_path, calib32):
+    from conftest import resnet20_pair
+    from zipcli import MergeOptions, load_spec, merge
+    from zipcli.cli import app as cli_app
+    from zipcli.errors import OutputError
+    from zipcli.export import export_merged
+    a, b = resnet20_pair(tmp_path, calib32)
+    m = tmp_path / "m.safetensors"
+    merge([a, b], load_spec("resnet20"), calib32, MergeOptions(method="permute")).save(m, card=False)
+    before = m.read_bytes()
+    r = CliRunner().invoke(cli_app, ["export", str(m), "-o", str(m), "--format", "pt2", "--force"])
+    assert r.exit_code == 2 and "is the input" in r.output, r.output
+    with pytest.raises(OutputError, match="is the input"):
+        export_merged(m, m, "pt2", force=True)
+    assert m.read_bytes() == before
+
+
+def _no_merge(monkeypatch):
+    """Make any merge fail loudly: what is checked before the work must not need it."""
+    import zipcli.pipeline
+
+    def merge(*args, **kwargs):
+        raise AssertionError("the merge ran")
+
+    monkeypatch.setattr(zipcli.pipeline, "merge", merge)
+
+
+def test_a_missing_output_folder_is_reported_before_calibration(tmp_path, calib32, monkeypatch):
+    from conftest import resnet20_pair
+    from zipcli.cli import app as cli_app
+    a, b = resnet20_pair(tmp_path, calib32)
+    _no_merge(monkeypatch)
+    r = CliRunner().invoke(cli_app, ["merge", str(a), str(b), "--arch", "resnet20", "--calib", str(calib32),
+                                     "-o", str(tmp_path / "nowhere" / "m.safetensors")])
+    assert r.exit_code == 2 and "does not exist" in r.output and "the merge ran" not in r.output, r.output
+
+
+@pytest.mark.parametrize("command", [["specs", "trace", "resnet18"], ["specs", "check", "resnet18"]])
+@pytest.mark.parametrize("kw", ["weights=DEFAULT", "pretrained=true", "weights_backbone=IMAGENET1K_V1"])
+def test_kw_cannot_ask_a_builder_to_download(command, kw, monkeypatch):
+    import torch.hub
+    from zipcli.cli import app as cli_app
+
+    def no_downloads(*args, **kwargs):
+        raise AssertionError("a download was started")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_downloads)
+    r = CliRunner().invoke(cli_app, [*command, "--kw", kw])
+    assert r.exit_code == 2 and "never downloads" in r.output and "was started" not in r.output, r.output

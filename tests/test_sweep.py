@@ -57,7 +57,6 @@ def pair(tmp_path_factory):
 
 
 def test_without_labels_points_get_the_divergence_and_a_plot_is_drawn(pair, tmp_path):
-    pytest.importorskip("matplotlib")
     plot = tmp_path / "sweep.png"
     swept = _json(["sweep", pair["a"], pair["b"], "--arch", "resnet20", "--calib", pair["calib"], "--num-calib", "40",
                    "--method", "permute", "--method", "average", "--json", "-p", str(plot), "--quiet"])
@@ -86,6 +85,17 @@ def test_bad_sweeps_end_in_one_error_line(pair, args, message, tmp_path, monkeyp
     lines = r.output.strip().splitlines()                       # the error, then its hint
     assert message in lines[0] and lines[0].startswith("error:") and len(lines) <= 2, r.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_plot_without_matplotlib_says_what_to_install_before_any_work(pair, tmp_path, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    r = runner.invoke(app, ["sweep", pair["a"], pair["b"], "--arch", "resnet20", "--calib", pair["calib"],
+                            "-p", str(tmp_path / "s.png")])
+    assert r.exit_code == 2 and handled(r), r.output
+    assert "needs matplotlib" in r.output and "pip install matplotlib" in r.output
+    assert "Calibrat" not in r.output and list(tmp_path.iterdir()) == []
 
 
 def test_eval_records_its_figures_in_the_card_and_no_card_leaves_it(pair, tmp_path):

@@ -10,6 +10,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
+from .errors import CalibrationError
 from .distributed import SINGLE, Ranks
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -92,7 +93,8 @@ def reset_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], device="c
             for pooled in moments:
                 pooled.sum_over(ranks)
         if seen == 0:
-            raise ValueError("no calibration batches for BatchNorm reset")
+            raise CalibrationError("no calibration image could be read for the BatchNorm reset",
+                                   "check the image files")
         for pooled in moments:
             pooled.store()
     finally:

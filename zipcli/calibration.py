@@ -1,6 +1,6 @@
 """Image folders -> a deterministic stream of preprocessed batches, and the held-out split.
 
-Files are listed (recursively, sorted) and sampled with a seed; images are
+Files are listed (recursively, sorted) and sampled with a seed, in the sample's random order; images are
 decoded one batch at a time, so a folder is never held in memory. An image that
 cannot be decoded (``DECODE_ERRORS``) is skipped and recorded, by every reader.
 """
@@ -42,11 +42,14 @@ def list_images(root: str | Path) -> list[Path]:
 
 
 def sample_images(files: list[Path], n: int, seed: int) -> list[Path]:
-    """``n`` files drawn at random with ``seed`` (all of them, in order, if fewer)."""
-    if n >= len(files):
-        return list(files)
-    picked = random.Random(seed).sample(range(len(files)), n)
-    return [files[i] for i in sorted(picked)]
+    """``n`` files drawn at random with ``seed`` (all of them if fewer), in the order drawn.
+
+    The order is the draw's, never the folder's: folders are usually sorted by class, and every
+    later step that reads a prefix of the stream (BatchNorm images for tuning candidates, the
+    refit's images, a process's shard, a chunk of a batch) must see every class, not the first few.
+    """
+    picked = random.Random(seed).sample(range(len(files)), min(n, len(files)))
+    return [files[i] for i in picked]
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -27,13 +27,17 @@ PREFIXES = ("module.", "_orig_mod.")
 @dataclass
 class Checkpoint:
     path: Path
-    state_dict: dict[str, torch.Tensor]
+    state_dict: dict[str, torch.Tensor]     # emptied once loaded into its model (``load_sources``)
     sha256: str
     classes: list[str] | None = None
+    dtype: torch.dtype = torch.float32      # its first floating tensor's: the merged file's default dtype
 
     @property
     def name(self) -> str:
         return self.path.stem
+
+
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)   # what a merge reads and writes
 
 
 def sha256_of(path: Path) -> str:
@@ -142,10 +146,18 @@ def parse_classes(value: str) -> list[str]:
 def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     sd = read_state_dict(path)
+    floats = [t.dtype for t in sd.values() if t.is_floating_point()]
+    if not floats:
+        raise CheckpointError(f"{path}: holds no floating-point tensors, so no weights to merge",
+                              "pass the model's state_dict (its weights), not another file")
     for key, t in sd.items():
+        if t.is_floating_point() and t.dtype not in WEIGHT_DTYPES:
+            raise CheckpointError(f"{path}: tensor {key!r} is {str(t.dtype).replace('torch.', '')}, which zipit "
+                                  "does not merge", "convert the checkpoint to float32, float16 or bfloat16")
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise CheckpointError(f"{path}: tensor {key!r} contains NaN or Inf", "the checkpoint is damaged")
-    return Checkpoint(path=path, state_dict=sd, sha256=sha256_of(path), classes=sidecar_classes(path))
+    return Checkpoint(path=path, state_dict=sd, sha256=sha256_of(path), classes=sidecar_classes(path),
+                      dtype=floats[0])
 
 
 def check_against(ckpt: Checkpoint, expected: dict[str, torch.Tensor]) -> None:
@@ -209,6 +221,7 @@ def load_sources(paths: list[str | Path], spec: Spec, classes: list[list[str]] |
             raise ZipitError(f"{ckpt.path}: {len(names)} class names for a classifier with {k} outputs",
                              "fix the class names (--classes) or the JSON sidecar")
         model.load_state_dict({n: t.float() if t.is_floating_point() else t for n, t in ckpt.state_dict.items()})
+        ckpt.state_dict = {}            # the model holds the weights now; keep one copy, not two
         sources.append(Source(ckpt, list(names), run_layout(model.float().eval().to(device), device)))
     names = [s.checkpoint.name for s in sources]
     if len(set(names)) != len(names):

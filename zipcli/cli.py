@@ -92,20 +92,21 @@ def merge_cmd(
     from .card import card_paths
     from .checkpoints import parse_classes
     from .distributed import leave, ranks_from_env
+    from .merged import check_output_paths
     from .pipeline import MergeOptions, merge
 
     with user_errors(debug):
         ranks = ranks_from_env(device)          # alone, or one of the processes torchrun started
         quiet = quiet or not ranks.main
-        if output.exists() and not force:
-            raise ZipitError(f"output {str(output)!r} already exists", "pass --force to overwrite it")
         if output.suffix != ".safetensors":
             raise ZipitError(f"output {str(output)!r} must end in .safetensors", "e.g. -o merged.safetensors")
+        check_output_paths([output], checkpoints, force)
         beside = [str(p) for p in card_paths(output)] if card else []
         for path in beside:
             if Path(path).exists() and not force:
                 raise ZipitError(f"output {path!r} (the model card or config beside the merged file) already exists",
                                  "pass --force to overwrite it, or --no-card")
+        check_output_paths(beside, checkpoints, force=True)
         arch_spec = load_spec(arch=arch, path=spec, trust_builders=trust_builder or ())
         options = MergeOptions(method=method, alpha=auto_or_float(alpha, "--alpha"),
                                beta=auto_or_float(beta, "--beta"), stop=stop, num_calib=num_calib, seed=seed,
@@ -444,7 +445,7 @@ def export_cmd(
     output: Path = typer.Option(..., "--output", "-o", metavar="FILE", help="Program to write (.pt2 or .onnx)."),
     fmt: Optional[str] = typer.Option(None, "--format", metavar="pt2|onnx", help="pt2: a torch.export archive "
                                       "(torch.export.load(FILE).module()(images) gives one tensor per head); onnx: "
-                                      "ONNX with a dynamic batch axis (needs: pip install \"zipit[onnx]\"). "
+                                      "ONNX with a dynamic batch axis (needs: pip install onnx onnxscript onnxruntime). "
                                       "Default: from the output's suffix."),
     force: bool = typer.Option(False, "--force", "-f", metavar="", help="Overwrite the output file if it exists."),
     json_out: bool = typer.Option(False, "--json", metavar="", help="Print what was written as JSON on stdout."),
@@ -459,13 +460,13 @@ def export_cmd(
     Example: zipit export merged.safetensors -o merged.pt2
     """
     from .export import FORMATS, export_merged
+    from .merged import check_output_paths
 
     with user_errors(debug):
         kind = fmt or output.suffix.lstrip(".")
         if kind not in FORMATS:
             raise ZipitError(f"cannot tell the format of {str(output)!r}", "end it in .pt2 or .onnx, or pass --format")
-        if output.exists() and not force:
-            raise ZipitError(f"output {str(output)!r} already exists", "pass --force to overwrite it")
+        check_output_paths([output], [file], force)
         facts = export_merged(file, output, kind, force, trust_builder or ())
         if json_out:
             print_json(facts)

@@ -32,6 +32,8 @@ def parse_kwargs(items: list[str] | None) -> dict:
         if not sep or not name.strip().isidentifier():
             raise ZipitError(f"--kw {item!r} is not NAME=VALUE", "write e.g. --kw width=2")
         kwargs[name.strip()] = _value(text.strip())
+    from .specs.trust import check_kwargs
+    check_kwargs(kwargs, "--kw")     # the rules a spec file's kwargs obey: plain data, no downloads
     return kwargs
 
 

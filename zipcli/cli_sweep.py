@@ -42,7 +42,7 @@ def sweep_cmd(
     limit: Optional[int] = typer.Option(None, "--limit", metavar="N", help="At most N test images per class, for a quick look."),
     device: str = typer.Option("cpu", "--device", metavar="cpu|cuda", help="cpu or cuda."),
     plot: Optional[Path] = typer.Option(None, "--plot", "-p", metavar="FILE", help="Also draw accuracy against compute "
-                                        "as a PNG, one line per method (needs: pip install \"zipit[plot]\")."),
+                                        "as a PNG, one line per method (needs: pip install matplotlib)."),
     force: bool = typer.Option(False, "--force", "-f", metavar="", help="Overwrite the plot file if it exists."),
     json_out: bool = typer.Option(False, "--json", metavar="", help="Print every point as JSON on stdout (nothing else there)."),
     trust_builder: Optional[List[str]] = TRUST,
@@ -66,13 +66,13 @@ def sweep_cmd(
     from .sweep import DEFAULT_METHODS, sweep
 
     with user_errors(debug):
-        if plot is not None:
+        if plot is not None:      # what the user can fix by editing the command line comes first
             from .plot import check_plotting
-            check_plotting()
-            if plot.exists() and not force:
-                raise ZipitError(f"plot {str(plot)!r} already exists", "pass --force to overwrite it")
             if plot.suffix.lower() != ".png":
                 raise ZipitError(f"plot {str(plot)!r} must end in .png", "e.g. -p sweep.png")
+            if plot.exists() and not force:
+                raise ZipitError(f"plot {str(plot)!r} already exists", "pass --force to overwrite it")
+            check_plotting()
         if limit is not None and limit < 1:
             raise ZipitError(f"--limit {limit} must be at least 1")
         arch_spec = load_spec(arch=arch, path=spec, trust_builders=trust_builder or ())

@@ -6,6 +6,7 @@ over every class of every head (the paper's protocol).
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -22,14 +23,17 @@ from .specs.format import Preprocess
 
 
 def labelled_images(root: str | Path, limit: int | None = None) -> list[tuple[Path, str]]:
-    """``root/<class>/*`` -> (path, class name), sorted; at most ``limit`` per class."""
+    """``root/<class>/*`` -> (path, class name), sorted; at most ``limit`` per class, drawn at random
+    (seed 0) rather than the first names, which may not be typical of the class."""
     root = Path(root)
     if not root.is_dir():
         raise CalibrationError(f"data folder {str(root)!r} does not exist or is not a folder", "check the path")
     items = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        items += [(p, folder.name) for p in files[:limit]]
+        if limit is not None and limit < len(files):
+            files = sorted(random.Random(0).sample(files, limit))
+        items += [(p, folder.name) for p in files]
     if not items:
         raise CalibrationError(f"data folder {str(root)!r} holds no labelled images",
                                "lay it out as DIR/<class name>/<images>")

@@ -13,7 +13,7 @@ from typing import Iterable
 import torch
 
 from .errors import ExportError
-from .merged import MergedModel, load_merged, write_atomic
+from .merged import MergedModel, check_output_paths, load_merged, write_atomic
 
 FORMATS = ("pt2", "onnx")
 CHECK_BATCHES = (1, 3, 8)     # batch sizes the exported program is checked on
@@ -60,7 +60,7 @@ def _write_onnx(model: MergedModel, output: Path, force: bool) -> float:
     try:
         import onnxruntime
     except ImportError:
-        raise ExportError("ONNX export needs the onnx extra", 'pip install "zipit[onnx]"') from None
+        raise ExportError("ONNX export needs onnx, onnxscript and onnxruntime", 'pip install onnx onnxscript onnxruntime') from None
     size = model.spec.input.size
     names = [f"head{i}" for i in range(len(model.heads))]
     gaps = []
@@ -88,6 +88,7 @@ def export_merged(path: str | Path, output: str | Path, fmt: str = "pt2", force:
     """Export a merged file; returns what was written and how closely it reproduces the model."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}", f"valid formats (--format): {', '.join(FORMATS)}")
+    check_output_paths([output], [path], force)
     model = load_merged(path, trust_builders=trust_builders)
     writer = _write_pt2 if fmt == "pt2" else _write_onnx
     gap = writer(model, Path(output), force)

@@ -85,6 +85,23 @@ def flat_state(model: MergedModel) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in _named_state(model).items()}
 
 
+def check_output_paths(outputs: Iterable[str | Path], inputs: Iterable[str | Path], force: bool) -> None:
+    """Before any work: each output's folder exists, an existing output is replaced only with
+    ``force``, and no output is one of the inputs (links followed), ``force`` or not."""
+    inputs = [Path(p) for p in inputs]
+    for out in map(Path, outputs):
+        for given in inputs:
+            if os.path.realpath(out) == os.path.realpath(given) or (
+                    out.exists() and given.exists() and os.path.samefile(out, given)):
+                raise OutputError(f"output {str(out)!r} is the input {str(given)!r}",
+                                  "write to another file: --force replaces an old output, never an input")
+        if out.exists() and not force:
+            raise OutputError(f"output {str(out)!r} already exists", "pass --force to overwrite it")
+        folder = out.parent if str(out.parent) else Path(".")
+        if not folder.is_dir():
+            raise OutputError(f"output folder {str(folder)!r} does not exist", "create it first")
+
+
 def write_atomic(path: Path, write, force: bool, suffix: str = ".tmp") -> None:
     """Write via a temporary file in the destination folder, renamed into place when complete."""
     write_all_atomic([(Path(path), write, suffix)], force)
@@ -92,7 +109,9 @@ def write_atomic(path: Path, write, force: bool, suffix: str = ".tmp") -> None:
 
 def write_all_atomic(items: list[tuple[Path, object, str]], force: bool) -> None:
     """Write a set of files (``(path, write(tmp), temp suffix)``) via temporaries beside them; nothing is
-    renamed into place until every one is complete, and the first (the model) goes last."""
+    renamed into place until every one is complete. The first (the model) is renamed first: if that
+    fails, nothing changed; if a later one (its card) fails, the old files it would have replaced are
+    removed, so that no card ever describes another model than the one beside it."""
     for path, _, _ in items:
         if path.exists() and not force:
             raise OutputError(f"output {str(path)!r} already exists",
@@ -103,6 +122,7 @@ def write_all_atomic(items: list[tuple[Path, object, str]], force: bool) -> None
         if not folder.is_dir():
             raise OutputError(f"output folder {str(folder)!r} does not exist", "create it first")
     temps: list[tuple[str, Path]] = []
+    placed = 0
     try:
         for path, write, suffix in items:
             folder = path.parent if str(path.parent) else Path(".")
@@ -115,14 +135,25 @@ def write_all_atomic(items: list[tuple[Path, object, str]], force: bool) -> None
             temps.append((tmp, path))
             write(tmp)
             os.chmod(tmp, 0o644)
-        for tmp, path in reversed(temps):
-            os.replace(tmp, path)
+        for tmp, path in temps:
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                if placed:      # the model is new: a stale card beside it would describe the old one
+                    for _, stale in temps[placed:]:
+                        stale.unlink(missing_ok=True)
+                raise
+            placed += 1
     except BaseException as exc:
         for tmp, _ in temps:
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
+        if isinstance(exc, OSError) and placed:
+            raise OutputError(f"wrote {str(items[0][0])!r} but not {str(temps[placed][1])!r}: "
+                              f"{exc.strerror or exc}", "the old one was removed so that it cannot describe the "
+                              "new model; fix the folder and merge again for a card") from None
         if isinstance(exc, OSError):   # a full disk, a vanished folder: nothing was written
             raise OutputError(f"cannot write {str(items[0][0])!r}: {exc.strerror or exc}",
                               "free some space or choose another folder; nothing was written") from None

@@ -1,10 +1,11 @@
-"""zipit's own architectures: the CIFAR ResNet-20 of the model zoo and the paper's CIFAR VGG11.
+"""zipit's own architectures: the CIFAR ResNet-20 of the model zoo, the paper's CIFAR VGG11 and a small ViT.
 
 Built-in specs name these functions as builders (``zipcli.models:cifar_resnet20``);
 merged files store that name, so it must not move.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -83,3 +84,81 @@ VGG11_CONFIG = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
 
 def cifar_vgg11(width: int = 1, num_classes: int = 10) -> nn.Module:
     return CifarVGG(VGG11_CONFIG, width=width, num_classes=num_classes)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with separate query, key and value projections, so that each
+    projection's output features (and the heads they form) are plain Linear outputs to trace."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        split = lambda t: t.reshape(b, n, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        out = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim: int, heads: int, hidden: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, hidden)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class CifarViT(nn.Module):
+    """A small vision transformer for 32x32 images: 4x4 patches, a class token, learned position
+    embeddings, pre-norm blocks, a final LayerNorm and a linear head on the class token."""
+
+    def __init__(self, depth: int = 6, dim: int = 192, heads: int = 3, mlp_ratio: int = 2, patch: int = 4,
+                 image_size: int = 32, num_classes: int = 10):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, patch, patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (image_size // patch) ** 2, dim))
+        self.blocks = nn.Sequential(*(Block(dim, heads, dim * mlp_ratio) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.norm(self.blocks(x))
+        return self.head(x[:, 0])
+
+
+def cifar_vit(depth: int = 6, dim: int = 192, heads: int = 3, mlp_ratio: int = 2, patch: int = 4,
+              num_classes: int = 10) -> nn.Module:
+    return CifarViT(depth=depth, dim=dim, heads=heads, mlp_ratio=mlp_ratio, patch=patch, num_classes=num_classes)

@@ -24,7 +24,7 @@ from .errors import CalibrationError, ZipitError
 from . import methods
 from .methods import Match
 from .merged import HeadInfo, MergedModel, merge_metadata, save_merged, skeleton
-from .refit import KINDS as REFITS, affordable_images, refit
+from .refit import REFITS, affordable_images, refit
 from .report import LoggingReporter, Reporter
 from .specs.format import OUTPUT_STOP, Spec
 from .specs.graph import ModelGraph
@@ -229,6 +229,11 @@ class MergeJob:
     def match(self, setting: Setting, method: str | None = None) -> dict[str, Match]:
         """Match every merged space with ``method`` (default: the options') and ``setting``."""
         n, method = len(self.sources), method or self.options.matching
+        if methods.get(method).needs_correlation:
+            missing = [name for name in self.plan.merged_spaces if name not in self.correlations]
+            if missing:     # a caller's mistake (no calibrate(), or a deeper stop than calibrated): never guess
+                raise RuntimeError(f"space {missing[0]!r} has no correlation: calibrate() at stop {self.stop!r} "
+                                   "(or a deeper one) before matching with a method that needs correlations")
         return {name: methods.match(method, self.correlations.get(name, np.eye(n * self.graph.space_size[name])),
                                     n, alpha=setting.alpha, beta=setting.beta)
                 for name in self.plan.merged_spaces}
@@ -320,6 +325,7 @@ class MergeJob:
         within the tuning budget on held-out images; for auto, zipit's best only if the held-out
         evidence that it beats permute exceeds its noise, else permute (the simpler)."""
         o = self.options
+        self.timings.pop("tuning", None)          # an earlier point's tuning is not this one's
         if not o.tunes:
             return o.fixed_setting, o.method
         t = time.perf_counter()
@@ -366,17 +372,13 @@ class MergeJob:
             report.start("batchnorm reset", self.shard.readable)
             try:
                 reset_batchnorm(model, self.shard.batches(), o.device, on_batch=report.advance, ranks=self.ranks)
-            except ValueError:
-                raise CalibrationError("no calibration image could be read for the BatchNorm reset",
-                                       "check the image files") from None
             finally:
                 report.done()
             self.images_read = True
             self._warn_skipped()
         self.timings["batchnorm"] = time.perf_counter() - t
 
-        first_dtype = next(v.dtype for v in self.sources[0].checkpoint.state_dict.values() if v.is_floating_point())
-        dtype = o.dtype or next(k for k, v in DTYPES.items() if v == first_dtype)
+        dtype = o.dtype or next(k for k, v in DTYPES.items() if v == self.sources[0].checkpoint.dtype)
         params: dict[str, object] = {p: getattr(setting, p) for p in methods.get(method).params if hasattr(setting, p)}
         if self.tuning is not None and methods.get(method).needs_correlation:
             params["tuning"] = self.tuning.to_metadata()
@@ -398,7 +400,7 @@ class MergeJob:
         model.metadata = merge_metadata(spec=self.spec, stop=self.stop, method=method, params=params,
                                         calibration=calibration, sources=sources, heads=self.heads, spaces=spaces,
                                         dtype=dtype)
-        return MergeResult(model.eval(), model.metadata, self.timings)
+        return MergeResult(model.eval(), model.metadata, dict(self.timings))   # a copy: later merges go on
 
     def _refit(self, model: MergedModel, matches: dict[str, Match]) -> dict:
         """The refit, in place, on as many fit images as its memory allows; its facts for the file."""

@@ -1,6 +1,6 @@
 """The sweep as a picture: accuracy (or divergence) against compute, one line per method.
 
-matplotlib is an optional extra (``pip install "zipit[plot]"``); nothing else in zipit needs it.
+matplotlib is optional (``pip install matplotlib``); nothing else in zipit needs it.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from .sweep import SweepResult
 def check_plotting() -> None:
     """Fail before any work when the plot cannot be drawn."""
     if importlib.util.find_spec("matplotlib") is None:
-        raise ZipitError("a plot (--plot) needs matplotlib", 'install it: pip install "zipit[plot]"')
+        raise ZipitError("a plot (--plot) needs matplotlib", 'install it: pip install matplotlib')
 
 
 def plot_sweep(result: SweepResult, path: str | Path, force: bool = False) -> None:

@@ -36,7 +36,7 @@ from .specs import layers
 from .specs.graph import ModelGraph, StopPlan, trace
 from .zip import SpaceMerge
 
-KINDS = ("none", "lsq")
+REFITS = ("none", "lsq")
 RIDGE_GRID = (float("inf"), 1.0, 1e-1, 1e-2, 1e-3, 1e-4)   # lam as a share of X^T X's mean eigenvalue
 CHUNK = 16                    # images per forward pass, as in the BatchNorm reset
 MEMORY = 2**28                # bytes the refit's activations may take (all its images are held at once)
