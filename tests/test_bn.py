@@ -1,8 +1,10 @@
 """BatchNorm reset: pooled statistics are the population statistics of the layer's inputs."""
+import pytest
 import torch
 import torch.nn as nn
 
 from zipcli.bn import reset_batchnorm
+from zipcli.errors import CalibrationError
 
 
 def _model():
@@ -25,10 +27,6 @@ def test_first_layer_stats_equal_population_stats_for_any_chunking():
 
 def test_reset_leaves_no_hooks_and_fails_on_no_batches():
     model = _model()
-    try:
+    with pytest.raises(CalibrationError, match="no calibration image could be read"):
         reset_batchnorm(model, [])
-    except ValueError:
-        pass
-    else:
-        raise AssertionError("expected ValueError for no batches")
     assert not model[1]._forward_pre_hooks and model[1].momentum == 0.1
