@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
 
 
 from zipcli.evaluate import Ensemble, evaluate, labelled_batches, labelled_images
-from zipcli.pipeline import MergeJob, MergeOptions
+from zipcli.pipeline import Calibration, MergeOptions, MergePoint, merge_at
 from zipcli.report import SilentReporter
 from zipcli.specs import load_spec
 from zipcli.tuning import FALLBACK, Setting
@@ -35,17 +34,15 @@ def main() -> None:
     for name, (a, b) in pairs.items():
         t0 = time.perf_counter()
         base = MergeOptions(num_calib=args.num_calib, stop="layer3", method="permute")
-        job = MergeJob([a, b], spec, SHARED / "datasets/cifar10/train", base, SilentReporter(), hold_out=False)
-        job.calibrate()
-        names, classes = [s.checkpoint.name for s in job.sources], [s.classes for s in job.sources]
-        ensemble = evaluate(Ensemble([s.model for s in job.sources]), test, names, classes)
+        cal = Calibration([a, b], spec, SHARED / "datasets/cifar10/train", base, SilentReporter(), hold_out=False)
+        cal.measure("layer3")
+        names, classes = [s.checkpoint.name for s in cal.sources], [s.classes for s in cal.sources]
+        ensemble = evaluate(Ensemble([s.model for s in cal.sources]), test, names, classes)
         for stop in spec.stops:
-            job.use_stop(stop)
             row = {"pair": name, "stop": stop, "ensemble": {"avg": ensemble["avg_task"], "joint": ensemble["joint"]}}
             for method, refit in CELLS:
-                job.options = replace(base, stop=stop, method=method, refit=refit)
                 t = time.perf_counter()
-                result = job.finish(Setting(*FALLBACK), method)
+                result = merge_at(cal, MergePoint(stop, method, Setting(*FALLBACK), refit))
                 seconds = time.perf_counter() - t
                 acc = evaluate(result.model, test, names, classes)
                 row[f"{method}+{refit}"] = {"avg": acc["avg_task"], "joint": acc["joint"], "merge_s": round(seconds, 2)}

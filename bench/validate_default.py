@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from zipcli.evaluate import evaluate, labelled_batches, labelled_images
-from zipcli.pipeline import MergeJob, MergeOptions
+from zipcli.choosing import decide
+from zipcli.pipeline import Calibration, MergeOptions, MergePoint, merge_at
 from zipcli.report import SilentReporter
 from zipcli.specs import load_spec
 from zipcli.tuning import FALLBACK, Setting
@@ -66,24 +67,22 @@ def main() -> None:
     for name, (a, b) in pairs.items():
         t0 = time.perf_counter()
         base = MergeOptions(num_calib=args.num_calib, stop="layer3")
-        job = MergeJob([a, b], spec, SHARED / "datasets/cifar10/train", base, SilentReporter())
-        job.calibrate()
-        names, classes = [s.checkpoint.name for s in job.sources], [s.classes for s in job.sources]
+        cal = Calibration([a, b], spec, SHARED / "datasets/cifar10/train", base, SilentReporter())
+        cal.measure("layer3")
+        names, classes = [s.checkpoint.name for s in cal.sources], [s.classes for s in cal.sources]
         for stop in spec.stops:
-            job.use_stop(stop)
             row = {"pair": name, "stop": stop}
-            job.options, job.tuning, job.choice = replace(base, stop=stop), None, None
-            setting, method = job.choose()                  # exactly what a default merge does
-            choice = job.choice.to_metadata()
+            decision = decide(cal, replace(base, stop=stop))     # exactly what a default merge does
+            setting, method, choice = decision.point.setting, decision.point.method, decision.choice.to_metadata()
             runs = {"default": (method, setting), "zipit tuned": ("zipit", setting),
                     "permute": ("permute", Setting(*FALLBACK)), "paper": ("zipit", Setting(*FALLBACK))}
             runs.update({"default + refit": (method, setting), "permute + refit": ("permute", Setting(*FALLBACK))})
             for label, (m, s) in runs.items():
-                job.options = replace(base, stop=stop, refit="lsq" if label.endswith("refit") else "none")
-                acc = evaluate(job.finish(s, m).model, test, names, classes)
+                point = MergePoint(stop, m, s, "lsq" if label.endswith("refit") else "none")
+                acc = evaluate(merge_at(cal, point).model, test, names, classes)
                 row[label] = {"method": m, "avg": acc["avg_task"], "joint": acc["joint"],
                               **({"alpha": s.alpha, "beta": s.beta} if m == "zipit" else {})}
-            row["choice"], row["plan"] = choice, job.tuning.plan.to_metadata()
+            row["choice"], row["plan"] = choice, decision.tuning.plan.to_metadata()
             rows.append(row)
             print(json.dumps(row), flush=True)
         print(f"# {name}: {time.perf_counter() - t0:.0f} s", flush=True)

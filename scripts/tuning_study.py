@@ -30,10 +30,12 @@ import torch.nn.functional as F
 from zipcli import MergeOptions, load_spec
 from zipcli.evaluate import evaluate, labelled_batches, labelled_images
 import zipcli.calibration
-from zipcli.methods import match
+
 from zipcli.bn import reset_batchnorm
-from zipcli.pipeline import MergeJob
-from zipcli.tuning import agreement, candidate_settings, divergence, head_outputs
+from zipcli.assembly import build, match as match_point
+from zipcli.choosing import candidate
+from zipcli.pipeline import Calibration, MergePoint, merge_at
+from zipcli.tuning import FALLBACK, Setting, agreement, candidate_settings, divergence, head_outputs
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -65,13 +67,13 @@ def main() -> None:
     print(f"{sum(len(y) for _, y in test)} test images", file=sys.stderr)
     for stop in (a.stops.split(",") if a.stops else spec.stops):
         t = time.time()
-        job = MergeJob(a.checkpoints, spec, a.calib, MergeOptions(stop=stop, num_calib=a.num_calib, seed=0,
-                                                                   alpha=None, beta=None))
-        job.calibrate()
-        held, bn_images = job.held_out(), job.bn_subset()
-        names = [h.name for h in job.heads]
-        classes = [h.classes for h in job.heads]
-        print(f"\n### stop {stop} ({len(job.stream)} fit images, {len(held.images)} held out)\n")
+        cal = Calibration(a.checkpoints, spec, a.calib, MergeOptions(stop=stop, num_calib=a.num_calib, seed=0,
+                                                                      alpha=None, beta=None))
+        cal.measure(stop)
+        held, bn_images = cal.held_out(), cal.bn_subset()
+        names = [h.name for h in cal.heads(stop)]
+        classes = [h.classes for h in cal.heads(stop)]
+        print(f"\n### stop {stop} ({len(cal.stream)} fit images, {len(held.images)} held out)\n")
         print("| alpha | beta | claimed agreement | agreement | claimed KL | KL | joint agreement "
               "| test avg task | test joint |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -80,10 +82,11 @@ def main() -> None:
         def run(label_a, label_b, setting, matches):
             key = tuple(m.assign.tobytes() for m in matches.values())
             if key not in seen:
-                heads = head_outputs(job.scorer(matches, bn_images), held.images, len(held.targets))
-                final = job.build(matches) if setting is None else job.finish(setting).model
-                if setting is None:                  # permute: the same final BN reset as finish()
-                    reset_batchnorm(final, job.stream.batches(), "cpu")
+                heads = head_outputs(candidate(cal, stop, matches, bn_images), held.images, len(held.targets))
+                final = (build(cal, stop, matches) if setting is None else
+                         merge_at(cal, MergePoint(stop, "zipit", setting)).model)
+                if setting is None:                  # permute: the same final BN reset as merge_at()
+                    reset_batchnorm(final, cal.stream.batches(), "cpu")
                 r = evaluate(final, test, names, classes)
                 seen[key] = (*criteria(heads, held), r["avg_task"], r["joint"])
                 dump["candidates"].append({"settings": [], "heads": heads, "test": (r["avg_task"], r["joint"])})
@@ -92,11 +95,9 @@ def main() -> None:
             dump["candidates"][index]["settings"].append((label_a, label_b))
             print("| " + " | ".join([label_a, label_b] + [f"{v:.4f}" for v in values]) + " |", flush=True)
 
-        for s in candidate_settings(len(job.sources)):
-            run(f"{s.alpha:g}", f"{s.beta:g}", s, job.match(s))
-        n = len(job.sources)
-        run("permute", "–", None, {name: match("permute", job.correlations[name], n)
-                                   for name in job.plan.merged_spaces})
+        for s in candidate_settings(len(cal.sources)):
+            run(f"{s.alpha:g}", f"{s.beta:g}", s, match_point(cal, stop, "zipit", s))
+        run("permute", "–", None, match_point(cal, stop, "permute", Setting(*FALLBACK)))
         if a.dump:
             Path(a.dump).mkdir(parents=True, exist_ok=True)
             torch.save(dump, Path(a.dump) / f"{stop}.pt")

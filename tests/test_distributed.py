@@ -42,7 +42,7 @@ def _worker(rank: int, world: int, port: int, pair: dict, options: dict, out: st
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    import zipcli.pipeline
+    import zipcli.measured
     from zipcli.distributed import leave, ranks_from_env
     from zipcli.errors import ZipitError, CalibrationError
 
@@ -50,7 +50,7 @@ def _worker(rank: int, world: int, port: int, pair: dict, options: dict, out: st
     if rank == fail_rank:               # a failure that only this rank meets, in the middle of the job
         def broken(*_args, **_kwargs):
             raise CalibrationError("shard unreadable", "check the images")
-        zipcli.pipeline.collect_correlations = broken
+        zipcli.measured.collect_correlations = broken
     outcome = {"rank": rank}
     try:
         result = merge([pair["a"], pair["b"]], load_spec("resnet20"), pair["calib"], MergeOptions(**options),

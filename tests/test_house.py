@@ -117,7 +117,10 @@ def test_evaluate_does_not_import_the_merge_pipeline():
 from zipcli.checkpoints import load_checkpoint  # noqa: E402
 from zipcli.errors import CalibrationError, CheckpointError, OutputError  # noqa: E402
 from zipcli.merged import MergedModel  # noqa: E402
-from zipcli.pipeline import MergeJob  # noqa: E402
+from zipcli.assembly import match  # noqa: E402
+from zipcli.choosing import decide  # noqa: E402
+from zipcli.measured import Calibration  # noqa: E402
+from zipcli.pipeline import merge_at  # noqa: E402
 from zipcli.tuning import Setting  # noqa: E402
 
 
@@ -144,23 +147,23 @@ def test_no_readable_image_for_the_batchnorm_reset_is_still_a_calibration_error(
 
 
 def test_matching_a_space_that_was_never_calibrated_is_refused_not_guessed(pair):
-    job = MergeJob(pair["paths"], pair["spec"], pair["calib"], MergeOptions(method="permute", stop="layer1"))
-    job.calibrate()
-    job.use_stop("layer3")
+    cal = Calibration(pair["paths"], pair["spec"], pair["calib"], MergeOptions(method="permute", stop="layer1"))
+    cal.measure("layer1")
     with pytest.raises(RuntimeError, match="has no correlation"):
-        job.match(Setting(0.3, 0.125))
-    assert job.match(Setting(0.3, 0.125), "average")        # averaging needs no correlation
+        match(cal, "layer3", "permute", Setting(0.3, 0.125))
+    assert match(cal, "layer3", "average", Setting(0.3, 0.125))        # averaging needs no correlation
 
 
 def test_each_result_keeps_its_own_timings_and_no_earlier_tuning(pair, tmp_path):
     calib = make_images(tmp_path / "calib", 80, 32, seed=5)                 # enough to hold some out and tune
-    job = MergeJob(pair["paths"], pair["spec"], calib, MergeOptions(method="zipit", stop="layer1", num_calib=60))
-    job.calibrate()
-    first = job.finish(*job.choose())
+    options = MergeOptions(method="zipit", stop="layer1", num_calib=60)
+    cal = Calibration(pair["paths"], pair["spec"], calib, options)
+    cal.measure("layer1")
+    first = merge_at(cal, decide(cal, options))
     assert "tuning" in first.timings
     kept = dict(first.timings)
-    job.options.alpha, job.options.beta = 0.3, 0.125         # a later point with nothing to tune
-    second = job.finish(*job.choose())
+    fixed = MergeOptions(method="zipit", stop="layer1", num_calib=60, alpha=0.3, beta=0.125)  # nothing to tune
+    second = merge_at(cal, decide(cal, fixed))
     assert "tuning" not in second.timings
     assert first.timings == kept and first.timings is not second.timings
 
@@ -182,8 +185,8 @@ def test_checkpoints_without_mergeable_weights_end_in_one_line_naming_the_file(p
 
 
 def test_a_source_keeps_its_model_not_a_second_copy_of_its_weights(pair):
-    job = MergeJob(pair["paths"], pair["spec"], pair["calib"], MergeOptions(method="permute"))
-    assert all(s.checkpoint.state_dict == {} and s.checkpoint.dtype == torch.float32 for s in job.sources)
+    cal = Calibration(pair["paths"], pair["spec"], pair["calib"], MergeOptions(method="permute"))
+    assert all(s.checkpoint.state_dict == {} and s.checkpoint.dtype == torch.float32 for s in cal.sources)
 
 
 def _failing_replace(monkeypatch, target_suffix: str):

@@ -1,9 +1,12 @@
 """The method seam: a method is one record in the registry; dense merges zip like groupings."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from zipcli import MergeOptions, ZipitError, merge, methods
 from zipcli.methods import Match, Method
@@ -68,18 +71,65 @@ def test_dense_match_refuses_matrices_that_do_not_fit():
         Match()
 
 
-def test_a_new_file_in_the_methods_package_is_a_new_method(tmp_path, monkeypatch):
-    """What specs/README.md and the README promise: adding a method is adding one file."""
-    (tmp_path / "halves.py").write_text(
-        "import numpy as np\n"
-        "from zipcli.methods.base import Match, Method, check_shape\n"
-        "def match_halves(corr, n_models, weight=0.5):\n"
-        "    o = check_shape(corr, n_models)\n"
-        "    return Match.dense(np.hstack([np.eye(o) * weight, np.eye(o) * (1 - weight)]), np.vstack([np.eye(o)] * 2))\n"
-        "METHOD = Method('halves', 'feature k of both models, weighted (test)', match_halves, needs_correlation=False,\n"
-        "                params=('weight',))\n")
+HALVES = (
+    "import numpy as np\n"
+    "from zipcli.methods.base import Match, Method, Param, check_shape\n"
+    "def match_halves(corr, n_models, weight=0.5):\n"
+    "    o = check_shape(corr, n_models)\n"
+    "    return Match.dense(np.hstack([np.eye(o) * weight, np.eye(o) * (1 - weight)]), np.vstack([np.eye(o)] * 2))\n"
+    "METHOD = Method('halves', 'feature k of both models, weighted (test)', match_halves, needs_correlation=False,\n"
+    "                params=(Param('weight', 0.5, 0.0, 1.0, help=\"the first model's share\"),))\n")
+
+
+def _halves(tmp_path, monkeypatch) -> dict:
+    """The registry with one more method, added as one new file in the methods package."""
+    (tmp_path / "halves.py").write_text(HALVES)
     monkeypatch.setattr(methods, "__path__", [*methods.__path__, str(tmp_path)])
     found = methods._discover()
+    monkeypatch.setitem(methods.REGISTRY, "halves", found["halves"])
+    return found
+
+
+def test_a_new_file_in_the_methods_package_is_a_new_method(tmp_path, monkeypatch):
+    """What specs/README.md and the README promise: adding a method is adding one file."""
+    found = _halves(tmp_path, monkeypatch)
     assert list(found)[:3] == ["zipit", "permute", "average"] and "halves" in found
     match = found["halves"].match(np.eye(8), 2)
     np.testing.assert_allclose(match.merge_matrix() @ match.unmerge_matrix(), np.eye(4))
+
+
+def test_a_methods_own_parameter_reaches_it_from_python_and_the_cli_and_shows_in_inspect_and_the_card(
+        tmp_path, monkeypatch, calib32):
+    """Issue 26: a method with a parameter of its own is still one new file."""
+    from typer.testing import CliRunner
+    from zipcli.cli import app
+    from zipcli.merged import read_metadata
+    from conftest import resnet20_pair
+    (tmp_path / "pkg").mkdir()
+    _halves(tmp_path / "pkg", monkeypatch)
+    a, b = resnet20_pair(tmp_path, calib32)
+    spec = small_spec("resnet20")
+    light, heavy = (merge([a, b], spec, calib32, MergeOptions(method="halves", stop="layer1", params={"weight": w}))
+                    for w in (0.2, 0.8))
+    assert light.metadata["params"] == {"weight": 0.2} and heavy.metadata["params"] == {"weight": 0.8}
+    key = "trunk.conv1.weight"
+    assert not torch.allclose(light.model.state_dict()[key], heavy.model.state_dict()[key])
+    default = merge([a, b], spec, calib32, MergeOptions(method="halves", stop="layer1"))
+    assert default.metadata["params"] == {"weight": 0.5}                     # the declared default
+
+    runner = CliRunner()
+    out = tmp_path / "m.safetensors"
+    base = ["merge", str(a), str(b), "--arch", "resnet20", "--calib", str(calib32), "--stop", "layer1",
+            "--method", "halves"]
+    r = runner.invoke(app, [*base, "--param", "weight=0.2", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(read_metadata(out)["params"]) == {"weight": 0.2}
+    torch.testing.assert_close(load_file(out)[key], light.model.state_dict()[key].float())
+    shown = runner.invoke(app, ["inspect", str(out)])
+    assert shown.exit_code == 0 and "halves (weight 0.2)" in shown.output, shown.output
+    card = (tmp_path / "m.md").read_text()
+    assert "`halves`, weight 0.2" in card and "--param weight=0.2" in card
+    for bad, message in (("weight=2", "weight 2 is out of range"), ("gamma=1", "has no parameter 'gamma'"),
+                         ("weight=lots", "is not NAME=NUMBER")):
+        r = runner.invoke(app, [*base, "--param", bad, "-o", str(tmp_path / "bad.safetensors")])
+        assert r.exit_code == 2 and message in r.output, (bad, r.output)

@@ -15,7 +15,7 @@ from zipcli import MergeOptions
 from zipcli.calibration import list_images, sample_images
 from zipcli.distributed import Ranks
 from zipcli.evaluate import labelled_images
-from zipcli.pipeline import MergeJob
+from zipcli.measured import Calibration
 from zipcli.tuning import BN_IMAGES
 
 from conftest import make_images, random_model, save_checkpoint, small_spec
@@ -72,11 +72,11 @@ def test_the_merges_subsets_see_every_class(sorted_folder, tmp_path):
     spec = small_spec("resnet20")
     paths = [save_checkpoint(tmp_path / f"{n}.pt", random_model(spec, k, seed, sorted_folder).state_dict(),
                              [f"{n}{i}" for i in range(k)]) for n, seed, k in (("a", 1, 2), ("b", 2, 3))]
-    job = MergeJob(paths, spec, sorted_folder, MergeOptions(num_calib=300, refit="lsq"))
-    sample = job.stream.files
+    cal = Calibration(paths, spec, sorted_folder, MergeOptions(num_calib=300, refit="lsq"))
+    sample = cal.stream.files
     assert distance(sample, list_images(sorted_folder)) < 0.1
     assert distance(sample[:BN_IMAGES], sample) < 0.2         # what bn_subset() reads
-    assert distance(job.shard.files[:100], sample) < 0.2      # the prefix the refit reads
+    assert distance(cal.shard.files[:100], sample) < 0.2      # the prefix the refit reads
 
 
 def test_eval_limit_draws_from_each_class_rather_than_taking_the_first_names(sorted_folder):

@@ -8,7 +8,11 @@ import torch
 
 import zipcli.calibration
 import zipcli.evaluate
+import zipcli.measured
 import zipcli.pipeline
+from zipcli.assembly import match
+from zipcli.choosing import candidate
+from zipcli.measured import Calibration
 import zipcli.tuning
 from zipcli import MergeOptions, merge
 from zipcli.cli import app
@@ -159,13 +163,13 @@ def test_auto_never_reads_labels_or_held_out_images_for_correlations(pair, monke
     monkeypatch.setattr(zipcli.evaluate, "labelled_images", forbidden)
     monkeypatch.setattr(zipcli.evaluate, "labelled_batches", forbidden)
     seen = {}
-    real = zipcli.pipeline.collect_correlations
+    real = zipcli.measured.collect_correlations
 
     def spy(models, spec, plan, stream, device, report):
         seen["files"] = list(stream.files)
         return real(models, spec, plan, stream, device, report)
 
-    monkeypatch.setattr(zipcli.pipeline, "collect_correlations", spy)
+    monkeypatch.setattr(zipcli.measured, "collect_correlations", spy)
     result = merge(pair["paths"], pair["spec"], pair["calib"],
                    MergeOptions(method="zipit", stop="layer2", alpha=None, beta=None))
     tuning = result.metadata["params"]["tuning"]
@@ -288,14 +292,14 @@ def test_heads_asked_for_some_images_give_exactly_those_rows_of_their_logits(nam
 def test_scoring_each_head_on_its_claimed_images_only_gives_the_scores_of_full_passes(pair):
     """Tuning runs head i only on the images source i claims; the score must be what running
     every head on every image gives."""
-    job = zipcli.pipeline.MergeJob(pair["paths"], pair["spec"], pair["calib"], MergeOptions(stop="layer2"))
-    job.calibrate()
-    read = job.held_out()
+    cal = Calibration(pair["paths"], pair["spec"], pair["calib"], MergeOptions(stop="layer2"))
+    cal.measure("layer2")
+    read = cal.held_out()
     a, b = read.targets
     held = HeldOut(read.images, [a, torch.cat([b[:8] * 10, b[8:]])])   # source b claims the first 8 images
     owner = claims(held.targets)
     assert 0 < int((owner == 0).sum()) < len(owner)          # both heads claim some images
-    scorer = job.scorer(job.match(Setting(0.3, 0.125)), job.bn_subset())
+    scorer = candidate(cal, "layer2", match(cal, "layer2", "zipit", Setting(0.3, 0.125)), cal.bn_subset())
     full = head_outputs(scorer, held.images, 2)
     scored = _Scored(scorer).upto(held, len(owner))
     assert divergence(scored, held.targets) == pytest.approx(divergence(full, held.targets), rel=1e-5)
@@ -374,16 +378,14 @@ def test_the_comparison_reads_the_second_half_only_when_the_first_leaves_it_unde
 
 
 def test_held_out_images_are_read_once_and_more_of_them_extend_the_first(pair, monkeypatch):
-    job = zipcli.pipeline.MergeJob(pair["paths"], pair["spec"], pair["calib"], MergeOptions(stop="layer1"),
-                                   hold_out=True)
+    cal = Calibration(pair["paths"], pair["spec"], pair["calib"], MergeOptions(stop="layer1"), hold_out=True)
     decoded = []
     real = zipcli.calibration.decode
     monkeypatch.setattr(zipcli.calibration, "decode", lambda path, pre: decoded.append(path) or real(path, pre))
-    everything = job.held_out()
-    assert everything is not None and len(decoded) == len(job.held_files) == len(everything.images)
+    everything = cal.held_out()
+    assert everything is not None and len(decoded) == len(cal.held_files) == len(everything.images)
     decoded.clear()
-    fresh = zipcli.pipeline.MergeJob(pair["paths"], pair["spec"], pair["calib"], MergeOptions(stop="layer1"),
-                                     hold_out=True)
+    fresh = Calibration(pair["paths"], pair["spec"], pair["calib"], MergeOptions(stop="layer1"), hold_out=True)
     head = fresh.held_out(8)
     assert head is None and len(decoded) == 8                  # fewer than MIN_HOLDOUT: no held-out set yet
     whole = fresh.held_out()

@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .merged import write_atomic
+from .merged import RECORDS, write_atomic
 from .refit import describe
 from .specs.format import Preprocess
 
 CONFIG_FORMAT = "zipit-config/1"
 ACCURACY_HEADING = "## Accuracy"
-SETTING_KEYS = ("alpha", "beta")     # a method's own parameters (tuning and choice records are not)
 
 
 def card_paths(model_path: str | Path) -> tuple[Path, Path]:
@@ -33,7 +32,7 @@ def _input(pre: Preprocess) -> dict:
 
 
 def model_config(metadata: dict, pre: Preprocess) -> dict:
-    params = {k: v for k, v in metadata["params"].items() if k in SETTING_KEYS}
+    params = {k: v for k, v in metadata["params"].items() if k not in RECORDS}
     return {
         "format": CONFIG_FORMAT, "architecture": metadata["spec_name"], "stop": metadata["stop"],
         "method": metadata["method"], "params": params, "dtype": metadata["dtype"],
@@ -47,7 +46,7 @@ def model_config(metadata: dict, pre: Preprocess) -> dict:
 
 def model_card(metadata: dict, pre: Preprocess, file_name: str, command: str | None = None) -> str:
     cal, params = metadata["calibration"], metadata["params"]
-    setting = ", ".join(f"{k} {v:g}" for k, v in params.items() if k in SETTING_KEYS) or "no parameters"
+    setting = ", ".join(f"{k} {v:g}" for k, v in params.items() if k not in RECORDS) or "no parameters"
     tuning, choice = params.get("tuning"), params.get("choice")
     if tuning and tuning.get("candidates") and metadata["method"] == "zipit":
         setting += (f" (chosen without labels among {len(tuning['candidates'])} candidates on "

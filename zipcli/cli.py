@@ -11,8 +11,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .console import (AUGMENT, BATCH_SIZE, DEBUG, HELP_SETTINGS, NUM_CALIB, QUIET, RESET_BN, SEED, TRUST,
-                      RichReporter, auto_or_float, click_style_arguments, err, print_json, user_errors)
+from .console import (AUGMENT, BATCH_SIZE, DEBUG, HELP_SETTINGS, NUM_CALIB, PARAMS, QUIET, RESET_BN, SEED, TRUST,
+                      RichReporter, auto_or_float, click_style_arguments, err, parse_params, print_json, user_errors)
 from .errors import ZipitError
 from .methods import METHODS
 from .specs import builtin_spec_names, load_spec
@@ -62,6 +62,7 @@ def merge_cmd(
                               "calibration images; 0.3 is the paper's value."),
     beta: str = typer.Option("auto", "--beta", metavar="FLOAT|auto", help="zipit: share of merges allowed within one model, in [0, 1], or "
                              "'auto' (default; see --alpha); 0.125 is the paper's value."),
+    param: Optional[List[str]] = PARAMS,
     num_calib: int = NUM_CALIB,
     seed: int = SEED,
     batch_size: int = BATCH_SIZE,
@@ -111,12 +112,14 @@ def merge_cmd(
         options = MergeOptions(method=method, alpha=auto_or_float(alpha, "--alpha"),
                                beta=auto_or_float(beta, "--beta"), stop=stop, num_calib=num_calib, seed=seed,
                                batch_size=batch_size, augment=augment, reset_bn=reset_bn, refit=refit, device=device,
-                               dtype=dtype, classes=[parse_classes(c) for c in classes] if classes else None)
+                               dtype=dtype, classes=[parse_classes(c) for c in classes] if classes else None,
+                               params=parse_params(param))
         t0 = time.perf_counter()
         result = merge(checkpoints, arch_spec, calib, options, RichReporter(quiet, speaks=ranks.main), ranks)
         command = ["zipit", "merge", *map(str, checkpoints), *(["--arch", arch] if arch else ["--spec", str(spec)]),
                    *[x for t in (trust_builder or []) for x in ("--trust-builder", t)], "--calib", str(calib),
                    "--stop", result.metadata["stop"], "--method", method, "--alpha", alpha, "--beta", beta,
+                   *[x for p in (param or []) for x in ("--param", p)],
                    "--num-calib", str(num_calib), "--seed", str(seed), "--batch-size", str(batch_size),
                    *(["--augment"] if augment else []), *([] if reset_bn else ["--no-reset-bn"]),
                    *(["--refit", refit] if refit != "none" else []), *[x for c in (classes or []) for x in ("--classes", c)], *(["--dtype", dtype] if dtype else []),
@@ -228,7 +231,8 @@ def _render_merged(f: dict) -> None:
     from .console import out
     cal, p, m = f["calibration"], f["parameters"], f["macs"]
     tuning, choice = f["params"].get("tuning"), f["params"].get("choice")
-    params = ", ".join(f"{k} {v}" for k, v in f["params"].items() if k not in ("tuning", "choice", "refit")) or "none"
+    from .merged import RECORDS
+    params = ", ".join(f"{k} {v}" for k, v in f["params"].items() if k not in RECORDS) or "none"
     whose = "" if f["method"] == "zipit" else "zipit's alpha, beta "
     if tuning and tuning["candidates"]:
         params += f"; {whose}tuned: lowest divergence of {len(tuning['candidates'])} candidates on " \

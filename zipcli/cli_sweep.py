@@ -8,8 +8,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .console import (AUGMENT, BATCH_SIZE, DEBUG, NUM_CALIB, QUIET, RESET_BN, SEED, TRUST, RichReporter,
-                      auto_or_float, err, out, print_json, user_errors)
+from .console import (AUGMENT, BATCH_SIZE, DEBUG, NUM_CALIB, PARAMS, QUIET, RESET_BN, SEED, TRUST, RichReporter,
+                      auto_or_float, err, out, parse_params, print_json, user_errors)
 from .errors import ZipitError
 from .methods import METHODS
 
@@ -32,6 +32,7 @@ def sweep_cmd(
     alpha: str = typer.Option("auto", "--alpha", metavar="FLOAT|auto", help="zipit's alpha, as in merge ('auto': "
                               "chosen without labels at each stop)."),
     beta: str = typer.Option("auto", "--beta", metavar="FLOAT|auto", help="zipit's beta, as in merge."),
+    param: Optional[List[str]] = PARAMS,
     num_calib: int = NUM_CALIB,
     seed: int = SEED,
     batch_size: int = BATCH_SIZE,
@@ -79,7 +80,8 @@ def sweep_cmd(
         options = MergeOptions(alpha=auto_or_float(alpha, "--alpha"), beta=auto_or_float(beta, "--beta"),
                                num_calib=num_calib, seed=seed, batch_size=batch_size, augment=augment,
                                reset_bn=reset_bn, device=device,
-                               classes=[parse_classes(c) for c in classes] if classes else None)
+                               classes=[parse_classes(c) for c in classes] if classes else None,
+                               params=parse_params(param))
         result = sweep(checkpoints, arch_spec, calib, method or DEFAULT_METHODS, stop, options, data, limit,
                        RichReporter(quiet or json_out))
         if plot is not None:
@@ -109,8 +111,9 @@ def _render_sweep(r) -> None:
         cells = [_fraction(h["accuracy"]) for h in acc["heads"]] if per_head else []
         return cells + [f"[bold]{_fraction(acc['avg_task'])}[/]", _fraction(acc["joint"])]
 
+    from .merged import RECORDS
     for p in r.points:
-        setting = "/".join(f"{v:g}" for k, v in p.params.items() if k in ("alpha", "beta")) or "–"
+        setting = "/".join(f"{v:g}" for k, v in p.params.items() if k not in RECORDS) or "–"
         cells = [p.stop, p.method, setting, f"{p.parameters / r.source_parameters:.2f}×", f"{p.macs / r.source_macs:.2f}×"]
         table.add_row(*cells, *(figures(p.accuracy) if labelled else [f"{p.divergence:.4f}"]))
     if labelled:

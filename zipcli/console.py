@@ -31,6 +31,8 @@ SEED = typer.Option(0, "--seed", metavar="N", help="Seed for sampling and augmen
 BATCH_SIZE = typer.Option(64, "--batch-size", metavar="N", help="Images per forward pass.")
 AUGMENT = typer.Option(False, "--augment", metavar="", help="Random crop and flip on calibration images.")
 RESET_BN = typer.Option(True, "--reset-bn/--no-reset-bn", metavar="", help="Recompute BatchNorm statistics after merging.")
+PARAMS = typer.Option(None, "--param", metavar="NAME=VALUE", help="A parameter of the method, repeatable (zipit's are "
+                      "--alpha and --beta); an unknown name is refused with the method's own list.")
 
 def click_style_arguments() -> None:
     """Show arguments as Click tools do (``CHECKPOINT...``), not as Typer's ``{checkpoints}...``
@@ -94,6 +96,21 @@ class RichReporter:
 def speaks_for_job() -> bool:
     """False in the ranks other than 0 of a torchrun job: rank 0 alone prints for the job."""
     return os.environ.get("RANK", "0") == "0"
+
+
+def parse_params(items: list[str] | None) -> dict[str, float]:
+    """``["gamma=0.5"]`` -> ``{"gamma": 0.5}`` (--param)."""
+    params = {}
+    for item in items or []:
+        name, sep, text = item.partition("=")
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if not sep or not name.strip().isidentifier() or value is None:
+            raise ZipitError(f"--param {item!r} is not NAME=NUMBER", "write e.g. --param gamma=0.5")
+        params[name.strip()] = value
+    return params
 
 
 def auto_or_float(value: str, option: str) -> float | None:

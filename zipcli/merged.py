@@ -160,6 +160,9 @@ def write_all_atomic(items: list[tuple[Path, object, str]], force: bool) -> None
         raise
 
 
+RECORDS = ("tuning", "choice", "refit")     # the records in a file's params; every other key is a method's parameter
+
+
 def merge_metadata(*, spec: Spec, stop: str, method: str, params: dict, calibration: dict, sources: list[dict],
                    heads: list[HeadInfo], spaces: list[dict], dtype: str) -> dict[str, object]:
     """The metadata of a merged file: what ``load_merged`` and ``zipit inspect`` read back."""

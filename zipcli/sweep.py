@@ -15,7 +15,9 @@ from typing import Sequence
 from .errors import ZipitError
 from .evaluate import Ensemble, evaluate, labelled_batches, labelled_images
 from .macs import count_macs
-from .pipeline import MergeJob, MergeOptions
+from .choosing import decide
+from .measured import Calibration
+from .pipeline import MergeOptions, merge_at
 from .report import LoggingReporter, Reporter
 from .specs.format import OUTPUT_STOP, Spec
 from .tuning import head_outputs, score
@@ -71,41 +73,44 @@ def sweep(checkpoints: Sequence[str | Path], spec: Spec, calib: str | Path,
         raise ZipitError("sweep covers stage stops; stop 'output' merges the classifiers",
                          "merge at 'output' with zipit merge --stop output")
     for m in methods:
-        replace(base, method=m).validate(len(checkpoints))
+        replace(base, method=m).validate(len(checkpoints), strict=False)
+    from . import methods as registry
+    for name in base.params:
+        if not any(name in registry.get(m if m != "auto" else "zipit").param_names for m in methods):
+            raise ZipitError(f"no method swept has a parameter {name!r}", "check --param, or add the method that "
+                             "takes it (--method)")
     tuned = any(replace(base, method=m).tunes for m in methods)
     labelled = _Labelled(data, limit, spec, base.batch_size) if data is not None else None
     first = next((m for m in methods if m != "average"), methods[0])
-    job = MergeJob(checkpoints, spec, calib, replace(base, method=first, stop=stops[-1]), report,
-                   hold_out=tuned or data is None)
-    deepest = _deepest(job, stops)
+    cal = Calibration(checkpoints, spec, calib, replace(base, method=first, stop=stops[-1]), report,
+                      hold_out=tuned or data is None)
+    deepest = _deepest(cal, stops)
     held = None
     if data is None:
-        held = job.held_out() if job.held_files else None
+        held = cal.held_out() if cal.held_files else None
         if held is None:
             raise ZipitError(f"{calib}: too few spare calibration images to score merges without labels",
                              "give a labelled test folder (data, --data DIR), or more calibration images")
-    if labelled is not None and not labelled.folders & {c for s in job.sources for c in s.classes}:
+    if labelled is not None and not labelled.folders & {c for s in cal.sources for c in s.classes}:
         raise ZipitError(f"no class folder of {str(data)!r} matches a class of the checkpoints",
                          f"folders: {', '.join(sorted(labelled.folders)[:5])}...; name the checkpoints' classes "
                          "(--classes or a JSON sidecar) as the folders are named")
 
-    job.use_stop(deepest)
-    job.calibrate()
-    source_models = [s.model for s in job.sources]
+    cal.measure(deepest, first)
+    source_models = [s.model for s in cal.sources]
     size = spec.input.size
     source_macs = sum(count_macs(m, size) for m in source_models)
     source_params = sum(sum(p.numel() for p in m.parameters()) for m in source_models)
     reference = None
     if labelled is not None:
-        reference = labelled.score(Ensemble(source_models), [s.checkpoint.name for s in job.sources],
-                                   [s.classes for s in job.sources], base.device, report, "ensemble")
+        reference = labelled.score(Ensemble(source_models), [s.checkpoint.name for s in cal.sources],
+                                   [s.classes for s in cal.sources], base.device, report, "ensemble")
     points = []
     for stop in stops:
-        job.use_stop(stop)
+        heads = cal.heads(stop)
         for method in methods:
-            job.options, job.tuning, job.choice = replace(base, method=method, stop=stop), None, None
-            result = job.finish(*job.choose())
-            model, heads = result.model, job.heads
+            result = merge_at(cal, decide(cal, replace(base, method=method, stop=stop)))
+            model = result.model
             accuracy = divergence = None
             if labelled is not None:
                 accuracy = labelled.score(model, [h.name for h in heads], [h.classes for h in heads], base.device,
@@ -118,12 +123,9 @@ def sweep(checkpoints: Sequence[str | Path], spec: Spec, calib: str | Path,
                        None if data is None else str(data), result.metadata["calibration"])
 
 
-def _deepest(job: MergeJob, stops: list[str]) -> str:
+def _deepest(cal: Calibration, stops: list[str]) -> str:
     """The stop whose merged spaces include every other stop's: its calibration serves them all."""
-    spaces = {}
-    for stop in stops:
-        job.use_stop(stop)                          # also checks that the stop exists
-        spaces[stop] = set(job.plan.merged_spaces)
+    spaces = {stop: set(cal.plan(stop).merged_spaces) for stop in stops}   # also checks that each exists
     deepest = max(stops, key=lambda s: len(spaces[s]))
     if any(not spaces[s] <= spaces[deepest] for s in stops):
         raise ZipitError(f"the stops {', '.join(stops)} do not nest: no single calibration pass serves them all",

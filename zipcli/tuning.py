@@ -22,9 +22,10 @@ import torch.nn as nn
 
 from .calibration import HOLDOUT, MIN_HOLDOUT
 from .distributed import SINGLE, Ranks
+from .methods.zipit import ALPHA, BETA
 from .report import SilentReporter
 
-FALLBACK = (0.3, 0.125)     # the paper's defaults, used when nothing can be searched
+FALLBACK = (ALPHA.default, BETA.default)    # the paper's values, used when nothing can be searched
 TUNING_MACS = 2.5e11        # tuning may always spend this many multiply-accumulates (seconds on a CPU) ...
 TUNING_SHARE = 0.3          # ... or this share of the calibration pass's, if that is more
 MIN_SEARCH = 128            # a search needs this many held-out images (the final comparison's evidence)
@@ -47,8 +48,8 @@ def candidate_settings(n_models: int, alpha: float | None = None, beta: float | 
     With two models alpha only matters once beta allows within-model merges,
     so beta 0 is tried once.
     """
-    alphas = (0.1, 0.3, 0.5, 1.0) if alpha is None else (alpha,)
-    betas = (0.0, 0.0625, 0.125, 0.25, 0.5) if beta is None else (beta,)
+    alphas = ALPHA.grid if alpha is None else (alpha,)      # the grids zipit's parameters declare
+    betas = BETA.grid if beta is None else (beta,)
     grid = [Setting(a, b) for b in betas for a in alphas]
     if n_models == 2:
         grid = [s for s in grid if s.beta > 0 or s.alpha == alphas[-1]]

@@ -13,7 +13,7 @@ from importlib import import_module
 import numpy as np
 
 from ..errors import ZipitError
-from .base import Match, Method, check_shape
+from .base import Match, Method, Param, check_shape
 
 ORDER = ("zipit", "permute", "average")     # how the built-ins are listed; others follow by name
 
@@ -43,7 +43,7 @@ def get(name: str) -> Method:
 def match(method: str, corr: np.ndarray, n_models: int, **params) -> Match:
     """Match one space with ``method``, passing it the parameters it takes from ``params``."""
     m = get(method)
-    return m.match(corr, n_models, **{k: v for k, v in params.items() if k in m.params})
+    return m.match(corr, n_models, **{k: v for k, v in params.items() if k in m.param_names})
 
 
-__all__ = ["METHODS", "REGISTRY", "Match", "Method", "check_shape", "get", "match"]
+__all__ = ["METHODS", "REGISTRY", "Match", "Method", "Param", "check_shape", "get", "match"]

@@ -13,6 +13,8 @@ from typing import Callable
 
 import numpy as np
 
+from ..errors import ZipitError
+
 
 @dataclass(frozen=True)
 class Match:
@@ -86,23 +88,69 @@ class Match:
 
 
 @dataclass(frozen=True)
+class Param:
+    """A method's own parameter: what options, the CLI (``--param NAME=VALUE``), tuning, the merged
+    file, ``inspect`` and the card know of it. ``grid``: the values the default may try on held-out
+    images when the user leaves it open (no grid: the default value is used)."""
+
+    name: str
+    default: float
+    low: float = float("-inf")
+    high: float = float("inf")
+    grid: tuple[float, ...] = ()
+    help: str = ""
+    option: str = ""            # the CLI option that sets it, if not --param NAME=VALUE
+
+    def check(self, value: float) -> None:
+        if not self.low <= value <= self.high:
+            how = self.option or f"--param {self.name}=VALUE"
+            raise ZipitError(f"{self.name} {value:g} is out of range",
+                             f"{self.name} ({how}) must lie in [{self.low:g}, {self.high:g}]")
+
+
+@dataclass(frozen=True)
 class Method:
     """A merging method as the pipeline sees it.
 
     ``match(corr, n_models, **params)`` gets the correlation of the n models'
     concatenated features in one space (an identity when ``needs_correlation`` is
-    False and no images were read) and the values of ``params``; ``tunable`` are
-    the parameters the default may choose on held-out images when left open.
-    ``check(params, n_models)`` refuses bad values before any image is read.
+    False and no images were read) and a value for each of its ``params``; those with
+    a grid are ``tunable``: the default may choose them on held-out images when left open.
+    ``extra_check(values, n_models)`` refuses what ranges cannot (before any image is read).
     """
 
     name: str
     summary: str                                       # one line for --help and the docs
     match: Callable[..., Match]
     needs_correlation: bool = True
-    params: tuple[str, ...] = ()
-    tunable: tuple[str, ...] = ()
-    check: Callable[[dict, int], None] = lambda params, n_models: None
+    params: tuple[Param, ...] = ()
+    extra_check: Callable[[dict, int], None] = lambda values, n_models: None
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params)
+
+    @property
+    def tunable(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params if p.grid)
+
+    def param(self, name: str) -> Param:
+        return next(p for p in self.params if p.name == name)
+
+    def values(self, given: dict) -> dict[str, float]:
+        """Every parameter's value: the given one (None or absent: its default)."""
+        return {p.name: p.default if given.get(p.name) is None else given[p.name] for p in self.params}
+
+    def check(self, given: dict, n_models: int) -> None:
+        """Refuse names the method does not take and values outside their ranges (None: left open)."""
+        for name, value in given.items():
+            if name not in self.param_names:
+                takes = ", ".join(self.param_names) or "none"
+                raise ZipitError(f"method {self.name} has no parameter {name!r}",
+                                 f"its parameters: {takes} (--param NAME=VALUE)")
+            if value is not None:
+                self.param(name).check(value)
+        self.extra_check(given, n_models)
 
 
 def check_shape(corr: np.ndarray, n_models: int) -> int:

@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from ..errors import ZipitError
-from .base import Match, Method, check_shape
+from .base import Match, Method, Param, check_shape
 
 def check_zipit_params(alpha: float | None, beta: float | None, n_models: int) -> None:
     """The one check of zipit's alpha and beta (None: to be tuned), before any work."""
@@ -139,6 +139,10 @@ def _check(params: dict, n_models: int) -> None:
     check_zipit_params(params.get("alpha"), params.get("beta"), n_models)
 
 
+ALPHA = Param("alpha", 0.3, 0.0, 1.0, grid=(0.1, 0.3, 0.5, 1.0), option="--alpha",
+              help="weight of an already merged feature's correlations (repeated matching)")
+BETA = Param("beta", 0.125, 0.0, 1.0, grid=(0.0, 0.0625, 0.125, 0.25, 0.5), option="--beta",
+             help="share of merges allowed within one model")
 METHOD = Method("zipit", "ZipIt!: merge the most correlated features, within or across models (alpha, beta)",
                 lambda corr, n_models, alpha=0.3, beta=0.125: match_zipit(corr, n_models, alpha, beta),
-                params=("alpha", "beta"), tunable=("alpha", "beta"), check=_check)
+                params=(ALPHA, BETA), extra_check=_check)
