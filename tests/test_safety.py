@@ -329,3 +329,42 @@ def test_kw_cannot_ask_a_builder_to_download(command, kw, monkeypatch):
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_downloads)
     r = CliRunner().invoke(cli_app, [*command, "--kw", kw])
     assert r.exit_code == 2 and "never downloads" in r.output and "was started" not in r.output, r.output
+
+
+def test_names_from_files_are_shown_with_control_characters_written_out(tmp_path, calib32, monkeypatch):
+    """A head, class or file name can hold terminal escapes (retitle the window, clear the screen) or a
+    bidirectional override: every command and the card write them out instead of sending them."""
+    import io
+    from rich.console import Console
+    import zipcli.cli
+    import zipcli.cli_sweep
+    import zipcli.console
+    from conftest import make_images, random_model, save_checkpoint, small_spec
+    from zipcli.cli import app as cli_app
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=200, force_terminal=False, highlight=False)   # no styling codes of its own
+    for module in (zipcli.console, zipcli.cli, zipcli.cli_sweep):
+        for name in ("err", "out"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, console)
+    evil = "\x1b]0;owned\x07\x1b[2J"
+    spec = small_spec("resnet20")
+    a = save_checkpoint(tmp_path / f"A{evil}.pt", random_model(spec, 2, 1, calib32).state_dict(),
+                        [f"cat{evil}", "dog\u202e"])
+    b = save_checkpoint(tmp_path / "B.pt", random_model(spec, 3, 2, calib32).state_dict(), ["x", "y", "z"])
+    data = make_images(tmp_path / "data", 10, 32, seed=5, classes=[f"cat{evil}", "dog\u202e", "x", "y", "z"])
+    out = tmp_path / "m.safetensors"
+    runner = CliRunner()
+    results = [runner.invoke(cli_app, ["merge", str(a), str(b), "--arch", "resnet20", "--calib", str(calib32),
+                                       "--method", "permute", "-o", str(out)]),
+               runner.invoke(cli_app, ["inspect", str(out)]),
+               runner.invoke(cli_app, ["inspect", str(a)]),
+               runner.invoke(cli_app, ["eval", str(out), "--data", str(data)]),
+               runner.invoke(cli_app, ["inspect", str(tmp_path / f"missing{evil}.safetensors")])]
+    assert [r.exit_code for r in results] == [0, 0, 0, 0, 2], [r.output for r in results]
+    text = buffer.getvalue() + "".join(r.output for r in results)
+    assert "\x1b" not in text and "\x07" not in text and "\u202e" not in text
+    assert "\\x1b]0;owned\\x07\\x1b[2J" in text and "dog\\u202e" in text
+    card = (tmp_path / "m.md").read_text()
+    assert "\x1b" not in card and "\u202e" not in card and "cat\\x1b]0;owned" in card

@@ -13,6 +13,7 @@ from pathlib import Path
 from .merged import RECORDS, write_atomic
 from .refit import describe
 from .specs.format import Preprocess
+from .visible import visible, visible_tree
 
 CONFIG_FORMAT = "zipit-config/1"
 ACCURACY_HEADING = "## Accuracy"
@@ -45,6 +46,9 @@ def model_config(metadata: dict, pre: Preprocess) -> dict:
 
 
 def model_card(metadata: dict, pre: Preprocess, file_name: str, command: str | None = None) -> str:
+    """The card's Markdown; every name that came from a file has its control characters written out."""
+    metadata, file_name = visible_tree(metadata), visible(file_name)
+    command = None if command is None else visible(command)
     cal, params = metadata["calibration"], metadata["params"]
     setting = ", ".join(f"{k} {v:g}" for k, v in params.items() if k not in RECORDS) or "no parameters"
     tuning, choice = params.get("tuning"), params.get("choice")
@@ -117,6 +121,7 @@ def card_files(metadata: dict, pre: Preprocess, model_path: str | Path,
 
 def accuracy_section(result: dict, data: str, images: int, limit: int | None) -> str:
     """The card's accuracy section for one ``zipit eval`` result of the merged file."""
+    result, data = visible_tree(result), visible(data)
     sample = f"at most {limit} images per class of " if limit else ""
     lines = [ACCURACY_HEADING, "",
              f"Measured by `zipit eval` on {sample}`{data}` ({images} labelled images): each head on the images "

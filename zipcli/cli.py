@@ -7,13 +7,14 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
 from .console import (AUGMENT, BATCH_SIZE, DEBUG, HELP_SETTINGS, NUM_CALIB, PARAMS, QUIET, RESET_BN, SEED, TRUST,
-                      RichReporter, auto_or_float, click_style_arguments, err, parse_params, print_json, user_errors)
+                      RichReporter, auto_or_float, click_style_arguments, err, parse_params, print_json, shown,
+                      user_errors)
 from .errors import ZipitError
+from .visible import visible_tree
 from .methods import METHODS
 from .specs import builtin_spec_names, load_spec
 
@@ -163,7 +164,7 @@ def _render_choice(choice: dict | None) -> None:
     if not choice:
         return
     if "interval" not in choice:
-        err.print(f"chose {choice['chosen']}: {choice['reason']}", soft_wrap=not err.is_terminal)
+        err.print(f"chose {shown(choice['chosen'])}: {shown(choice['reason'])}", soft_wrap=not err.is_terminal)
         return
     lo, hi = choice["interval"]
     err.print(f"chose {choice['chosen']}: divergence zipit {choice['zipit']['divergence']:.4f}, permute "
@@ -174,12 +175,13 @@ def _render_choice(choice: dict | None) -> None:
 
 
 def _render_merge_summary(s: dict) -> None:
+    s = visible_tree(s)
     table = Table(title=None, show_edge=False, pad_edge=False)
     table.add_column("head")
     table.add_column("classes", justify="right")
     table.add_column("first classes")
     for h in s["heads"]:
-        table.add_row(escape(h["name"]), str(len(h["classes"])), escape(", ".join(h["classes"][:4])
+        table.add_row(shown(h["name"]), str(len(h["classes"])), shown(", ".join(h["classes"][:4])
                                                                          + (", ..." if len(h["classes"]) > 4 else "")))
     err.print(table)
     t = s["timings"]
@@ -187,8 +189,8 @@ def _render_merge_summary(s: dict) -> None:
     cal = s["calibration"]
     where = [f"{cal['held_out']} more held out for tuning"] if cal["held_out"] else []
     where += [f"{cal['skipped']} unreadable, skipped"] if cal["skipped"] else []
-    also = f" (and {', '.join(escape(Path(p).name) for p in s['beside'])})" if s.get("beside") else ""
-    err.print(f"[green]wrote[/] {escape(s['output'])}{also}: {s['method']} merge of {len(s['heads'])} heads "
+    also = f" (and {', '.join(shown(Path(p).name) for p in s['beside'])})" if s.get("beside") else ""
+    err.print(f"[green]wrote[/] {shown(s['output'])}{also}: {s['method']} merge of {len(s['heads'])} heads "
               f"at stop {s['stop']} on {cal['num_images']} images{' (' + '; '.join(where) + ')' if where else ''} "
               f"in {t['total']:.1f}s ({phases})", soft_wrap=not err.is_terminal)
 
@@ -229,6 +231,7 @@ def inspect_cmd(
 
 def _render_merged(f: dict) -> None:
     from .console import out
+    f = visible_tree(f)             # every string in it came from the file
     cal, p, m = f["calibration"], f["parameters"], f["macs"]
     tuning, choice = f["params"].get("tuning"), f["params"].get("choice")
     from .merged import RECORDS
@@ -239,21 +242,21 @@ def _render_merged(f: dict) -> None:
                   f"{tuning['held_out_images']} held-out images"
     elif tuning:
         params += f"; {whose}not tuned: {tuning['reason']}"
-    out.print(f"[bold]{escape(f['file'])}[/]  ({f['format']}, written by zipit {f['zipit_version']})")
+    out.print(f"[bold]{shown(f['file'])}[/]  ({shown(f['format'])}, written by zipit {shown(f['zipit_version'])})")
     facts = Table.grid(padding=(0, 2), pad_edge=True)   # values wrap on words inside their own column
     facts.add_column(no_wrap=True)
     facts.add_column()
-    facts.add_row("architecture", f"{escape(str(f['spec']))}, shared up to [bold]{f['stop']}[/]")
-    facts.add_row("method", f"{f['method']} ({escape(params)})")
+    facts.add_row("architecture", f"{shown(str(f['spec']))}, shared up to [bold]{shown(f['stop'])}[/]")
+    facts.add_row("method", f"{shown(f['method'])} ({shown(params)})")
     if choice:
-        facts.add_row("why", escape(_choice_text(choice)))
+        facts.add_row("why", shown(_choice_text(choice)))
     if f["params"].get("refit"):
         from .refit import describe
-        facts.add_row("refit", escape(describe(f["params"]["refit"])))
-    facts.add_row("calibration", f"{cal['num_images']} images from {escape(cal['folder'])}, seed {cal['seed']}, "
+        facts.add_row("refit", shown(describe(f["params"]["refit"])))
+    facts.add_row("calibration", f"{cal['num_images']} images from {shown(cal['folder'])}, seed {cal['seed']}, "
                   f"augment {'on' if cal['augment'] else 'off'}, BN reset {'on' if cal['reset_bn'] else 'off'}")
     for s in f["sources"]:
-        facts.add_row("source", f"{escape(s['file'])}  sha256 {s['sha256'][:16]}...")
+        facts.add_row("source", f"{shown(s['file'])}  sha256 {s['sha256'][:16]}...")
     facts.add_row("parameters", f"trunk {_human(p['trunk'])} + heads {_human(p['heads'])} = {_human(p['total'])} "
                   f"(sources together: {_human(p['sources_total'])}, {p['total'] / p['sources_total']:.0%})")
     facts.add_row("cost", f"{_human(m['merged'])} MACs per {m['input_size']}px image "
@@ -263,14 +266,14 @@ def _render_merged(f: dict) -> None:
     for col, just in (("head", "left"), ("classes", "right"), ("first classes", "left"), ("parameters", "right")):
         heads.add_column(col, justify=just)
     for h in f["heads"]:
-        heads.add_row(escape(h["name"]), str(h["num_classes"]), escape(_short(h["classes"])), _human(h["params"]))
+        heads.add_row(shown(h["name"]), str(h["num_classes"]), shown(_short(h["classes"])), _human(h["params"]))
     out.print(heads)
     spaces = Table(title="feature spaces (where the models agree)", title_justify="left", show_edge=False)
     for col in ("space", "size", "mean corr. of merged pairs", "within-model merges"):
         spaces.add_column(col, justify="left" if col == "space" else "right")
     for s in f["spaces"]:
         corr = "–" if s["mean_corr"] is None else f"{s['mean_corr']:.3f}"
-        spaces.add_row(escape(s["space"]), str(s["size"]), corr, f"{s['within_share']:.1%}")
+        spaces.add_row(shown(s["space"]), str(s["size"]), corr, f"{s['within_share']:.1%}")
     out.print(spaces)
     if tuning and tuning["candidates"]:
         out.print(_tuning_grid(tuning))
@@ -331,14 +334,15 @@ def _grid_cell(candidate: dict | None, key: str, screened: int, chosen: bool) ->
 
 def _render_checkpoint(f: dict) -> None:
     from .console import out
-    out.print(f"[bold]{escape(f['file'])}[/]  plain checkpoint, sha256 {f['sha256'][:16]}...")
+    f = visible_tree(f)
+    out.print(f"[bold]{shown(f['file'])}[/]  plain checkpoint, sha256 {f['sha256'][:16]}...")
     out.print(f"  {len(f['tensors'])} tensors, {_human(f['parameters'])} parameters; matches built-in: "
               f"{', '.join(f['matching_specs']) or 'none'}")
     table = Table(show_edge=False)
     for col in ("tensor", "shape", "dtype"):
         table.add_column(col)
     for t in f["tensors"]:
-        table.add_row(escape(t["name"]), escape(str(t["shape"])), t["dtype"])
+        table.add_row(shown(t["name"]), shown(str(t["shape"])), shown(t["dtype"]))
     out.print(table)
 
 
@@ -414,31 +418,32 @@ def eval_cmd(
         else:
             _render_eval(report)
         if report["cards_updated"] and not quiet:
-            err.print(f"recorded the figures in {escape(', '.join(report['cards_updated']))}",
+            err.print(f"recorded the figures in {shown(', '.join(report['cards_updated']))}",
                       soft_wrap=not err.is_terminal)
         if failures:
-            err.print(f"[bold red]below the bar:[/] {'; '.join(failures)}", soft_wrap=not err.is_terminal)
+            err.print(f"[bold red]below the bar:[/] {shown('; '.join(failures))}", soft_wrap=not err.is_terminal)
             raise SystemExit(1)
 
 
 def _render_eval(r: dict) -> None:
     from .console import out
+    r = visible_tree(r)
     table = Table(show_edge=False)
     for col in ("model", "head", "images", "accuracy"):
         table.add_column(col, justify="left" if col in ("model", "head") else "right")
     for res in r["results"]:
         for h in res["heads"]:
             acc = "–" if h["accuracy"] is None else f"{h['accuracy']:.4f}"
-            table.add_row(escape(res["model"]), escape(h["name"]), str(h["images"]), acc)
+            table.add_row(shown(res["model"]), shown(h["name"]), str(h["images"]), acc)
         if len(res["heads"]) > 1:
-            table.add_row(escape(res["model"]), "[bold]average per task[/]", "", f"[bold]{res['avg_task']:.4f}[/]")
+            table.add_row(shown(res["model"]), "[bold]average per task[/]", "", f"[bold]{res['avg_task']:.4f}[/]")
             joint = "–" if res["joint"] is None else f"{res['joint']:.4f}"
-            table.add_row(escape(res["model"]), "[bold]joint[/]", str(res["joint_images"]), f"[bold]{joint}[/]")
+            table.add_row(shown(res["model"]), "[bold]joint[/]", str(res["joint_images"]), f"[bold]{joint}[/]")
         table.rows[-1].end_section = True
     out.print(table)
     if r["unknown_class_folders"]:
         out.print(f"[yellow]note:[/] {sum(x['unknown_class_images'] for x in r['results'][-1:])} images in "
-                  f"folders no head knows: {escape(', '.join(r['unknown_class_folders']))}")
+                  f"folders no head knows: {shown(', '.join(r['unknown_class_folders']))}")
     if r["skipped_images"]:
         out.print(f"[yellow]note:[/] {r['skipped_images']} unreadable images skipped")
 
@@ -474,7 +479,7 @@ def export_cmd(
         facts = export_merged(file, output, kind, force, trust_builder or ())
         if json_out:
             print_json(facts)
-        err.print(f"[green]exported[/] {escape(str(file))} -> {escape(str(output))} ({kind}, {len(facts['heads'])} "
+        err.print(f"[green]exported[/] {shown(str(file))} -> {shown(str(output))} ({kind}, {len(facts['heads'])} "
                   f"heads, {facts['input_size']} px input; checked on batches of "
                   f"{', '.join(map(str, facts['checked_batches']))}: largest relative gap "
                   f"{facts['max_relative_gap']:.1g})", soft_wrap=not err.is_terminal)

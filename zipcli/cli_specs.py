@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from .console import DEBUG, HELP_SETTINGS, TRUST, err, out, print_json, user_errors
+from .console import (DEBUG, HELP_SETTINGS, TRUST, err, out, print_json, shown, user_errors)
 from .errors import SpecError, ZipitError
 
 specs_app = typer.Typer(
@@ -126,15 +125,15 @@ def trace_cmd(
             sys.stdout.flush()
         else:
             write_atomic(output, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), force)
-        where = f"wrote {escape(str(output))}" if output else "spec on stdout"
-        err.print(f"[green]traced[/] {escape(canonical)}: {len(doc['spaces'])} feature spaces, classifier "
-                  f"{escape(', '.join(doc['classifiers']))}, stops {escape(', '.join(doc['stops']))} "
-                  f"(default {escape(doc['default_stop'])}); {where}", soft_wrap=not err.is_terminal)
+        where = f"wrote {shown(str(output))}" if output else "spec on stdout"
+        err.print(f"[green]traced[/] {shown(canonical)}: {len(doc['spaces'])} feature spaces, classifier "
+                  f"{shown(', '.join(doc['classifiers']))}, stops {shown(', '.join(doc['stops']))} "
+                  f"(default {shown(doc['default_stop'])}); {where}", soft_wrap=not err.is_terminal)
         if num_classes_arg in kwargs:
             err.print(f"  note: --kw {num_classes_arg}= is for tracing only; merge takes the number of classes "
                       "from each checkpoint", soft_wrap=not err.is_terminal)
         if output:
-            err.print(f"  next: zipit specs check {escape(str(output))}", soft_wrap=not err.is_terminal)
+            err.print(f"  next: zipit specs check {shown(str(output))}", soft_wrap=not err.is_terminal)
 
 
 def _load(spec_arg: str, trust_builders):
@@ -178,17 +177,17 @@ def check_cmd(
         if json_out:
             print_json(facts)
         mark = "[green]passed[/]" if result.passed else "[bold red]failed[/]"
-        err.print(f"{mark} {escape(result.spec)} ({escape(result.builder)}, {result.size} px): {result.spaces} "
+        err.print(f"{mark} {shown(result.spec)} ({shown(result.builder)}, {result.size} px): {result.spaces} "
                   f"feature spaces; self-check {result.self_check:.1e} (tolerance {SELF_CHECK_TOLERANCE:g}); "
                   f"coverage {result.in_spaces}/{result.tensors} tensors in spaces", soft_wrap=not err.is_terminal)
         outside = [m for m in result.outside if m not in loaded.classifiers]
         if outside:
             reasons = sorted(set(result.outside_why[m] for m in outside))
             err.print(f"  not in any space: {len(outside)} layer(s) besides the classifiers, "
-                      f"{escape(', '.join(outside[:6]))}{', ...' if len(outside) > 6 else ''} "
-                      f"({escape('; '.join(reasons))})", soft_wrap=not err.is_terminal)
+                      f"{shown(', '.join(outside[:6]))}{', ...' if len(outside) > 6 else ''} "
+                      f"({shown('; '.join(reasons))})", soft_wrap=not err.is_terminal)
         for problem in result.problems:
-            err.print(f"  [red]-[/] {escape(problem)}", soft_wrap=not err.is_terminal)
+            err.print(f"  [red]-[/] {shown(problem)}", soft_wrap=not err.is_terminal)
         if not result.passed:
             raise SystemExit(2)
 
@@ -210,6 +209,6 @@ def list_cmd(json_out: bool = typer.Option(False, "--json", metavar="", help="Pr
         for col in ("name", "input", "spaces", "stops (default marked *)"):
             table.add_column(col, justify="right" if col in ("input", "spaces") else "left")
         for s in specs:
-            stops = ", ".join(f"[bold]{escape(x)}*[/]" if x == s.default_stop else escape(x) for x in s.stops)
-            table.add_row(escape(s.name), f"{s.input.size}px", str(len(s.spaces)), stops)
+            stops = ", ".join(f"[bold]{shown(x)}*[/]" if x == s.default_stop else shown(x) for x in s.stops)
+            table.add_row(shown(s.name), f"{s.input.size}px", str(len(s.spaces)), stops)
         out.print(table)

@@ -5,11 +5,10 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from .console import (AUGMENT, BATCH_SIZE, DEBUG, NUM_CALIB, PARAMS, QUIET, RESET_BN, SEED, TRUST, RichReporter,
-                      auto_or_float, err, out, parse_params, print_json, user_errors)
+                      auto_or_float, err, out, parse_params, print_json, shown, user_errors)
 from .errors import ZipitError
 from .methods import METHODS
 
@@ -92,7 +91,7 @@ def sweep_cmd(
         else:
             _render_sweep(result)
         if plot is not None and not quiet:
-            err.print(f"[green]wrote[/] {escape(str(plot))}", soft_wrap=not err.is_terminal)
+            err.print(f"[green]wrote[/] {shown(str(plot))}", soft_wrap=not err.is_terminal)
 
 
 def _render_sweep(r) -> None:
@@ -114,19 +113,20 @@ def _render_sweep(r) -> None:
     from .merged import RECORDS
     for p in r.points:
         setting = "/".join(f"{v:g}" for k, v in p.params.items() if k not in RECORDS) or "–"
-        cells = [p.stop, p.method, setting, f"{p.parameters / r.source_parameters:.2f}×", f"{p.macs / r.source_macs:.2f}×"]
+        cells = [shown(p.stop), shown(p.method), setting, f"{p.parameters / r.source_parameters:.2f}×",
+                 f"{p.macs / r.source_macs:.2f}×"]
         table.add_row(*cells, *(figures(p.accuracy) if labelled else [f"{p.divergence:.4f}"]))
     if labelled:
         table.rows[-1].end_section = True
         table.add_row("–", "ensemble", "", "1.00×", "1.00×", *figures(r.reference))
     out.print(table)
     if per_head:
-        out.print("  ".join(f"head {i}: {escape(name)}" for i, name in enumerate(heads)) +
+        out.print("  ".join(f"head {i}: {shown(name)}" for i, name in enumerate(heads)) +
                   "; avg: their average; ensemble: the sources run side by side", soft_wrap=not out.is_terminal)
     cal = r.calibration
-    scored = (f"accuracy on {escape(r.data)}" if labelled else
+    scored = (f"accuracy on {shown(r.data)}" if labelled else
               f"divergence from the sources on {cal['held_out']} held-out calibration images (lower is better)")
-    err.print(f"{len(r.points)} merges of {escape(r.spec)} from one calibration pass over {cal['num_images']} images; "
+    err.print(f"{len(r.points)} merges of {shown(r.spec)} from one calibration pass over {cal['num_images']} images; "
               f"{scored}", soft_wrap=not err.is_terminal)
 
 

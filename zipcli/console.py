@@ -18,6 +18,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
                            TimeRemainingColumn)
 
 from .errors import ZipitError
+from .visible import visible
 
 TRUST = typer.Option(None, "--trust-builder", metavar="MODULE",
                      help="Trust this module's model builders for this run, repeatable. A spec or merged file "
@@ -53,6 +54,13 @@ def click_style_arguments() -> None:
 
 HELP_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 120}
 
+
+def shown(text: object) -> str:
+    """Text for the terminal: control characters written out (it may come from a file) and Rich
+    markup escaped. Everything the commands print that is not their own words goes through here."""
+    return escape(visible(text))
+
+
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=not err.is_terminal)
 
@@ -73,7 +81,7 @@ class RichReporter:
                                  TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err,
                                  transient=False)
         self.progress.start()
-        self.task = self.progress.add_task(phase, total=total)
+        self.task = self.progress.add_task(shown(phase), total=total)
 
     def advance(self, n: int = 1) -> None:
         if self.progress is not None:
@@ -86,11 +94,11 @@ class RichReporter:
 
     def warn(self, message: str) -> None:
         if self.speaks:
-            err.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=not err.is_terminal)
+            err.print(f"[yellow]warning:[/] {shown(message)}", soft_wrap=not err.is_terminal)
 
     def info(self, message: str) -> None:
         if not self.quiet:
-            (self.progress.console if self.progress is not None else err).print(escape(message), soft_wrap=not err.is_terminal)
+            (self.progress.console if self.progress is not None else err).print(shown(message), soft_wrap=not err.is_terminal)
 
 
 def speaks_for_job() -> bool:
@@ -144,9 +152,9 @@ def user_errors(debug: bool):
             raise
         if not speaks_for_job():
             raise SystemExit(exc.exit_code) from None
-        err.print(f"[bold red]error:[/] {escape(exc.message)}", soft_wrap=not err.is_terminal)
+        err.print(f"[bold red]error:[/] {shown(exc.message)}", soft_wrap=not err.is_terminal)
         if exc.hint:
-            err.print(f"  [dim]hint:[/] {escape(exc.hint)}", soft_wrap=not err.is_terminal)
+            err.print(f"  [dim]hint:[/] {shown(exc.hint)}", soft_wrap=not err.is_terminal)
         raise SystemExit(exc.exit_code)
     except KeyboardInterrupt:
         if debug:
@@ -162,7 +170,7 @@ def user_errors(debug: bool):
             raise
         if not speaks_for_job():
             raise SystemExit(1) from None
-        err.print(f"[bold red]internal error:[/] {escape(exc.__class__.__name__)}: {escape(str(exc)[:300])}")
+        err.print(f"[bold red]internal error:[/] {shown(exc.__class__.__name__)}: {shown(str(exc)[:300])}")
         err.print("  [dim]hint:[/] rerun with --debug for the traceback, and please report it")
         raise SystemExit(1)
     finally:
