@@ -157,3 +157,44 @@ def test_torchrun_merge_writes_once_from_rank_0(pair, tmp_path):
     a, b = load_file(out), load_file(alone)
     for key in b:
         np.testing.assert_allclose(a[key].numpy(), b[key].numpy(), rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def _stray(pair, tmp_path, timeout: str) -> subprocess.Popen:
+    """A merge whose environment says it is rank 0 of 2, with no rank 1 anywhere."""
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port()), "ZIPIT_JOIN_TIMEOUT": timeout}
+    return subprocess.Popen([sys.executable, "-m", "zipcli", "merge", str(pair["a"]), str(pair["b"]), "--arch",
+                             "resnet20", "--calib", str(pair["calib"]), "-o", str(tmp_path / "m.safetensors")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_stray_torchrun_environment_says_what_it_waits_for_and_gives_up(pair, tmp_path):
+    proc = _stray(pair, tmp_path, "3")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in err, err
+    assert "joining 2 processes at 127.0.0.1" in err and "no other process joined within 3 s" in err
+    assert "unset WORLD_SIZE and RANK" in err and not (tmp_path / "m.safetensors").exists()
+
+
+def test_a_stray_torchrun_environment_ends_on_sigterm_while_it_waits(pair, tmp_path):
+    import signal
+    import time
+    import select
+    proc = _stray(pair, tmp_path, "600")
+    ready, _, _ = select.select([proc.stderr], [], [], 60)   # the old code said nothing while it waited
+    line = proc.stderr.readline() if ready else ""
+    if not ready:
+        proc.kill()
+    assert "joining 2 processes" in line, line
+    time.sleep(1)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in err, err
+    assert time.monotonic() - started < 60          # not the 600 s of the join, nor torch's 30 minutes

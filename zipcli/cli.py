@@ -98,7 +98,8 @@ def merge_cmd(
     from .pipeline import MergeOptions, merge
 
     with user_errors(debug):
-        ranks = ranks_from_env(device)          # alone, or one of the processes torchrun started
+        waiting = None if quiet else (lambda m: err.print(shown(m), soft_wrap=not err.is_terminal))
+        ranks = ranks_from_env(device, waiting)     # alone, or one of the processes torchrun started
         quiet = quiet or not ranks.main
         if output.suffix != ".safetensors":
             raise ZipitError(f"output {str(output)!r} must end in .safetensors", "e.g. -o merged.safetensors")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, TypeVar
@@ -20,6 +21,8 @@ from .errors import ZipitError
 
 T = TypeVar("T")
 TIMEOUT = datetime.timedelta(minutes=30)    # a rank that waits longer for the others gives up
+JOIN_SECONDS = 120          # joining the group: torchrun starts every process at once, so a peer that is
+                            # not there by then is not coming (a stray WORLD_SIZE); ZIPIT_JOIN_TIMEOUT overrides
 
 
 class PeerError(ZipitError):
@@ -115,10 +118,12 @@ def _summary(exc: BaseException) -> tuple[str, str | None, int]:
     return f"internal error: {exc.__class__.__name__}: {str(exc)[:300]}", "rerun with --debug for the traceback", 1
 
 
-def ranks_from_env(device: str = "cpu") -> Ranks:
+def ranks_from_env(device: str = "cpu", on_wait: Callable[[str], None] | None = None) -> Ranks:
     """Join the process group that torchrun describes in the environment, or run alone.
 
-    ``gloo`` on CPU, ``nccl`` with a CUDA device (one per rank: ``LOCAL_RANK``)."""
+    ``gloo`` on CPU, ``nccl`` with a CUDA device (one per rank: ``LOCAL_RANK``). ``on_wait`` hears
+    what the join waits for. The join gives up after ``JOIN_SECONDS`` and can be interrupted
+    (SIGINT, SIGTERM) while it waits: it runs on a thread, the main thread only waits for it."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return SINGLE
@@ -129,12 +134,39 @@ def ranks_from_env(device: str = "cpu") -> Ranks:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
+        _join(backend, world, on_wait)
+    return Ranks(dist.get_rank(), dist.get_world_size(), backend)
+
+
+def _join(backend: str, world: int, on_wait: Callable[[str], None] | None) -> None:
+    import torch.distributed as dist
+
+    try:
+        seconds = float(os.environ.get("ZIPIT_JOIN_TIMEOUT", JOIN_SECONDS))
+    except ValueError:
+        raise ZipitError(f"ZIPIT_JOIN_TIMEOUT {os.environ['ZIPIT_JOIN_TIMEOUT']!r} is not a number of seconds",
+                         "set it to e.g. 300, or unset it") from None
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    env = f"WORLD_SIZE={world}, RANK={os.environ.get('RANK', '?')}"
+    if on_wait:
+        on_wait(f"joining {world} processes at {where} ({env}); giving up after {seconds:g} s")
+    outcome: dict[str, BaseException] = {}
+
+    def join() -> None:
         try:
             dist.init_process_group(backend, timeout=TIMEOUT)
-        except (RuntimeError, ValueError) as exc:
-            raise ZipitError(f"cannot join the {world} processes torchrun started: {str(exc)[:200]}",
-                             "check torchrun's rendezvous options (--rdzv-endpoint, --nnodes)") from None
-    return Ranks(dist.get_rank(), dist.get_world_size(), backend)
+        except BaseException as exc:    # handed to the main thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=join, name="zipit-join", daemon=True)
+    thread.start()
+    thread.join(seconds)            # the main thread waits here, where signals reach it
+    if thread.is_alive():
+        raise ZipitError(f"no other process joined within {seconds:g} s at {where} ({env} in the environment)",
+                         "start every process with torchrun, or unset WORLD_SIZE and RANK to merge in one process")
+    if "error" in outcome:
+        raise ZipitError(f"cannot join the {world} processes torchrun started: {str(outcome['error'])[:200]}",
+                         "check torchrun's rendezvous options (--rdzv-endpoint, --nnodes)")
 
 
 def leave(ranks: Ranks) -> None:
