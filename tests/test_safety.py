@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import json
 import shutil
 import textwrap
@@ -20,7 +21,7 @@ from zipcli.cli import app
 from zipcli.merged import read_metadata, write_atomic
 from zipcli.specs import BUILTIN_DIR, parse_spec
 
-from conftest import handled, make_images, resnet20_pair
+from conftest import handled, make_images, resnet20_pair, save_checkpoint
 
 runner = CliRunner()
 
@@ -368,3 +369,138 @@ def test_names_from_files_are_shown_with_control_characters_written_out(tmp_path
     assert "\\x1b]0;owned\\x07\\x1b[2J" in text and "dog\\u202e" in text
     card = (tmp_path / "m.md").read_text()
     assert "\x1b" not in card and "\u202e" not in card and "cat\\x1b]0;owned" in card
+
+
+# --- Issue 28: wrong or missing errors. Each ends in exit 2 with the culprit named, never "internal error".
+
+def _refused(args, *words):
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and handled(r) and "internal error" not in r.output, r.output
+    for word in words:
+        assert word in r.output, (word, r.output)
+    return r
+
+
+def _merge_args(merged, *paths, extra=()):
+    return ["merge", *map(str, paths or merged["paths"]), "--arch", "resnet20", "--calib", str(merged["calib"]),
+            "--method", "permute", *extra, "-o", str(merged["root"] / "never.safetensors")]
+
+
+def _state(merged):
+    return torch.load(merged["paths"][1], weights_only=True)
+
+
+def test_a_checkpoint_of_meta_tensors(merged, tmp_path):
+    path = tmp_path / "meta.pt"
+    torch.save({k: torch.empty_like(v, device="meta") for k, v in _state(merged).items()}, path)
+    _refused(_merge_args(merged, merged["paths"][0], path), "meta.pt", "has no data")
+
+
+def test_a_sidecar_nested_100000_deep(merged, tmp_path):
+    path = save_checkpoint(tmp_path / "deep.pt", _state(merged))
+    path.with_suffix(".json").write_text('{"classes": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    _refused(_merge_args(merged, merged["paths"][0], path), "deep.json", "nests too deeply")
+
+
+def test_a_metadata_value_nested_100000_deep(merged, tmp_path):
+    deep = _rewrite(merged["file"], tmp_path / "deep.safetensors", sources="[" * 100_000 + "]" * 100_000)
+    _refused(["inspect", str(deep)], "deep.safetensors", "nested too deeply")
+
+
+@pytest.mark.parametrize("seed", [str(2**70), "-1"])
+def test_a_seed_beyond_64_bits(merged, seed):
+    _refused(_merge_args(merged, extra=("--seed", seed)), "seed", "2^63")
+
+
+def test_average_with_the_refit_on_a_folder_without_a_readable_image(merged, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(3):
+        (bad / f"{i}.png").write_bytes(b"not an image")
+    _refused(["merge", *map(str, merged["paths"]), "--arch", "resnet20", "--calib", str(bad), "--method", "average",
+              "--refit", "lsq", "-o", str(tmp_path / "m.safetensors")], "no calibration image could be read")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_a_file_name_that_is_not_utf8_is_refused_before_any_image_is_read(merged, tmp_path, monkeypatch):
+    import zipcli.measured
+    name = os.fsdecode(b"caf\xe9.pt")
+    path = save_checkpoint(tmp_path / name, _state(merged))
+    monkeypatch.setattr(zipcli.measured, "list_images", lambda *a: pytest.fail("images were listed"))
+    _refused(_merge_args(merged, merged["paths"][0], path), "not valid UTF-8", "rename")
+
+
+def test_a_classifier_with_no_outputs(merged, tmp_path):
+    state = _state(merged)
+    state["linear.weight"], state["linear.bias"] = state["linear.weight"][:0], state["linear.bias"][:0]
+    path = save_checkpoint(tmp_path / "empty.pt", state)
+    _refused(_merge_args(merged, merged["paths"][0], path), "empty.pt", "0 outputs")
+
+
+def test_a_class_named_twice_in_one_head(merged, tmp_path):
+    path = save_checkpoint(tmp_path / "twice.pt", _state(merged), ["b0", "b1", "b0"])
+    _refused(_merge_args(merged, merged["paths"][0], path), "twice.json", "'b0' is named twice")
+    _refused(_merge_args(merged, extra=("--classes", "a0,a1", "--classes", "x,y,x")), "'x' is named twice")
+
+
+def test_non_finite_weights_in_a_merged_file_are_refused_and_never_exported(merged, tmp_path):
+    from zipcli import load_merged
+    from zipcli.errors import MergedFileError
+    from zipcli.export import _relative_gap
+    tensors = load_file(str(merged["file"]))
+    tensors["trunk.conv1.weight"] = torch.full_like(tensors["trunk.conv1.weight"], float("nan"))
+    nan = tmp_path / "nan.safetensors"
+    save_file(tensors, str(nan), metadata=read_metadata(merged["file"]))
+    with pytest.raises(MergedFileError, match="NaN or Inf"):
+        load_merged(nan)
+    _refused(["export", str(nan), "-o", str(tmp_path / "nan.pt2")], "NaN or Inf")
+    assert not (tmp_path / "nan.pt2").exists()
+    assert _relative_gap([torch.tensor([float("nan")])], [torch.tensor([float("nan")])]) == float("inf")
+
+
+def test_eval_gives_its_figures_and_gate_when_the_card_cannot_be_written(merged, monkeypatch):
+    import zipcli.card
+    from zipcli.errors import OutputError
+
+    def read_only(*_a, **_k):
+        raise OutputError(f"cannot write in {str(merged['root'])!r}: Read-only file system", "choose a writable folder")
+
+    monkeypatch.setattr(zipcli.card, "record_accuracy", read_only)
+    r = runner.invoke(app, ["eval", str(merged["file"]), "--data", str(merged["data"]), "--min-avg", "0"])
+    assert r.exit_code == 0, r.output
+    assert "average per task" in r.output and "card was not updated" in r.output and "Read-only" in r.output
+
+
+def test_eval_batch_size_zero(merged):
+    _refused(["eval", str(merged["file"]), "--data", str(merged["data"]), "--batch-size", "0"], "--batch-size 0")
+
+
+@pytest.mark.parametrize("text", ["cat\ndog\n", "classes = 3\n"])
+def test_a_plain_text_pt_is_not_called_a_dangerous_pickle(merged, tmp_path, text):
+    path = tmp_path / "notes.pt"
+    path.write_text(text)
+    r = _refused(_merge_args(merged, merged["paths"][0], path), "notes.pt", "not a torch checkpoint")
+    assert "run code" not in r.output
+
+
+def test_load_merged_of_a_checkpoint_says_what_it_is(merged):
+    from zipcli import load_merged
+    from zipcli.errors import MergedFileError
+    with pytest.raises(MergedFileError, match="a torch checkpoint, not a merged file"):
+        load_merged(merged["paths"][0])
+
+
+def test_compiled_data_parallel_prefixes_are_stripped_in_either_order(merged, tmp_path):
+    from zipcli.checkpoints import read_state_dict
+    state = _state(merged)
+    for prefix in ("_orig_mod.module.", "module._orig_mod."):
+        path = tmp_path / "wrapped.pt"
+        torch.save({prefix + k: v for k, v in state.items()}, path)
+        assert read_state_dict(path).keys() == state.keys()
+
+
+@pytest.mark.parametrize("field, value", [("method", "zipt"), ("refit", "lbfgs"), ("dtype", "float8")])
+def test_merge_options_refuse_an_unknown_name_where_it_is_written(field, value):
+    from zipcli import MergeOptions
+    with pytest.raises(ZipitError, match=f"unknown {field} '{value}'"):
+        MergeOptions(**{field: value})

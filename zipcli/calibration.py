@@ -135,6 +135,9 @@ class ImageStream:
             count += len(taken[-1])
             if count >= n:
                 break
+        if not taken:
+            raise CalibrationError(f"no calibration image could be read ({len(self.files)} tried)",
+                                   "check the image files")
         return torch.cat(taken)
 
     def batches(self) -> Iterator[torch.Tensor]:

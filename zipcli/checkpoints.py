@@ -60,9 +60,8 @@ def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
                               "save the model with torch.save(model.state_dict(), path)")
     out = {}
     for key, value in obj.items():
-        for prefix in PREFIXES:
-            while key.startswith(prefix):
-                key = key[len(prefix):]
+        while any(key.startswith(p) for p in PREFIXES):     # in any order: _orig_mod.module. as module._orig_mod.
+            key = key[len(next(p for p in PREFIXES if key.startswith(p))):]
         out[key] = value
     return out
 
@@ -78,6 +77,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})",
                                   "the file may be truncated or corrupt; download or export it again") from None
         return _unwrap(tensors, path)
+    with open(path, "rb") as f:
+        start = f.read(2)
+    if start[:2] != b"PK" and start[:1] != b"\x80":   # torch.save writes a zip archive, or (legacy) a binary pickle
+        raise CheckpointError(f"{path}: not a torch checkpoint (neither a torch archive nor a binary pickle)",
+                              "pass a file written by torch.save, or a .safetensors file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. torch's note on pickle protocols
@@ -122,12 +126,24 @@ def sidecar_classes(path: Path) -> list[str] | None:
         data = json.loads(side.read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{side}: sidecar is not valid JSON ({exc})", "fix or remove the sidecar") from None
+    except RecursionError:
+        raise CheckpointError(f"{side}: sidecar nests too deeply to be a class list", "fix or remove the sidecar") from None
     classes = data.get("classes") if isinstance(data, dict) else None
     if classes is None:
         return None
     if not isinstance(classes, list) or not all(isinstance(c, str) and c for c in classes):
         raise CheckpointError(f"{side}: 'classes' must be a list of names", "fix or remove the sidecar")
+    check_unique(classes, str(side))
     return classes
+
+
+def check_unique(names: list[str], where: str) -> None:
+    """A head's classes are its labels: a name twice would make two outputs one label."""
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise CheckpointError(f"{where}: class {name!r} is named twice", "give every class of a head its own name")
+        seen.add(name)
 
 
 def parse_classes(value: str) -> list[str]:
@@ -140,12 +156,22 @@ def parse_classes(value: str) -> list[str]:
     if not names:
         raise CheckpointError(f"--classes {value!r} holds no class names",
                               "give a comma-separated list or a file with one class per line")
+    check_unique(names, f"--classes {value!r}")
     return names
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise CheckpointError(f"{str(path)!r}: the file name is not valid UTF-8, which the merged file's "
+                              "metadata must be", "rename the file") from None
     sd = read_state_dict(path)
+    meta = next((k for k, t in sd.items() if t.is_meta), None)
+    if meta is not None:
+        raise CheckpointError(f"{path}: tensor {meta!r} has no data (a meta tensor)",
+                              "save the checkpoint from a model whose weights are loaded")
     floats = [t.dtype for t in sd.values() if t.is_floating_point()]
     if not floats:
         raise CheckpointError(f"{path}: holds no floating-point tensors, so no weights to merge",
@@ -214,12 +240,15 @@ def load_sources(paths: list[str | Path], spec: Spec, classes: list[list[str]] |
             raise ZipitError(f"{ckpt.path}: has no classifier weight {key!r}",
                              f"check the architecture (--arch/--spec); this checkpoint does not look like {spec.name}")
         k = ckpt.state_dict[key].shape[0]
+        if k == 0:
+            raise ZipitError(f"{ckpt.path}: its classifier {key!r} has 0 outputs", "merge models with 1 or more classes")
         model = build_model(spec, k)
         check_against(ckpt, model.state_dict())
         names = (classes[i] if classes else None) or ckpt.classes or [f"class_{c}" for c in range(k)]
         if len(names) != k:
             raise ZipitError(f"{ckpt.path}: {len(names)} class names for a classifier with {k} outputs",
                              "fix the class names (--classes) or the JSON sidecar")
+        check_unique(list(names), str(ckpt.path))
         model.load_state_dict({n: t.float() if t.is_floating_point() else t for n, t in ckpt.state_dict.items()})
         ckpt.state_dict = {}            # the model holds the weights now; keep one copy, not two
         sources.append(Source(ckpt, list(names), run_layout(model.float().eval().to(device), device)))

@@ -391,6 +391,8 @@ def eval_cmd(
                 raise ZipitError(f"{name} {bar} is not a fraction", "give a value in [0, 1], e.g. 0.8")
         if limit is not None and limit < 1:
             raise ZipitError(f"--limit {limit} must be at least 1")
+        if batch_size < 1:
+            raise ZipitError(f"--batch-size {batch_size} must be at least 1", "e.g. --batch-size 256")
         arch_spec = load_spec(arch=arch, path=spec, trust_builders=trust_builder or ()) if (arch or spec) else None
         report = evaluate_files(files, data, arch_spec, [parse_classes(c) for c in classes] if classes else None,
                                 limit, batch_size, device, RichReporter(quiet or json_out), trust_builder or ())
@@ -408,16 +410,23 @@ def eval_cmd(
                              (("avg task", result["avg_task"], min_avg), ("joint", result["joint"], min_joint))
                              if bar is not None and value is None]
         report["passed"] = not failures
-        report["cards_updated"] = []
-        if card:
+        report["cards_updated"], not_updated = [], []
+        if card:     # the figures are the result; a card that cannot be written is a warning, never the gate
             for result in report["results"]:
                 if result["kind"] == "merged":
-                    written = record_accuracy(result["file"], result, str(data), report["images"], limit)
+                    try:
+                        written = record_accuracy(result["file"], result, str(data), report["images"], limit)
+                    except ZipitError as exc:
+                        not_updated.append(f"{exc.message}")
+                        continue
                     report["cards_updated"] += [str(written)] if written else []
         if json_out:
             print_json(report)
         else:
             _render_eval(report)
+        for why in not_updated:
+            err.print(f"[yellow]warning:[/] the model card was not updated: {shown(why)} (--no-card leaves cards "
+                      "alone)", soft_wrap=not err.is_terminal)
         if report["cards_updated"] and not quiet:
             err.print(f"recorded the figures in {shown(', '.join(report['cards_updated']))}",
                       soft_wrap=not err.is_terminal)

@@ -23,7 +23,10 @@ TOLERANCE = 1e-4              # largest relative difference allowed (float32 rou
 def _relative_gap(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
     if len(got) != len(want):
         return float("inf")
-    return max(float((g - w).abs().max() / w.abs().max().clamp_min(1e-12)) for g, w in zip(got, want))
+    gaps = [float((g - w).abs().max() / w.abs().max().clamp_min(1e-12)) for g, w in zip(got, want)]
+    if any(not torch.isfinite(t).all() for t in (*got, *want)):
+        return float("inf")             # NaN compares false with everything: a NaN output never passes
+    return max(gaps)
 
 
 @torch.no_grad()

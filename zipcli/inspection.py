@@ -31,8 +31,9 @@ def inspect_merged(path: Path, trust_builders: Iterable[str] = ()) -> dict:
     def js(key):
         try:
             return json.loads(meta[key])
-        except (KeyError, ValueError):
-            raise ZipitError(f"{path}: metadata {key!r} is missing or not JSON", "the file is damaged") from None
+        except (KeyError, ValueError, RecursionError):
+            raise ZipitError(f"{path}: metadata {key!r} is missing, not JSON or nested too deeply",
+                             "the file is damaged") from None
 
     size = model.spec.input.size
     sources = js("sources")

@@ -229,6 +229,19 @@ def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
                               "the file may be truncated or is not a safetensors file") from None
 
 
+def _refuse_checkpoints(path: Path) -> None:
+    """A torch checkpoint (a zip or a bare pickle) is not a merged file: say so, not "header too large"."""
+    try:
+        with open(path, "rb") as f:
+            start = f.read(9)
+    except OSError:
+        return                       # read_metadata says what is wrong with the path
+    if start[8:9] != b"{" and (start[:2] == b"PK" or start[:1] == b"\x80"):   # safetensors: u64 length, then '{'
+        raise MergedFileError(f"{path}: a torch checkpoint, not a merged file",
+                              "merged files are the .safetensors that zipit merge writes; 'zipit inspect' reads "
+                              "checkpoints too")
+
+
 def load_merged(path: str | Path, device: str | torch.device = "cpu", trust_builders: Iterable[str] = ()) -> MergedModel:
     """Load a merged file as a multi-head model in eval mode.
 
@@ -237,6 +250,7 @@ def load_merged(path: str | Path, device: str | torch.device = "cpu", trust_buil
     against the file's tensor shapes before it is built for real and the tensors are read.
     """
     path = Path(path)
+    _refuse_checkpoints(path)
     meta = read_metadata(path)
     if not is_merged_file(meta):
         raise MergedFileError(f"{path}: not a zipit merge (metadata 'format' is {meta.get('format')!r})",
@@ -263,6 +277,9 @@ def load_merged(path: str | Path, device: str | torch.device = "cpu", trust_buil
     model = skeleton(spec, meta["stop"], heads)
     from safetensors.torch import load_file
     tensors = load_file(str(path))
+    broken = next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if broken is not None:
+        raise MergedFileError(f"{path}: tensor {broken!r} contains NaN or Inf", "the file is damaged; merge again")
     model.trunk.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("trunk.")})
     for i, head in enumerate(model.head_modules):
         prefix = f"heads.{i}."

@@ -37,6 +37,17 @@ class MergeOptions:
     classes: list[list[str]] | None = None  # per checkpoint, overrides sidecars
     params: dict[str, float] = field(default_factory=dict)   # a method's own parameters beyond alpha, beta
 
+    def __post_init__(self):
+        """Names are checked at once (a typo fails where it is written, not when merge() runs); what
+        needs the number of models waits for ``validate``."""
+        if self.method not in (AUTO, *methods.REGISTRY):
+            raise ZipitError(f"unknown method {self.method!r}",
+                             f"valid methods (--method): {AUTO}, {', '.join(methods.REGISTRY)}")
+        if self.refit not in REFITS:
+            raise ZipitError(f"unknown refit {self.refit!r}", f"valid refits (--refit): {', '.join(REFITS)}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ZipitError(f"unknown dtype {self.dtype!r}", f"valid dtypes (--dtype): {', '.join(DTYPES)}")
+
     def given(self, method: str) -> dict[str, float | None]:
         """The values given for ``method``'s parameters (None: left open); others' are not its."""
         values = {"alpha": self.alpha, "beta": self.beta, **self.params}
@@ -74,6 +85,8 @@ class MergeOptions:
                 raise ZipitError(f"method {method.name} has no parameter {name!r}",
                                  f"its parameters: {', '.join(method.param_names) or 'none'} (--param NAME=VALUE)")
         method.check(self.given(self.matching), n_models)
+        if not 0 <= self.seed < 2**63:
+            raise ZipitError(f"seed {self.seed} is outside [0, 2^63)", "give a seed (--seed) of 0 or more, below 2^63")
         for name, value in (("num_calib", self.num_calib), ("batch_size", self.batch_size)):
             if value < 1:
                 raise ZipitError(f"{name} {value} must be at least 1", f"set {name} (--{name.replace('_', '-')}) to 1 or more")

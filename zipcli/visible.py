@@ -19,11 +19,12 @@ def _written_out(ch: str) -> str:
 
 def visible(text: object) -> str:
     """``text`` with control characters (C0, DEL, C1, line and paragraph separators, bidirectional
-    controls) written as ``\\xNN`` / ``\\uNNNN``; everything else, Unicode letters included, as is."""
+    controls, lone surrogates from undecodable file names) written as ``\\xNN`` / ``\\uNNNN``;
+    everything else, Unicode letters included, as is."""
     s = str(text)
     if s.isprintable():
         return s
-    return "".join(_written_out(ch) if unicodedata.category(ch) in ("Cc", "Zl", "Zp") or ord(ch) in _BIDI
+    return "".join(_written_out(ch) if unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp") or ord(ch) in _BIDI
                    else ch for ch in s)
 
 
