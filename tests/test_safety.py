@@ -504,3 +504,28 @@ def test_merge_options_refuse_an_unknown_name_where_it_is_written(field, value):
     from zipcli import MergeOptions
     with pytest.raises(ZipitError, match=f"unknown {field} '{value}'"):
         MergeOptions(**{field: value})
+
+
+# --- Issue 28: unbounded reads are refused before anything is allocated.
+
+def test_a_checkpoint_archive_that_inflates_to_gigabytes_is_refused_from_its_directory(merged, tmp_path, monkeypatch):
+    import zipfile
+    import zipcli.checkpoints
+    bomb = tmp_path / "bomb.pt"
+    torch.save(_state(merged), bomb)
+    with zipfile.ZipFile(bomb, "a", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("bomb/data/huge", b"\0" * (200 * 2**20))    # 200 MiB of zeros, a few hundred kB deflated
+    assert bomb.stat().st_size < 2 * 2**20
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: pytest.fail("the archive was unpickled")
+                        if str(f) == str(bomb) else real(f, *a, **k))
+    _refused(_merge_args(merged, merged["paths"][0], bomb), "bomb.pt", "would inflate to 0.2 GiB")
+    assert zipcli.checkpoints.INFLATE_SLACK < 200 * 2**20
+
+
+def test_a_spec_that_is_a_pipe_is_refused_without_reading(merged, tmp_path):
+    fifo = tmp_path / "spec.yaml"
+    os.mkfifo(fifo)                                  # opening it would wait for a writer forever
+    _refused(["merge", *map(str, merged["paths"]), "--spec", str(fifo), "--calib", str(merged["calib"])],
+             "spec.yaml", "not a regular file")
+    _refused(["specs", "check", str(fifo)], "spec.yaml")

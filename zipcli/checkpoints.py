@@ -22,6 +22,7 @@ from .specs.builders import build_model
 from .specs.format import Spec
 
 PREFIXES = ("module.", "_orig_mod.")
+INFLATE_SLACK = 64 * 2**20      # what an archive may inflate beyond 4x its size (torch.save stores, never deflates)
 
 
 @dataclass
@@ -82,6 +83,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if start[:2] != b"PK" and start[:1] != b"\x80":   # torch.save writes a zip archive, or (legacy) a binary pickle
         raise CheckpointError(f"{path}: not a torch checkpoint (neither a torch archive nor a binary pickle)",
                               "pass a file written by torch.save, or a .safetensors file")
+    _refuse_inflating(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. torch's note on pickle protocols
@@ -104,6 +106,21 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable checkpoint ({exc.__class__.__name__}: {str(exc)[:160]})",
                               "the file may be truncated or corrupt; save it again with torch.save") from None
     return _unwrap(obj, path)
+
+
+def _refuse_inflating(path: Path) -> None:
+    """torch.save stores its archive's members uncompressed: one whose members inflate far beyond the
+    file's size (a zip bomb) is refused from its directory, before anything is read into memory."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            inflated = sum(info.file_size for info in archive.infolist())
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return                      # not a zip archive: torch.load says what it is
+    size = path.stat().st_size
+    if inflated > 4 * size + INFLATE_SLACK:
+        raise CheckpointError(f"{path}: its archive would inflate to {inflated / 2**30:.1f} GiB from "
+                              f"{size / 2**20:.1f} MiB on disk", "torch.save writes archives that do not "
+                              "inflate; save the state_dict again with torch.save, or as .safetensors")
 
 
 def _pickles_a_module(path: Path) -> bool:

@@ -36,9 +36,13 @@ def load_spec(arch: str | None = None, path: str | Path | None = None, trust_bui
     else:
         file = Path(path)
     try:
-        if file.is_file() and file.stat().st_size > MAX_SPEC_CHARS * 4:
+        if file.exists() and not file.is_file():     # a pipe or a device has no size to check, and may never end
+            raise SpecError(f"spec file {str(file)!r} is not a regular file", "give the path of a .yaml file")
+        with open(file, "rb") as f:
+            raw = f.read(MAX_SPEC_CHARS * 4 + 1)          # never more than a spec can be, whatever the file claims
+        if len(raw) > MAX_SPEC_CHARS * 4:
             raise SpecError(f"spec file {str(file)!r} is too large to be a spec", "check the path")
-        text = file.read_text(encoding="utf-8")
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise SpecError(f"spec file {str(file)!r} does not exist", "check the path") from None
     except (OSError, UnicodeDecodeError) as exc:
