@@ -221,3 +221,20 @@ def test_a_failed_card_rename_leaves_no_card_that_describes_the_old_model(pair, 
         second.save(out, force=True)
     assert read_metadata(out)["stop"] == "layer2" and not (tmp_path / "m.md").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]       # no temporary left
+
+
+def test_the_choice_reads_the_same_in_the_summary_inspect_and_the_card(pair, tmp_path):
+    """One sentence (``wording.choice_evidence``), where three renderings each had their own."""
+    from zipcli.wording import choice_evidence
+    calib = make_images(tmp_path / "calib", 100, 32, seed=5)
+    out = tmp_path / "m.safetensors"
+    merged = runner.invoke(app, ["merge", *map(str, pair["paths"]), "--arch", "resnet20", "--calib", str(calib),
+                                 "--num-calib", "60", "--stop", "layer1", "-o", str(out)])
+    assert merged.exit_code == 0, merged.output
+    choice = json.loads(read_metadata(out)["params"])["choice"]
+    assert "interval" in choice
+    sentence = " ".join(choice_evidence(choice).split())
+    shown = runner.invoke(app, ["inspect", str(out)])
+    card = (tmp_path / "m.md").read_text()
+    for text in (merged.output, shown.output, card):
+        assert sentence in " ".join(text.replace("│", " ").split()), text

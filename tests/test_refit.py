@@ -11,7 +11,8 @@ import zipcli.evaluate
 import zipcli.refit
 from zipcli import MergeOptions, merge
 from zipcli.cli import app
-from zipcli.refit import _Layer, _patches, describe, solve_layer
+from zipcli.refit import _Layer, _patches, solve_layer
+from zipcli.wording import refit_summary
 
 from conftest import make_images, random_model, save_checkpoint, small_spec
 from test_exactness import _images, _permuted_copies, _rel
@@ -127,4 +128,4 @@ def test_cli_refit_option(different, tmp_path):
 
 @pytest.mark.parametrize("facts", [None, {"per_layer": "x"}, {"per_layer": [{"ridge": 1}]}, {"images": "many"}])
 def test_damaged_refit_figures_in_a_file_give_a_plain_line(facts):
-    assert describe(facts) == "lsq (its figures in the file are unreadable)"
+    assert refit_summary(facts) == "lsq (its figures in the file are unreadable)"

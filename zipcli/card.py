@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from .merged import RECORDS, write_atomic
-from .refit import describe
+from .wording import choice_evidence, refit_summary
 from .specs.format import Preprocess
 from .visible import visible, visible_tree
 
@@ -56,11 +56,8 @@ def model_card(metadata: dict, pre: Preprocess, file_name: str, command: str | N
         setting += (f" (chosen without labels among {len(tuning['candidates'])} candidates on "
                     f"{tuning['held_out_images']} held-out calibration images)")
     if choice and "interval" in choice:
-        lo, hi = choice["interval"]
-        setting += (f"; chosen by the default over {'permute' if choice['chosen'] == 'zipit' else 'zipit'}: held-out "
-                    f"divergence zipit {choice['zipit']['divergence']:.4f}, permute "
-                    f"{choice['permute']['divergence']:.4f}, {choice.get('level', 0.95) * 100:g}% interval of the "
-                    f"difference {lo:+.4f} to {hi:+.4f} on {choice['held_out_images']} held-out images")
+        other = "permute" if choice.get("chosen") == "zipit" else "zipit"
+        setting += f"; chosen by the default over {other}: {choice_evidence(choice)}"
     pre = _input(pre)
     size = pre["input_size"][1]
     resize = f"resize the shorter side to {pre['resize']} px, " if pre["resize"] else ""
@@ -72,7 +69,7 @@ def model_card(metadata: dict, pre: Preprocess, file_name: str, command: str | N
         "each source keeps its own head after that.",
         "",
         f"- Method: `{metadata['method']}`, {setting}.",
-        *([f"- Refit: {describe(params['refit'])}."] if params.get("refit") else []),
+        *([f"- Refit: {refit_summary(params['refit'])}."] if params.get("refit") else []),
         f"- Calibration: {cal['num_images']} unlabelled images from `{cal['folder']}` (seed {cal['seed']}"
         f"{', ' + str(cal['held_out']) + ' more held out for tuning' if cal.get('held_out') else ''}), "
         f"BatchNorm reset {'on' if cal['reset_bn'] else 'off'}.",

@@ -139,8 +139,8 @@ def merge_cmd(
             _render_tuning(summary["params"].get("tuning"))
             _render_choice(summary["params"].get("choice"))
             if summary["params"].get("refit"):
-                from .refit import describe
-                err.print(f"refit: {describe(summary['params']['refit'])}", soft_wrap=not err.is_terminal)
+                from .wording import refit_summary
+                err.print(f"refit: {shown(refit_summary(summary['params']['refit']))}", soft_wrap=not err.is_terminal)
             _render_merge_summary(summary)
         if json_out and ranks.main:
             print_json(summary)
@@ -161,18 +161,10 @@ def _render_tuning(tuning: dict | None) -> None:
 
 
 def _render_choice(choice: dict | None) -> None:
-    """Why the default merged with permute or zipit: both divergences, their difference and its noise."""
-    if not choice:
-        return
-    if "interval" not in choice:
-        err.print(f"chose {shown(choice['chosen'])}: {shown(choice['reason'])}", soft_wrap=not err.is_terminal)
-        return
-    lo, hi = choice["interval"]
-    err.print(f"chose {choice['chosen']}: divergence zipit {choice['zipit']['divergence']:.4f}, permute "
-              f"{choice['permute']['divergence']:.4f}, difference {choice['difference']:+.4f} "
-              f"({choice.get('level', 0.95) * 100:g}% interval {lo:+.4f} to {hi:+.4f} on {choice['held_out_images']} "
-              "held-out images; zipit only if wholly below 0)",
-              soft_wrap=not err.is_terminal)
+    """Why the default merged with permute or zipit (``wording.choice_evidence``)."""
+    if choice:
+        from .wording import choice_evidence
+        err.print(f"chose {shown(choice.get('chosen'))}: {shown(choice_evidence(choice))}", soft_wrap=not err.is_terminal)
 
 
 def _render_merge_summary(s: dict) -> None:
@@ -252,8 +244,8 @@ def _render_merged(f: dict) -> None:
     if choice:
         facts.add_row("why", shown(_choice_text(choice)))
     if f["params"].get("refit"):
-        from .refit import describe
-        facts.add_row("refit", shown(describe(f["params"]["refit"])))
+        from .wording import refit_summary
+        facts.add_row("refit", shown(refit_summary(f["params"]["refit"])))
     facts.add_row("calibration", f"{cal['num_images']} images from {shown(cal['folder'])}, seed {cal['seed']}, "
                   f"augment {'on' if cal['augment'] else 'off'}, BN reset {'on' if cal['reset_bn'] else 'off'}")
     for s in f["sources"]:
@@ -281,14 +273,8 @@ def _render_merged(f: dict) -> None:
 
 
 def _choice_text(choice: dict) -> str:
-    if "interval" not in choice:
-        return f"{choice['chosen']}: {choice['reason']}"
-    lo, hi = choice["interval"]
-    return (f"{choice['chosen']}: divergence zipit {choice['zipit']['divergence']:.4f} (alpha "
-            f"{choice['zipit']['alpha']:g}, beta {choice['zipit']['beta']:g}), permute "
-            f"{choice['permute']['divergence']:.4f}; difference {choice['difference']:+.4f}, "
-            f"{choice.get('level', 0.95) * 100:g}% interval {lo:+.4f} to {hi:+.4f} on {choice['held_out_images']} "
-            "held-out images (zipit only if wholly below 0)")
+    from .wording import choice_evidence
+    return f"{choice.get('chosen')}: {choice_evidence(choice)}"
 
 
 def _tuning_grid(tuning: dict) -> Table:

@@ -430,19 +430,3 @@ def _fit(layer: _Layer, xs: list, ys: list[list], seed: int, ranks: Ranks, image
     return {"layer": layer.name, "head": None if layer.merge is not None else layer.sources[0],
             "ridge": None if share == float("inf") else share, "samples": samples,
             "residual": None if before is None else [round(before, 6), round(after, 6)]}
-
-
-def describe(facts: dict) -> str:
-    """One line on the refit: how many layers were solved, and how much closer to the sources they came.
-    The facts come from a file, which may be damaged: anything unexpected gives a plain line."""
-    try:
-        rows = [r for r in facts.get("per_layer", []) if r["ridge"] is not None]
-        if not rows:
-            return (f"lsq on {int(facts['images'])} images: every layer kept its zipped weights (too few "
-                    "samples, or no gain on held-out images)")
-        drops = sorted(1 - r["residual"][1] / r["residual"][0] for r in rows if r["residual"][0] > 0)
-        median = drops[len(drops) // 2] if drops else 0.0
-        return (f"lsq on {int(facts['images'])} images: {len(rows)} of {int(facts['layers'])} layers solved, "
-                f"their held-out error to the sources' outputs down by {median:.0%} (median)")
-    except (AttributeError, KeyError, IndexError, TypeError, ValueError, ZeroDivisionError):
-        return "lsq (its figures in the file are unreadable)"
