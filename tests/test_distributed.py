@@ -34,8 +34,10 @@ def pair(tmp_path_factory):
     return {"root": root, "a": a, "b": b, "calib": calib}
 
 
-OPTIONS = {"permute": dict(method="permute", num_calib=120, batch_size=16, stop="layer2"),
-           "default": dict(num_calib=120, batch_size=16, stop="layer2")}
+# The refit samples positions and cross-validation folds within each process's shard, so only merges
+# without it equal the one-process merge up to rounding (its own test below checks every rank agrees).
+OPTIONS = {"permute": dict(method="permute", num_calib=120, batch_size=16, stop="layer2", refit="none"),
+           "default": dict(num_calib=120, batch_size=16, stop="layer2", refit="none")}
 
 
 def _worker(rank: int, world: int, port: int, pair: dict, options: dict, out: str, fail_rank: int | None):
@@ -143,7 +145,8 @@ def test_shards_are_contiguous_whole_batches_without_padding():
 def test_torchrun_merge_writes_once_from_rank_0(pair, tmp_path):
     out = tmp_path / "m.safetensors"
     args = ["merge", str(pair["a"]), str(pair["b"]), "--arch", "resnet20", "--calib", str(pair["calib"]),
-            "--method", "permute", "--num-calib", "120", "--batch-size", "16", "--stop", "layer2", "-o", str(out)]
+            "--method", "permute", "--refit", "none", "--num-calib", "120", "--batch-size", "16", "--stop", "layer2",
+            "-o", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                         "-m", "zipcli", *args], capture_output=True, text=True, env=env, timeout=600)

@@ -109,18 +109,18 @@ def test_a_methods_own_parameter_reaches_it_from_python_and_the_cli_and_shows_in
     _halves(tmp_path / "pkg", monkeypatch)
     a, b = resnet20_pair(tmp_path, calib32)
     spec = small_spec("resnet20")
-    light, heavy = (merge([a, b], spec, calib32, MergeOptions(method="halves", stop="layer1", params={"weight": w}))
-                    for w in (0.2, 0.8))
+    light, heavy = (merge([a, b], spec, calib32, MergeOptions(method="halves", stop="layer1", params={"weight": w},
+                                                              refit="none")) for w in (0.2, 0.8))
     assert light.metadata["params"] == {"weight": 0.2} and heavy.metadata["params"] == {"weight": 0.8}
     key = "trunk.conv1.weight"
     assert not torch.allclose(light.model.state_dict()[key], heavy.model.state_dict()[key])
-    default = merge([a, b], spec, calib32, MergeOptions(method="halves", stop="layer1"))
+    default = merge([a, b], spec, calib32, MergeOptions(method="halves", stop="layer1", refit="none"))
     assert default.metadata["params"] == {"weight": 0.5}                     # the declared default
 
     runner = CliRunner()
     out = tmp_path / "m.safetensors"
     base = ["merge", str(a), str(b), "--arch", "resnet20", "--calib", str(calib32), "--stop", "layer1",
-            "--method", "halves"]
+            "--method", "halves", "--refit", "none"]
     r = runner.invoke(app, [*base, "--param", "weight=0.2", "-o", str(out)])
     assert r.exit_code == 0, r.output
     assert json.loads(read_metadata(out)["params"]) == {"weight": 0.2}

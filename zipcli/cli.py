@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from . import __version__
-from .console import (AUGMENT, BATCH_SIZE, DEBUG, HELP_SETTINGS, NUM_CALIB, PARAMS, QUIET, RESET_BN, SEED, TRUST,
+from .console import (AUGMENT, BATCH_SIZE, DEBUG, HELP_SETTINGS, NUM_CALIB, PARAMS, QUIET, REFIT, RESET_BN, SEED, TRUST,
                       RichReporter, auto_or_float, click_style_arguments, err, parse_params, print_json, shown,
                       user_errors)
 from .errors import ZipitError
@@ -69,10 +69,7 @@ def merge_cmd(
     batch_size: int = BATCH_SIZE,
     augment: bool = AUGMENT,
     reset_bn: bool = RESET_BN,
-    refit: str = typer.Option("none", "--refit", metavar="none|lsq", help="lsq: after the zip, solve each merged layer's "
-                              "weights in closed form (ridge least squares, no labels) so that its outputs reproduce the "
-                              "sources' on the calibration images, layer after layer; one more pass over them (as many "
-                              "as fit in 256 MiB of activations). Default: none."),
+    refit: str = REFIT,
     classes: Optional[List[str]] = typer.Option(None, "--classes", metavar="NAMES|FILE", help="Class names, once per checkpoint in order: "
                                                 "'a,b,c' or a file with one per line. Default: the checkpoint's "
                                                 "JSON sidecar, else class_0, class_1, ..."),
@@ -124,7 +121,8 @@ def merge_cmd(
                    *[x for p in (param or []) for x in ("--param", p)],
                    "--num-calib", str(num_calib), "--seed", str(seed), "--batch-size", str(batch_size),
                    *(["--augment"] if augment else []), *([] if reset_bn else ["--no-reset-bn"]),
-                   *(["--refit", refit] if refit != "none" else []), *[x for c in (classes or []) for x in ("--classes", c)], *(["--dtype", dtype] if dtype else []),
+                   "--refit", refit, *[x for c in (classes or []) for x in ("--classes", c)],
+                   *(["--dtype", dtype] if dtype else []),
                    "-o", str(output)]
         ranks.together(lambda: result.save(output, force=force, card=card, command=shlex.join(command))
                        if ranks.main else None)

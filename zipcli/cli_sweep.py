@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from .console import (AUGMENT, BATCH_SIZE, DEBUG, NUM_CALIB, PARAMS, QUIET, RESET_BN, SEED, TRUST, RichReporter,
+from .console import (AUGMENT, BATCH_SIZE, DEBUG, NUM_CALIB, PARAMS, QUIET, REFIT, RESET_BN, SEED, TRUST, RichReporter,
                       auto_or_float, err, out, parse_params, print_json, shown, user_errors)
 from .errors import ZipitError
 from .methods import METHODS
@@ -32,6 +32,7 @@ def sweep_cmd(
                               "chosen without labels at each stop)."),
     beta: str = typer.Option("auto", "--beta", metavar="FLOAT|auto", help="zipit's beta, as in merge."),
     param: Optional[List[str]] = PARAMS,
+    refit: str = REFIT,
     num_calib: int = NUM_CALIB,
     seed: int = SEED,
     batch_size: int = BATCH_SIZE,
@@ -78,7 +79,7 @@ def sweep_cmd(
         arch_spec = load_spec(arch=arch, path=spec, trust_builders=trust_builder or ())
         options = MergeOptions(alpha=auto_or_float(alpha, "--alpha"), beta=auto_or_float(beta, "--beta"),
                                num_calib=num_calib, seed=seed, batch_size=batch_size, augment=augment,
-                               reset_bn=reset_bn, device=device,
+                               reset_bn=reset_bn, device=device, refit=refit,
                                classes=[parse_classes(c) for c in classes] if classes else None,
                                params=parse_params(param))
         result = sweep(checkpoints, arch_spec, calib, method or DEFAULT_METHODS, stop, options, data, limit,

@@ -32,6 +32,11 @@ SEED = typer.Option(0, "--seed", metavar="N", help="Seed for sampling and augmen
 BATCH_SIZE = typer.Option(64, "--batch-size", metavar="N", help="Images per forward pass.")
 AUGMENT = typer.Option(False, "--augment", metavar="", help="Random crop and flip on calibration images.")
 RESET_BN = typer.Option(True, "--reset-bn/--no-reset-bn", metavar="", help="Recompute BatchNorm statistics after merging.")
+REFIT = typer.Option("lsq", "--refit", metavar="lsq|none", help="lsq: after the zip, solve each merged layer's "
+                     "weights in closed form (ridge least squares, no labels) so that its outputs reproduce the "
+                     "sources' on the calibration images, layer after layer; one more pass over them (as many as "
+                     "fit in 256 MiB of activations); a layer with too few samples keeps its zipped weights. "
+                     "none: keep the zipped weights.")
 PARAMS = typer.Option(None, "--param", metavar="NAME=VALUE", help="A parameter of the method, repeatable (zipit's are "
                       "--alpha and --beta); an unknown name is refused with the method's own list.")
 

@@ -31,7 +31,7 @@ class MergeOptions:
     batch_size: int = 64
     augment: bool = False
     reset_bn: bool = True
-    refit: str = "none"          # lsq: solve each merged layer's weights against the sources' outputs
+    refit: str = "lsq"           # solve each merged layer's weights against the sources' outputs; none: keep the zip's
     device: str = "cpu"
     dtype: str | None = None     # output dtype; None keeps the first checkpoint's
     classes: list[list[str]] | None = None  # per checkpoint, overrides sidecars
