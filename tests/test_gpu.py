@@ -36,7 +36,7 @@ def test_torchrun_on_two_gpus_matches_one_cpu_process(tmp_path, calib32):
     a = save_checkpoint(tmp_path / "a.pt", random_model(spec, 3, 1, calib32).state_dict())
     b = save_checkpoint(tmp_path / "b.pt", random_model(spec, 4, 2, calib32).state_dict())
     args = ["merge", str(a), str(b), "--arch", "resnet20", "--calib", str(calib32), "--method", "permute",
-            "--batch-size", "8", "--stop", "layer2", "--no-card", "-q"]
+            "--refit", "none", "--batch-size", "8", "--stop", "layer2", "--no-card", "-q"]   # the refit samples per shard
     gpus = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            "-m", "zipcli", *args, "--device", "cuda", "-o", str(tmp_path / "gpu.safetensors")],
                           capture_output=True, text=True, env=dict(os.environ), timeout=600)
