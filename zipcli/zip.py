@@ -59,11 +59,11 @@ class SpaceMerge:
         """sum_i M_i y_i for samples ``rows[i]`` (samples, O_i) of each model's features, as
         (samples, O), in their dtype."""
         if self.assign is None:
-            return sum(r @ m.T.to(r.dtype) for r, m in zip(rows, self.merges))
-        out = rows[0].new_zeros(len(rows[0]), self.size)
+            return sum(r @ m.T.to(r.device, r.dtype) for r, m in zip(rows, self.merges))
+        out = rows[0].new_zeros(len(rows[0]), self.size)     # on the rows' device (the refit's: CUDA too)
         for r, assign in zip(rows, self.assign):
-            out.index_add_(1, assign, r)
-        return out / self.counts.to(out.dtype)
+            out.index_add_(1, assign.to(out.device), r)
+        return out / self.counts.to(out.device, out.dtype)
 
     def unmerge_in(self, t: torch.Tensor, i: int) -> torch.Tensor:
         """W_i U_i on axis 1."""
