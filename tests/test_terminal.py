@@ -97,3 +97,18 @@ def test_specs_list_marks_the_default_stop_without_styles():
     r = runner.invoke(app, ["specs", "list"])           # piped: no bold to see
     row = next(line for line in r.output.splitlines() if line.strip().startswith("resnet20 "))
     assert "layer3*" in row and "layer1*" not in row
+
+
+def test_finished_bars_show_no_eta_and_the_bars_line_up(monkeypatch):
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=100, force_terminal=True, no_color=True, color_system=None)
+    monkeypatch.setattr(zipcli.console, "err", console)
+    reporter = zipcli.console.RichReporter()
+    for label in ("calibration", "tuning round 1 (best betas)"):
+        reporter.start(label, 4)
+        reporter.advance(4)
+        reporter.done()
+    lines = [ANSI.sub("", line.rsplit("\x1b[2K", 1)[-1]) for line in buffer.getvalue().splitlines()]
+    finished = [line for line in lines if "4/4" in line]
+    assert len(finished) >= 2 and not any(re.search(r"\beta\b", line) for line in finished), finished
+    assert len({line.index("4/4") for line in finished}) == 1, finished       # one column for every label

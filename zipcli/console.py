@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.text import Text
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
@@ -70,6 +71,16 @@ err = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=not err.is_terminal)
 
 
+LABEL_WIDTH = 27      # the longest phase label ("tuning round 1 (best betas)"), so the bars line up
+
+
+class EtaColumn(TimeRemainingColumn):
+    """``eta 0:00:03`` while a phase runs; nothing once it is done (a finished bar showed ``eta 0:00:00``)."""
+
+    def render(self, task):
+        return Text("") if task.finished else Text.assemble("eta ", super().render(task))
+
+
 class RichReporter:
     """Progress bars on stderr for each phase of a long job; silent with ``quiet``."""
 
@@ -82,9 +93,9 @@ class RichReporter:
     def start(self, phase: str, total: int | None = None) -> None:
         if self.quiet:
             return
-        self.progress = Progress(TextColumn("{task.description:<17}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err,
-                                 transient=False)
+        label = TextColumn(f"{{task.description:<{LABEL_WIDTH}}}")
+        self.progress = Progress(label, BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), EtaColumn(),
+                                 console=err, transient=False)
         self.progress.start()
         self.task = self.progress.add_task(shown(phase), total=total)
 
