@@ -81,7 +81,7 @@ def spec_document(name: str, builder: str, kwargs: dict, preprocess: dict, *, de
         valid = suggest_stops(graph)
     if not valid:
         raise SpecError(f"no stop point found for {name!r}: every cut would split a feature space",
-                        "see 'Stops' in specs/README.md")
+                        "see 'Stops' in specs/README.md (installed as zipcli/specs/README.md)")
     doc["stops"] = valid
     doc["default_stop"] = default_stop or valid[-1]
     return doc

@@ -126,7 +126,8 @@ class ShapeError(SpecError):
 
 def _refuse(node: fx.Node, why: str) -> SpecError:
     return SpecError(f"cannot derive feature spaces: {why} at {_where(node)}",
-                     "the tracer does not support this operation; see 'Supported operations' in specs/README.md")
+                     "the tracer does not support this operation; see 'Supported operations' in specs/README.md "
+                     "(installed as zipcli/specs/README.md)")
 
 
 class _Tracer:
