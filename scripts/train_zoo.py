@@ -114,7 +114,7 @@ def train(a) -> None:
     gen = torch.Generator().manual_seed(a.seed)
     partial, start, seconds, loss_log = out.with_suffix(".partial.pt"), 0, 0.0, []
     if partial.is_file():
-        state = torch.load(partial, weights_only=False, map_location=device)  # our own file, written below
+        state = torch.load(partial, weights_only=True, map_location=device)
         model.load_state_dict(state["model"]), opt.load_state_dict(state["opt"]), sched.load_state_dict(state["sched"])
         gen.set_state(state["gen"])
         start, seconds, loss_log = state["epoch"], state["seconds"], state["loss"]

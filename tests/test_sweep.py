@@ -118,3 +118,12 @@ def test_eval_records_its_figures_in_the_card_and_no_card_leaves_it(pair, tmp_pa
     assert text.split("## Use it")[1] == before.split("## Use it")[1]
     assert _json(["eval", str(out), "--data", str(data), "--json"])["results"] == result["results"]
     assert card.read_text() == text                                                 # recording twice changes nothing
+
+
+def test_a_plot_never_lands_on_an_input_even_with_force(pair, tmp_path):
+    image = next(Path(pair["calib"]).rglob("*.png"))
+    before = image.read_bytes()
+    r = runner.invoke(app, ["sweep", pair["a"], pair["b"], "--arch", "resnet20", "--calib", pair["calib"],
+                            "-p", str(image), "--force"])
+    assert r.exit_code == 2 and handled(r) and "inside the input folder" in r.output, r.output
+    assert image.read_bytes() == before

@@ -67,7 +67,7 @@ def decide(cal: Calibration, options: MergeOptions) -> Decision:
 
     def prepare(setting: Setting):
         """(key of the setting's matching, builder of its candidate) for ``tuning.search``."""
-        matches = match(cal, stop, o.matching, setting)
+        matches = match(cal, stop, o.matching, setting, extra)
         return tuple(m.key() for m in matches.values()), lambda: candidate(cal, stop, matches, cal.bn_subset())
 
     permute = ((lambda: candidate(cal, stop, match(cal, stop, "permute", o.fixed_setting), cal.bn_subset()))

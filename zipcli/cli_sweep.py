@@ -71,8 +71,12 @@ def sweep_cmd(
             from .plot import check_plotting
             if plot.suffix.lower() != ".png":
                 raise ZipitError(f"plot {str(plot)!r} must end in .png", "e.g. -p sweep.png")
-            if plot.exists() and not force:
-                raise ZipitError(f"plot {str(plot)!r} already exists", "pass --force to overwrite it")
+            from .merged import check_output_paths
+            check_output_paths([plot], [*checkpoints, *([spec] if spec else [])], force)
+            for folder in (calib, data):        # an image of the calibration or test folder is an input too
+                if folder is not None and plot.resolve().is_relative_to(Path(folder).resolve()):
+                    raise ZipitError(f"plot {str(plot)!r} lies inside the input folder {str(folder)!r}",
+                                     "write the plot elsewhere: --force replaces an old output, never an input")
             check_plotting()
         if limit is not None and limit < 1:
             raise ZipitError(f"--limit {limit} must be at least 1")

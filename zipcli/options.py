@@ -40,6 +40,9 @@ class MergeOptions:
     def __post_init__(self):
         """Names are checked at once (a typo fails where it is written, not when merge() runs); what
         needs the number of models waits for ``validate``."""
+        self._check_names()
+
+    def _check_names(self) -> None:
         if self.method not in (AUTO, *methods.REGISTRY):
             raise ZipitError(f"unknown method {self.method!r}",
                              f"valid methods (--method): {AUTO}, {', '.join(methods.REGISTRY)}")
@@ -74,9 +77,7 @@ class MergeOptions:
     def validate(self, n_models: int, strict: bool = True) -> None:
         """Refuse bad options before any work. ``strict``: every ``params`` name must be a parameter
         of this method (a sweep over several methods passes each only the ones it takes)."""
-        if self.method not in (AUTO, *methods.REGISTRY):
-            raise ZipitError(f"unknown method {self.method!r}",
-                             f"valid methods (--method): {AUTO}, {', '.join(methods.REGISTRY)}")
+        self._check_names()                     # again: fields may have been set since construction
         method = methods.get(self.matching)
         for name in self.params:
             if name in ("alpha", "beta"):
@@ -90,10 +91,6 @@ class MergeOptions:
         for name, value in (("num_calib", self.num_calib), ("batch_size", self.batch_size)):
             if value < 1:
                 raise ZipitError(f"{name} {value} must be at least 1", f"set {name} (--{name.replace('_', '-')}) to 1 or more")
-        if self.refit not in REFITS:
-            raise ZipitError(f"unknown refit {self.refit!r}", f"valid refits (--refit): {', '.join(REFITS)}")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ZipitError(f"unknown dtype {self.dtype!r}", f"valid dtypes (--dtype): {', '.join(DTYPES)}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ZipitError("device cuda was asked for but no CUDA device is available", "use device (--device) cpu")
         if not (self.device == "cpu" or self.device.startswith("cuda")):

@@ -74,9 +74,8 @@ def sweep(checkpoints: Sequence[str | Path], spec: Spec, calib: str | Path,
                          "merge at 'output' with zipit merge --stop output")
     for m in methods:
         replace(base, method=m).validate(len(checkpoints), strict=False)
-    from . import methods as registry
     for name in base.params:
-        if not any(name in registry.get(m if m != "auto" else "zipit").param_names for m in methods):
+        if not any(name in replace(base, method=m).given(replace(base, method=m).matching) for m in methods):
             raise ZipitError(f"no method swept has a parameter {name!r}", "check --param, or add the method that "
                              "takes it (--method)")
     tuned = any(replace(base, method=m).tunes for m in methods)
