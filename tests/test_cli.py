@@ -15,7 +15,7 @@ from zipcli.inspection import count_macs
 from zipcli.merged import read_metadata
 from zipcli.specs.builders import build_model
 
-from conftest import CIFAR, ZOO, handled, make_images, needs_shared, random_model, save_checkpoint, small_spec
+from conftest import CIFAR, ZOO, handled, make_images, needs_shared, resnet20_pair, small_spec
 
 runner = CliRunner()
 
@@ -24,11 +24,9 @@ runner = CliRunner()
 def tiny(tmp_path_factory):
     """Two random ResNet-20s on disjoint 'tasks', labelled images, calibration images."""
     root = tmp_path_factory.mktemp("tiny")
-    spec = small_spec("resnet20")
     data = make_images(root / "data", 40, 32, seed=4, classes=["a0", "a1", "b0", "b1", "b2", "zz"])
     calib = make_images(root / "calib", 16, 32, seed=5)
-    a = save_checkpoint(root / "A.pt", random_model(spec, 2, 1, calib).state_dict(), ["a0", "a1"])
-    b = save_checkpoint(root / "B.pt", random_model(spec, 3, 2, calib).state_dict(), ["b0", "b1", "b2"])
+    a, b = resnet20_pair(root, calib)
     return {"root": root, "a": a, "b": b, "calib": calib, "data": data}
 
 
@@ -120,7 +118,7 @@ def test_inspect_counts_parameters_and_macs(tiny, tmp_path):
     spec = small_spec("resnet20")
     sources = [build_model(spec, 2), build_model(spec, 3)]
     assert facts["parameters"]["sources_total"] == sum(p.numel() for m in sources for p in m.parameters())
-    assert facts["macs"]["sources_total"] == sum(count_macs(m, 32) for m in sources)
+    assert facts["macs"]["sources_total"] == sum(count_macs(m, (3, 32, 32)) for m in sources)
     assert facts["macs"]["merged"] < facts["macs"]["sources_total"]
     assert [s["space"] for s in facts["spaces"]][:1] == ["layer1.stream"]
     human = runner.invoke(app, ["inspect", str(out)])
@@ -130,9 +128,9 @@ def test_inspect_counts_parameters_and_macs(tiny, tmp_path):
 def test_count_macs_by_hand():
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 5))
     # conv: 4*8*8 outputs x 3*3*3 taps; linear: 5 outputs x 256 inputs
-    assert count_macs(net, 8) == 4 * 64 * 27 + 5 * 256
+    assert count_macs(net, (3, 8, 8)) == 4 * 64 * 27 + 5 * 256
     # the probe input follows the model's device (a CUDA merge counts MACs of models on the GPU)
-    assert count_macs(net.to("meta"), 8) == 4 * 64 * 27 + 5 * 256
+    assert count_macs(net.to("meta"), (3, 8, 8)) == 4 * 64 * 27 + 5 * 256
 
 
 def test_inspect_plain_checkpoint_names_its_spec(tiny):

@@ -171,12 +171,6 @@ def _stray(pair, tmp_path, timeout: str) -> subprocess.Popen:
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_stray_torchrun_environment_says_what_it_waits_for_and_gives_up(pair, tmp_path):
     proc = _stray(pair, tmp_path, "3")
     _, err = proc.communicate(timeout=120)

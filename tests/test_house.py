@@ -17,7 +17,7 @@ from zipcli import MergeOptions, ZipitError, merge
 from zipcli.cli import app
 from zipcli.merged import read_metadata
 
-from conftest import handled, make_images, random_model, save_checkpoint, small_spec
+from conftest import handled, make_images, resnet20_pair, save_checkpoint, small_spec
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,8 +30,7 @@ def pair(tmp_path_factory):
     calib = make_images(root / "calib", 12, 32, seed=2)
     (calib / "img" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
     data = make_images(root / "data", 6, 32, seed=4, classes=["a0", "a1", "b0", "b1", "b2"])
-    a = save_checkpoint(root / "A.pt", random_model(spec, 2, 1, calib).state_dict(), ["a0", "a1"])
-    b = save_checkpoint(root / "B.pt", random_model(spec, 3, 2, calib).state_dict(), ["b0", "b1", "b2"])
+    a, b = resnet20_pair(root, calib)
     return {"spec": spec, "calib": calib, "data": data, "paths": [a, b], "root": root}
 
 

@@ -11,7 +11,8 @@ import zipcli.evaluate
 import zipcli.refit
 from zipcli import MergeOptions, merge
 from zipcli.cli import app
-from zipcli.refit import _Layer, _patches, solve_layer
+from zipcli.refit import _Layer, solve_layer
+from zipcli.specs.layers import CONV_ROWS
 from zipcli.wording import refit_summary
 
 from conftest import make_images, random_model, save_checkpoint, small_spec
@@ -77,7 +78,7 @@ def test_patches_at_sampled_positions_equal_the_unfolded_input():
         y = conv(x)
         where = torch.randperm(y.shape[2] * y.shape[3])[:7]
         full = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)[:, :, where]
-        torch.testing.assert_close(_patches(conv, x, where, y.shape[3]), full.transpose(1, 2))
+        torch.testing.assert_close(CONV_ROWS.patches(conv, x, where, y.shape), full.transpose(1, 2))
 
 
 def _distance_to_sources(result, models, x) -> float:

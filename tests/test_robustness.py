@@ -235,7 +235,9 @@ def test_signal_during_merge_leaves_nothing(pair, tmp_path, sig):
     out.mkdir()
     cmd = [sys.executable, "-m", "zipcli", "merge", str(pair["a"]), str(pair["b"]), "--arch", "resnet20",
            "--calib", str(calib), "--num-calib", "100000", "--batch-size", "1", "-o", str(out / "m.safetensors")]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    # a shell that starts a job in the background makes it ignore SIGINT, and Python keeps that: undo it
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     line = proc.stderr.readline()                    # the "fewer than --num-calib" warning: work has begun
     assert "warning" in line, line
     time.sleep(0.5)

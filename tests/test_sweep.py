@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from zipcli import MergeOptions
 from zipcli.cli import app
 
 from conftest import handled, make_images, resnet20_pair
@@ -127,3 +128,23 @@ def test_a_plot_never_lands_on_an_input_even_with_force(pair, tmp_path):
                             "-p", str(image), "--force"])
     assert r.exit_code == 2 and handled(r) and "inside the input folder" in r.output, r.output
     assert image.read_bytes() == before
+
+
+def test_each_points_bars_say_which_point_they_belong_to(pair):
+    """Every point runs its own tuning, refit and BatchNorm reset: their bars name the (stop, method)."""
+    from zipcli.report import SilentReporter
+    from zipcli.specs import load_spec
+    from zipcli.sweep import sweep
+
+    class Phases(SilentReporter):
+        def __init__(self):
+            self.phases = []
+
+        def start(self, phase, total=None):
+            self.phases.append(phase)
+
+    seen = Phases()
+    sweep([pair["a"], pair["b"]], load_spec("resnet20"), pair["calib"], methods=["permute"], stops=["layer1", "layer2"],
+          options=MergeOptions(num_calib=40), report=seen)
+    for stop in ("layer1", "layer2"):
+        assert {f"{stop} permute: refit", f"{stop} permute: batchnorm reset"} <= set(seen.phases), seen.phases

@@ -21,7 +21,7 @@ from zipcli.specs import parse_spec
 from zipcli.specs.authoring import dump_spec, spec_document
 from zipcli.specs.tracing import trace_spaces
 
-from conftest import random_model, save_checkpoint
+from conftest import make_images, random_model, save_checkpoint
 
 TINY = {"size": 16, "resize": None, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
 
@@ -299,3 +299,69 @@ def test_a_user_module_builder_is_imported_from_its_folder(tmp_path, monkeypatch
     doc = spec_document("small", "my_models_for_test:small_cnn", {"width": 4, "num_classes": 3}, TINY)
     assert doc["kwargs"] == {"width": 4}           # the number of classes is set per checkpoint at merge time
     assert doc["classifiers"] == ["5"] and doc["stops"] == ["1"]
+
+
+class Dense(nn.Module):
+    """A linear layer of a type zipit's table does not know: not an ``nn.Linear``, not in torch.nn."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cout, cin) / cin ** 0.5)
+        self.bias = nn.Parameter(torch.randn(cout) * 0.1)
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class DenseHead(nn.Module):
+    def __init__(self, num_classes: int = 5, layer=Dense):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.hidden = layer(8, 6)
+        self.fc = layer(6, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x))).mean((2, 3))
+        return self.fc(F.relu(self.hidden(x)))
+
+
+def test_a_new_layer_type_is_one_table_entry(monkeypatch, tmp_path):
+    """One entry in ``layers.KINDS`` is all a new weighted layer type needs: it is traced as a layer,
+    self-checked, calibrated, zipped, refit and counted in MACs."""
+    from zipcli.macs import count_macs
+    from zipcli.specs import layers
+    monkeypatch.setitem(layers.KINDS, Dense, layers.LayerKind(
+        out_channels=lambda m: m.weight.shape[0], in_channels=lambda m: m.weight.shape[1],
+        per_channel=lambda m: False, random_ranges={"bias": (-0.5, 0.5)},
+        macs=lambda m, out: out.numel() * m.weight.shape[1], rows=layers.LINEAR_ROWS))
+    spec = _spec(DenseHead, "dense_head")
+    result = check_spec(spec)
+    assert result.passed and result.self_check < 1e-5, result.problems
+    hidden = next(s for s in spec.spaces if s.writers[0].module == "hidden")
+    assert [str(m) for m in hidden.readers] == ["fc"] and spec.classifiers == ("fc",)
+    calib = make_images(tmp_path / "calib", 64, 16)
+    model = random_model(spec, 5, seed=1, calib=calib)
+    assert count_macs(model, (3, 16, 16)) == 16 * 16 * 8 * 27 + 6 * 8 + 5 * 6
+    graph = ModelGraph(spec, model)
+    a = save_checkpoint(tmp_path / "a.pt", model.state_dict())
+    b = save_checkpoint(tmp_path / "b.pt", permute_state_dict(graph, model.state_dict(), random_permutations(graph, 3)))
+    x = torch.randn(4, 3, 16, 16)
+    for method in ("permute", "zipit"):
+        merged = merge([a, b], spec, calib, MergeOptions(method=method, stop=spec.stops[-1], refit="lsq", reset_bn=False,
+                                                          batch_size=8))
+        solved = {f["layer"] for f in merged.metadata["params"]["refit"]["per_layer"] if f["ridge"] is not None}
+        facts = {f["layer"]: f for f in merged.metadata["params"]["refit"]["per_layer"]}
+        assert facts["hidden"]["residual"] is not None, facts          # its statistics were summed and solved
+        with torch.no_grad():
+            expected, heads = model(x), merged.model(x)
+        for out in heads:
+            assert float((out - expected).abs().max() / expected.abs().max()) < 1e-4, (method, solved)
+    # ...and it merges as the nn.Linear it mimics: two different models, default options
+    twin = _spec(lambda num_classes=5: DenseHead(num_classes, nn.Linear), "linear_head")
+    other = save_checkpoint(tmp_path / "c.pt", random_model(spec, 5, seed=2, calib=calib).state_dict())
+    ours, linear = (merge([a, other], s, calib, MergeOptions(stop=s.stops[-1], batch_size=8)) for s in (spec, twin))
+    assert ours.metadata["params"]["refit"]["layers"] == linear.metadata["params"]["refit"]["layers"] > 0
+    with torch.no_grad():
+        for got, want in zip(ours.model(x), linear.model(x)):
+            torch.testing.assert_close(got, want)

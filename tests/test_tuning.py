@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import zipcli.measured
 import zipcli.pipeline
 from zipcli.assembly import match
 from zipcli.choosing import candidate
+from zipcli.wording import choice_rule
 from zipcli.measured import Calibration
 import zipcli.tuning
 from zipcli import MergeOptions, merge
@@ -22,7 +24,7 @@ from zipcli.merged import HeadInfo, skeleton
 from zipcli.tuning import (KEEP, HeldOut, Setting, TuningPlan, _Scored, agreement, candidate_settings, claims,
                            divergence, head_outputs, image_divergences, plan_tuning, search)
 
-from conftest import make_images, random_model, save_checkpoint, small_spec
+from conftest import make_images, resnet20_pair, small_spec
 from typer.testing import CliRunner
 
 runner = CliRunner()
@@ -33,8 +35,7 @@ def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("tune")
     spec = small_spec("resnet20")
     calib = make_images(root / "calib", 72, 32, seed=7, classes=["c0", "c1", "c2"])
-    a = save_checkpoint(root / "A.pt", random_model(spec, 2, 1, calib).state_dict(), ["a0", "a1"])
-    b = save_checkpoint(root / "B.pt", random_model(spec, 3, 2, calib).state_dict(), ["b0", "b1", "b2"])
+    a, b = resnet20_pair(root, calib)
     return {"spec": spec, "calib": calib, "paths": [a, b], "root": root}
 
 
@@ -248,9 +249,21 @@ def test_the_default_chooses_between_permute_and_zipit_and_says_why(pair, tmp_pa
     assert meta["method"] == choice["chosen"] == ("zipit" if hi < 0 else "permute")        # conservative rule
     assert (choice["zipit"]["alpha"], choice["zipit"]["beta"]) == (params["tuning"]["chosen"]["alpha"],
                                                                    params["tuning"]["chosen"]["beta"])
-    assert f"chose {choice['chosen']}" in r.output and "95% interval" in r.output
+    assert r.output.count(f"chose {choice['chosen']}:") == 1 and "95% interval" in r.output
     shown = runner.invoke(app, ["inspect", str(out)])
     assert "why" in shown.output and "95% interval" in shown.output
+
+
+def test_the_python_api_logs_what_the_default_decided(pair, caplog):
+    """A Python caller hears what the CLI prints: the alpha and beta, permute or zipit and why, the refit."""
+    with caplog.at_level(logging.INFO, logger="zipit"):
+        result = merge(pair["paths"], pair["spec"], pair["calib"], MergeOptions(stop="layer1"))
+    said = [r.getMessage() for r in caplog.records if r.name == "zipit"]
+    params = result.metadata["params"]
+    assert f"chose alpha {params['tuning']['chosen']['alpha']:g}, beta {params['tuning']['chosen']['beta']:g}" \
+        in "\n".join(said)
+    assert sum(m.startswith(f"chose {params['choice']['chosen']}: held-out divergence") for m in said) == 1, said
+    assert sum(m.startswith("refit: lsq on") for m in said) == 1, said
 
 
 def test_choice_rule_prefers_permute_unless_zipit_is_clearly_better():
@@ -374,7 +387,7 @@ def test_the_comparison_reads_the_second_half_only_when_the_first_leaves_it_unde
     assert worse.method == "permute" and worse.images == 256 and not reads  # clearly worse: permute at once
     tied, reads = _compared(0.0)
     assert tied.method == "permute" and tied.images == 512 and reads == [1]
-    assert "then on all 512" in tied.to_metadata()["rule"] and tied.to_metadata()["level"] == 0.975
+    assert "then on all 512" in choice_rule(tied.to_metadata()) and tied.to_metadata()["level"] == 0.975
 
 
 def test_held_out_images_are_read_once_and_more_of_them_extend_the_first(pair, monkeypatch):

@@ -12,8 +12,8 @@ import torch.nn as nn
 
 from .errors import CalibrationError
 from .distributed import SINGLE, Ranks
+from .specs import layers
 
-BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 class _PooledMoments:
@@ -66,12 +66,12 @@ def reset_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], device="c
     statistics are pooled over all images (of every rank's shard, with ``ranks``).
     Returns the number of BN layers reset.
     """
-    layers = [m for m in model.modules() if isinstance(m, BN_TYPES) and m.track_running_stats]
-    if not layers:
+    norms = [m for m in model.modules() if layers.keeps_batch_statistics(m)]
+    if not norms:
         return 0
-    saved = [(m, m.momentum) for m in layers]
+    saved = [(m, m.momentum) for m in norms]
     moments = []
-    for m in layers:
+    for m in norms:
         m.momentum = 0.0    # leave running stats alone during the passes; set them from the pooled sums
         moments.append(_PooledMoments(m))
     model.train()
@@ -103,4 +103,4 @@ def reset_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], device="c
         for m, momentum in saved:
             m.momentum = momentum
         model.eval()
-    return len(layers)
+    return len(norms)

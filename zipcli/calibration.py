@@ -22,6 +22,7 @@ from .specs.format import Preprocess
 
 Image.MAX_IMAGE_PIXELS = 20000 * 20000  # large but bounded: bigger files are refused as bombs
 IMAGE_SUFFIXES = {s.lower() for s, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+COMMON_SUFFIXES = tuple(s for s in (".jpg", ".jpeg", ".png", ".webp", ".bmp") if s in IMAGE_SUFFIXES)   # named first in hints
 # what decoding an untrusted image may raise: the image is skipped (and recorded), never fatal
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning)
 
@@ -37,7 +38,8 @@ def list_images(root: str | Path) -> list[Path]:
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise CalibrationError(f"image folder {str(root)!r} holds no images",
-                               f"put images ({', '.join(sorted(IMAGE_SUFFIXES)[:6])}, ...) in it, in any sub-folders")
+                               f"put images ({', '.join(COMMON_SUFFIXES)} or another of the {len(IMAGE_SUFFIXES)} "
+                               "formats Pillow reads) in it, in any sub-folders")
     return files
 
 

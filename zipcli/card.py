@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from .merged import RECORDS, write_atomic
-from .wording import choice_evidence, refit_summary
+from .wording import choice_evidence, choice_rule, refit_summary
 from .specs.format import Preprocess
 from .visible import visible, visible_tree
 
@@ -27,7 +27,7 @@ def card_paths(model_path: str | Path) -> tuple[Path, Path]:
 
 def _input(pre: Preprocess) -> dict:
     """The preprocessing in timm's ``pretrained_cfg`` terms."""
-    return {"input_size": [3, pre.size, pre.size], "crop_pct": round(pre.size / pre.resize, 4) if pre.resize else 1.0,
+    return {"input_size": list(pre.shape), "crop_pct": round(pre.size / pre.resize, 4) if pre.resize else 1.0,
             "crop_mode": "center", "resize": pre.resize, "interpolation": "bilinear", "mean": list(pre.mean),
             "std": list(pre.std)}
 
@@ -57,7 +57,7 @@ def model_card(metadata: dict, pre: Preprocess, file_name: str, command: str | N
                     f"{tuning['held_out_images']} held-out calibration images)")
     if choice and "interval" in choice:
         other = "permute" if choice.get("chosen") == "zipit" else "zipit"
-        setting += f"; chosen by the default over {other}: {choice_evidence(choice)}"
+        setting += f"; chosen by the default over {other} ({choice_rule(choice)}): {choice_evidence(choice)}"
     pre = _input(pre)
     size = pre["input_size"][1]
     resize = f"resize the shorter side to {pre['resize']} px, " if pre["resize"] else ""

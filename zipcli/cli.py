@@ -55,14 +55,14 @@ def merge_cmd(
                                        "'output' also merges the classifiers (identical classes only). "
                                        "Each architecture's stops: zipit specs list."),
     method: str = typer.Option("auto", "--method", metavar="METHOD", help=f"Matching: auto, {', '.join(METHODS)}. "
-                               "auto (default): permute, unless zipit (with --alpha/--beta, chosen or given) "
+                               "auto: permute, unless zipit (with --alpha/--beta, chosen or given) "
                                "reproduces the sources better on held-out calibration images by more than the "
                                "score's noise."),
     alpha: str = typer.Option("auto", "--alpha", metavar="FLOAT|auto", help="zipit: weight of an already merged feature's correlations "
-                              "(repeated matching), in [0, 1]. 'auto' (default): chosen without labels on held-out "
+                              "(repeated matching), in [0, 1]. 'auto': chosen without labels on held-out "
                               "calibration images; 0.3 is the paper's value."),
     beta: str = typer.Option("auto", "--beta", metavar="FLOAT|auto", help="zipit: share of merges allowed within one model, in [0, 1], or "
-                             "'auto' (default; see --alpha); 0.125 is the paper's value."),
+                             "'auto' (see --alpha); 0.125 is the paper's value."),
     param: Optional[List[str]] = PARAMS,
     num_calib: int = NUM_CALIB,
     seed: int = SEED,
@@ -133,36 +133,10 @@ def merge_cmd(
                    "heads": result.metadata["heads"], "calibration": result.metadata["calibration"],
                    "timings": {k: round(v, 3) for k, v in result.timings.items()} | {"total": round(total, 3)},
                    "spaces": result.metadata["spaces"], "beside": beside}
-        if not quiet:
-            _render_tuning(summary["params"].get("tuning"))
-            _render_choice(summary["params"].get("choice"))
-            if summary["params"].get("refit"):
-                from .wording import refit_summary
-                err.print(f"refit: {shown(refit_summary(summary['params']['refit']))}", soft_wrap=not err.is_terminal)
+        if not quiet:                      # what it decided was told by the reporter as it was decided
             _render_merge_summary(summary)
         if json_out and ranks.main:
             print_json(summary)
-
-
-def _render_tuning(tuning: dict | None) -> None:
-    """Every candidate's held-out divergence (those that went on to more images marked), the choice."""
-    if not tuning or not tuning["candidates"]:
-        return
-    fewest = min(c["images"] for c in tuning["candidates"])
-    for c in tuning["candidates"]:
-        went_on = c["images"] > fewest
-        err.print(f"  alpha {c['alpha']:<5g} beta {c['beta']:<7g} divergence {c['score']:.4f} ({c['images']} images"
-                  f"{', went on' if went_on else ''})", soft_wrap=not err.is_terminal)
-    chosen = tuning["chosen"]
-    err.print(f"chose alpha {chosen['alpha']:g}, beta {chosen['beta']:g} (lowest divergence from the sources on "
-              f"{tuning['held_out_images']} held-out calibration images)", soft_wrap=not err.is_terminal)
-
-
-def _render_choice(choice: dict | None) -> None:
-    """Why the default merged with permute or zipit (``wording.choice_evidence``)."""
-    if choice:
-        from .wording import choice_evidence
-        err.print(f"chose {shown(choice.get('chosen'))}: {shown(choice_evidence(choice))}", soft_wrap=not err.is_terminal)
 
 
 def _render_merge_summary(s: dict) -> None:
@@ -198,7 +172,7 @@ def _human(n: float) -> str:
     return f"{n:.3g}P"
 
 
-@app.command("inspect")
+@app.command("inspect", short_help="Show what a merged file holds: heads, sources, cost, per-space statistics.")
 def inspect_cmd(
     file: Path = typer.Argument(..., metavar="FILE", help="A merged .safetensors, or a plain checkpoint (.pt, .pth, .safetensors).",
                                 show_default=False),
@@ -331,7 +305,7 @@ def _render_checkpoint(f: dict) -> None:
     out.print(table)
 
 
-@app.command("eval")
+@app.command("eval", short_help="Accuracy per task, their average and joint accuracy; a CI gate.")
 def eval_cmd(
     files: List[Path] = typer.Argument(..., metavar="FILE", show_default=False,
                                        help="Merged .safetensors files (compared side by side) and/or plain "
@@ -442,7 +416,7 @@ def _render_eval(r: dict) -> None:
         out.print(f"[yellow]note:[/] {r['skipped_images']} unreadable images skipped")
 
 
-@app.command("export")
+@app.command("export", short_help="Export a merged model to run without zipit (torch.export or ONNX).")
 def export_cmd(
     file: Path = typer.Argument(..., metavar="FILE", show_default=False, help="A merged .safetensors file."),
     output: Path = typer.Option(..., "--output", "-o", metavar="FILE", help="Program to write (.pt2 or .onnx)."),

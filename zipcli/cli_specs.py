@@ -183,8 +183,9 @@ def check_cmd(
         outside = [m for m in result.outside if m not in loaded.classifiers]
         if outside:
             reasons = sorted(set(result.outside_why[m] for m in outside))
-            err.print(f"  not in any space: {len(outside)} layer(s) besides the classifiers, "
-                      f"{shown(', '.join(outside[:6]))}{', ...' if len(outside) > 6 else ''} "
+            err.print(f"  {result.tensors - result.in_spaces} tensor(s) in no space, in {len(result.outside)} layer(s); "
+                      f"the classifiers aside: {shown(', '.join(outside[:6]))}"
+                      f"{', ...' if len(outside) > 6 else ''} "
                       f"({shown('; '.join(reasons))})", soft_wrap=not err.is_terminal)
         for problem in result.problems:
             err.print(f"  [red]-[/] {shown(problem)}", soft_wrap=not err.is_terminal)

@@ -113,7 +113,7 @@ class RichReporter:
             err.print(f"[yellow]warning:[/] {shown(message)}", soft_wrap=not err.is_terminal)
 
     def info(self, message: str) -> None:
-        if not self.quiet:
+        if self.speaks and not self.quiet:
             (self.progress.console if self.progress is not None else err).print(shown(message), soft_wrap=not err.is_terminal)
 
 

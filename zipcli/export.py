@@ -30,18 +30,18 @@ def _relative_gap(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
 
 
 @torch.no_grad()
-def check_outputs(run, model: MergedModel, size: int, seed: int = 0) -> float:
+def check_outputs(run, model: MergedModel, shape: tuple[int, ...], seed: int = 0) -> float:
     """Largest relative gap between ``run(x)`` and the model's outputs over ``CHECK_BATCHES``."""
     gen = torch.Generator().manual_seed(seed)
     gap = 0.0
     for n in CHECK_BATCHES:
-        x = torch.randn(n, 3, size, size, generator=gen)
+        x = torch.randn(n, *shape, generator=gen)
         gap = max(gap, _relative_gap([torch.as_tensor(t) for t in run(x)], model(x)))
     return gap
 
 
-def _exported_program(model: MergedModel, size: int):
-    example = torch.randn(2, 3, size, size)
+def _exported_program(model: MergedModel, shape: tuple[int, ...]):
+    example = torch.randn(2, *shape)
     try:
         return torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
     except Exception as exc:  # torch.export raises many types for graphs it cannot capture
@@ -50,8 +50,8 @@ def _exported_program(model: MergedModel, size: int):
 
 
 def _write_pt2(model: MergedModel, output: Path, force: bool) -> float:
-    program = _exported_program(model, model.spec.input.size)
-    gap = check_outputs(program.module(), model, model.spec.input.size)
+    program = _exported_program(model, model.spec.input.shape)
+    gap = check_outputs(program.module(), model, model.spec.input.shape)
     if gap > TOLERANCE:
         raise ExportError(f"the exported program differs from the merged model by {gap:.2g} (relative)",
                           "nothing was written; please report it")
@@ -64,20 +64,20 @@ def _write_onnx(model: MergedModel, output: Path, force: bool) -> float:
         import onnxruntime
     except ImportError:
         raise ExportError("ONNX export needs onnx, onnxscript and onnxruntime", 'pip install onnx onnxscript onnxruntime') from None
-    size = model.spec.input.size
+    shape = model.spec.input.shape
     names = [f"head{i}" for i in range(len(model.heads))]
     gaps = []
 
     def write(tmp: str) -> None:
         try:
-            torch.onnx.export(model, (torch.randn(2, 3, size, size),), tmp, dynamo=True, input_names=["images"],
+            torch.onnx.export(model, (torch.randn(2, *shape),), tmp, dynamo=True, input_names=["images"],
                               output_names=names, dynamic_shapes=({0: torch.export.Dim("batch")},),
                               external_data=False, verbose=False)   # one file: weights inside
         except Exception as exc:
             raise ExportError(f"ONNX export failed: {exc.__class__.__name__}: {str(exc)[:200]}",
                               "try --format pt2") from None
         session = onnxruntime.InferenceSession(tmp, providers=["CPUExecutionProvider"])
-        gaps.append(check_outputs(lambda x: session.run(None, {"images": x.numpy()}), model, size))
+        gaps.append(check_outputs(lambda x: session.run(None, {"images": x.numpy()}), model, shape))
         if gaps[-1] > TOLERANCE:
             raise ExportError(f"the ONNX program differs from the merged model by {gaps[-1]:.2g} (relative)",
                               "nothing was written; try --format pt2")

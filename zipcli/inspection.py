@@ -37,7 +37,7 @@ def inspect_merged(path: Path, trust_builders: Iterable[str] = ()) -> dict:
 
     size = model.spec.input.size
     sources = js("sources")
-    source_macs = sum(count_macs(build_model(model.spec, len(s["classes"])), size) for s in sources)
+    source_macs = sum(count_macs(build_model(model.spec, len(s["classes"])), model.spec.input.shape) for s in sources)
     source_params = sum(_params(build_model(model.spec, len(s["classes"]))) for s in sources)
     heads = [{"name": h.name, "classes": h.classes, "num_classes": len(h.classes), "source": h.source,
               "params": _params(m)} for h, m in zip(model.heads, model.head_modules)]
@@ -49,7 +49,7 @@ def inspect_merged(path: Path, trust_builders: Iterable[str] = ()) -> dict:
         "sources": sources, "heads": heads, "dtype": meta.get("dtype"),
         "parameters": {"trunk": trunk_params, "heads": sum(h["params"] for h in heads),
                        "total": trunk_params + sum(h["params"] for h in heads), "sources_total": source_params},
-        "macs": {"merged": count_macs(model, size), "sources_total": source_macs, "input_size": size},
+        "macs": {"merged": count_macs(model, model.spec.input.shape), "sources_total": source_macs, "input_size": size},
         "spaces": js("spaces"),
     }
 

@@ -4,23 +4,23 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .specs import layers
+
 
 @torch.no_grad()
-def count_macs(model: nn.Module, size: int) -> int:
-    """Multiply-accumulates of convolutions and linear layers for one ``3 x size x size`` input."""
+def count_macs(model: nn.Module, shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates, as the layer table counts them, for one input of ``shape`` (C, H, W)."""
     total = 0
 
     def hook(m, args, out):
         nonlocal total
-        if isinstance(m, nn.Conv2d):
-            total += out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-        else:
-            total += out.numel() * m.in_features
+        total += layers.macs(m, out)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if (k := layers.kind_of(m)) is not None and k.macs is not None]
     try:
         device = next((t.device for t in model.parameters()), torch.device("cpu"))   # the model's, CUDA too
-        model.eval()(torch.zeros(1, 3, size, size, device=device))
+        model.eval()(torch.zeros(1, *shape, device=device))
     finally:
         for h in handles:
             h.remove()

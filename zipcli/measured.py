@@ -56,7 +56,7 @@ class Calibration:
         self.plan(options.stop or spec.default_stop)        # checks the stop before any image is read
         self.states = [{k: v.detach().cpu().contiguous() for k, v in s.model.state_dict().items()}
                        for s in self.sources]
-        self.source_macs = sum(count_macs(s.model, spec.input.size) for s in self.sources)
+        self.source_macs = sum(count_macs(s.model, spec.input.shape) for s in self.sources)
         self._templates: dict[str, tuple[MergedModel, int]] = {}
         self.correlations: dict[str, np.ndarray] = {}
         self._split_images(list_images(calib), hold_out)
@@ -120,7 +120,7 @@ class Calibration:
         if stop not in self._templates:
             device = self.options.device
             model = run_layout(skeleton(self.spec, stop, self.heads(stop)).to(device), device)
-            self._templates[stop] = model, count_macs(model, self.spec.input.size)
+            self._templates[stop] = model, count_macs(model, self.spec.input.shape)
         return self._templates[stop][0]
 
     def merged_macs(self, stop: str) -> int:

@@ -30,6 +30,7 @@ from .methods import Match
 from .options import AUTO, DTYPES, MergeOptions, MergePoint
 from .refit import affordable_images, refit
 from .report import Reporter
+from .wording import decision_lines
 
 __all__ = ["AUTO", "DTYPES", "Calibration", "MergeOptions", "MergePoint", "MergeResult", "merge", "merge_at"]
 
@@ -57,7 +58,10 @@ def merge(checkpoints: list[str | Path], spec, calib: str | Path, options: Merge
     options = options or MergeOptions()
     cal = Calibration(checkpoints, spec, calib, options, report, ranks=ranks)
     cal.measure(options.stop or spec.default_stop, options.matching)
-    return merge_at(cal, decide(cal, options))
+    result = merge_at(cal, decide(cal, options))
+    for line in decision_lines(result.metadata["params"]):
+        cal.report.info(line)
+    return result
 
 
 def merge_at(cal: Calibration, decision: Decision | MergePoint) -> MergeResult:
@@ -126,7 +130,7 @@ def _refit(cal: Calibration, point: MergePoint, model: MergedModel, matches: dic
            timings: dict) -> dict:
     """The refit, in place, on as many fit images as its memory allows; its facts for the file."""
     o, t = cal.options, time.perf_counter()
-    most = affordable_images(cal.sources[0].model, cal.spec.input.size, len(cal.sources))
+    most = affordable_images(cal.sources[0].model, cal.spec.input.shape, len(cal.sources))
     images = cal.ranks.together(lambda: cal.shard.first(most).to(o.device))
     facts = refit(model, [s.model for s in cal.sources], cal.graph, cal.plan(point.stop), matches, images,
                   o.reset_bn, o.seed, cal.report, cal.ranks)

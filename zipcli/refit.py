@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.fx as fx
-import torch.nn.functional as F
 
 from .distributed import SINGLE, Ranks
 from .methods import Match
@@ -79,11 +78,8 @@ class _Layer:
 
 
 def refittable(module: nn.Module) -> bool:
-    """A dense convolution (zero padding) or a linear layer: its output is a linear map of its input."""
-    if isinstance(module, nn.Linear):
-        return True
-    return (isinstance(module, nn.Conv2d) and layers.is_weighted(module) and module.groups == 1
-            and module.padding_mode == "zeros" and not isinstance(module.padding, str))
+    """A layer the table can read as rows of a linear map (a dense convolution, a linear layer)."""
+    return layers.refit_rows(module) is not None
 
 
 def plan_layers(graph: ModelGraph, plan: StopPlan, merged: nn.Module, matches: dict[str, Match],
@@ -112,7 +108,7 @@ def plan_layers(graph: ModelGraph, plan: StopPlan, merged: nn.Module, matches: d
 
 
 @torch.no_grad()
-def affordable_images(model: nn.Module, size: int, n_models: int, budget: int = MEMORY) -> int:
+def affordable_images(model: nn.Module, shape: tuple[int, ...], n_models: int, budget: int = MEMORY) -> int:
     """How many images the refit may hold at once within ``budget`` bytes, from one image's largest
     activation: twice that (a residual block's input lives beside its branch) for each of the
     ``n_models`` sources and the merged model, in float32."""
@@ -127,25 +123,25 @@ def affordable_images(model: nn.Module, size: int, n_models: int, budget: int = 
     handles = [m.register_forward_hook(hook) for m in leaves]
     try:
         device = next((t.device for t in model.parameters()), torch.device("cpu"))
-        model.eval()(torch.zeros(1, 3, size, size, device=device))
+        model.eval()(torch.zeros(1, *shape, device=device))
     finally:
         for h in handles:
             h.remove()
     return max(1, budget // (4 * 2 * largest * (n_models + 1)))
 
 
-def _position_count(length: int, module: nn.Conv2d, images: int) -> int:
-    """Output positions sampled per image for a convolution: about out/in channels of them (so the
-    statistics cost about what the layer does), at least ``MIN_POSITIONS``, and at least what
-    ``images`` images need to reach ``MIN_SAMPLES`` per unknown (few images, where memory is
-    short, are sampled more densely); at most all."""
-    d = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+def _position_count(length: int, module: nn.Module, images: int) -> int:
+    """Output positions sampled per image: about out channels / unknowns of them (so the statistics
+    cost about what the layer does), at least ``MIN_POSITIONS``, and at least what ``images``
+    images need to reach ``MIN_SAMPLES`` per unknown (few images, where memory is short, are
+    sampled more densely); at most all."""
+    d = layers.refit_rows(module).unknowns(module)
     unknowns = d + (module.bias is not None)
-    return min(length, max(MIN_POSITIONS, -(-length * module.out_channels // d),
+    return min(length, max(MIN_POSITIONS, -(-length * layers.out_channels(module) // d),
                            -(-MIN_SAMPLES * unknowns // max(1, images))))
 
 
-def _positions(length: int, module: nn.Conv2d, images: int, key: int) -> torch.Tensor:
+def _positions(length: int, module: nn.Module, images: int, key: int) -> torch.Tensor:
     """The sampled output positions of one image chunk (seeded by ``key``)."""
     k = _position_count(length, module, images)
     if k == length:
@@ -153,32 +149,10 @@ def _positions(length: int, module: nn.Conv2d, images: int, key: int) -> torch.T
     return torch.randperm(length, generator=torch.Generator().manual_seed(key))[:k]
 
 
-def _rows_of_output(module: nn.Module, y: torch.Tensor, where: torch.Tensor | None) -> torch.Tensor:
-    """A layer's output as (samples, channels), at the sampled positions."""
-    if isinstance(module, nn.Conv2d):
-        rows = y.permute(0, 2, 3, 1).reshape(y.shape[0], -1, y.shape[1])   # a view of a channels-last map
-        return rows[:, where].reshape(-1, y.shape[1])
-    return y.reshape(-1, y.shape[-1])
-
-
-def _patches(conv: nn.Conv2d, x: torch.Tensor, where: torch.Tensor, out_width: int) -> torch.Tensor:
-    """The unfolded input (B, k, C*kh*kw) of ``conv`` at output positions ``where`` only (a full
-    unfold would copy the input kh*kw times to keep a few positions)."""
-    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = conv.kernel_size, conv.stride, conv.dilation, conv.padding
-    padded = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
-    pixels = padded.permute(0, 2, 3, 1)                # (B, H, W, C): gathers whole channel vectors
-    top, left = (where // out_width) * sh, (where % out_width) * sw
-    taps = [pixels[:, top + i * dh, left + j * dw] for i in range(kh) for j in range(kw)]
-    return torch.stack(taps, 3).flatten(2)             # channel-major, as weight.flatten(1)
-
-
-def _rows_of_input(module: nn.Module, x: torch.Tensor, where) -> torch.Tensor:
-    """A layer's input as (samples, D): patches for a convolution, a column of ones for a bias."""
-    if isinstance(module, nn.Conv2d):
-        cols = _patches(module, x, *where)
-        rows = cols.reshape(-1, cols.shape[2])
-    else:
-        rows = x.reshape(-1, x.shape[-1])
+def _rows_of_input(module: nn.Module, x: torch.Tensor, where: torch.Tensor, out: torch.Size) -> torch.Tensor:
+    """A layer's input at the sampled positions as (samples, D), a column of ones for a bias."""
+    cols = layers.refit_rows(module).patches(module, x, where, out)
+    rows = cols.reshape(-1, cols.shape[-1])
     if module.bias is not None:
         rows = torch.cat([rows, rows.new_ones(len(rows), 1)], 1)
     return rows
@@ -309,15 +283,12 @@ class _Runner:
 def _sample(layer: _Layer, xs: list, ys: list[list], images: int, key: int) -> None:
     """Add one layer's statistics: merged inputs ``xs`` against each source's outputs ``ys[i]``,
     chunk by chunk, at sampled output positions; chunks alternate between the two folds."""
-    module = layer.module
+    module, rows = layer.module, layers.refit_rows(layer.module)
     for c, x in enumerate(xs):
-        where = None
-        outs = [y[c] for y in ys]
-        if isinstance(module, nn.Conv2d):
-            h, w = outs[0].shape[2:]
-            where = _positions(h * w, module, images, key + 7919 * c), w
-        x_rows = _rows_of_input(module, x, where).float()
-        y_rows = [_rows_of_output(module, y, where and where[0]).float() for y in outs]
+        outs = [rows.outputs(module, y[c]) for y in ys]               # (B, positions, channels) views
+        where = _positions(outs[0].shape[1], module, images, key + 7919 * c)
+        x_rows = _rows_of_input(module, x, where, ys[0][c].shape).float()
+        y_rows = [o[:, where].reshape(-1, o.shape[-1]).float() for o in outs]
         target = y_rows[0] if layer.merge is None else layer.merge.merge_rows(y_rows)
         layer.add(c % 2, x_rows, target.to(x_rows.dtype))
 
@@ -342,7 +313,7 @@ def refit(merged, sources: list[nn.Module], graph: ModelGraph, plan: StopPlan, m
         return {"kind": "lsq", "layers": 0, "images": 0, "per_layer": facts}
     chunks = [(x,) for x in images.split(CHUNK)]
     count = int(ranks.sum(images.new_tensor([len(images)]))) if ranks.many else len(images)   # every rank's
-    norms = [m for m in merged.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.track_running_stats]
+    norms = [m for m in merged.modules() if layers.keeps_batch_statistics(m)]
     saved = [(m, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
              for m in norms]
     for s in sources:
@@ -399,14 +370,8 @@ def _inputs_of(run: _Runner, name: str) -> list:
 
 def _samples(layer: _Layer, ys: list[list], images: int) -> int:
     """Rows the layer's statistics would hold: known from the outputs' shapes before any is summed."""
-    module, total = layer.module, 0
-    for y in ys[0]:
-        if isinstance(module, nn.Conv2d):
-            length = y.shape[2] * y.shape[3]
-            total += y.shape[0] * _position_count(length, module, images)
-        else:
-            total += y.numel() // y.shape[-1]
-    return total
+    module, rows = layer.module, layers.refit_rows(layer.module)
+    return sum(y.shape[0] * _position_count(rows.outputs(module, y).shape[1], module, images) for y in ys[0])
 
 
 def _fit(layer: _Layer, xs: list, ys: list[list], seed: int, ranks: Ranks, images: int) -> dict:

@@ -8,6 +8,7 @@ tuning where alpha and beta are left open, and its scoring. Each point is the mo
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -65,7 +66,7 @@ def sweep(checkpoints: Sequence[str | Path], spec: Spec, calib: str | Path,
     images beyond the sample gives up part of the sample, for every method alike.
     """
     base = options or MergeOptions()
-    report = report or LoggingReporter()
+    report = _PointReporter(report or LoggingReporter())
     methods, stops = list(dict.fromkeys(methods)), list(dict.fromkeys(stops or spec.stops))
     if not methods:
         raise ZipitError("no method to sweep", "name one or more (methods, --method)")
@@ -97,8 +98,7 @@ def sweep(checkpoints: Sequence[str | Path], spec: Spec, calib: str | Path,
 
     cal.measure(deepest, first)
     source_models = [s.model for s in cal.sources]
-    size = spec.input.size
-    source_macs = sum(count_macs(m, size) for m in source_models)
+    source_macs = sum(count_macs(m, spec.input.shape) for m in source_models)
     source_params = sum(sum(p.numel() for p in m.parameters()) for m in source_models)
     reference = None
     if labelled is not None:
@@ -108,7 +108,9 @@ def sweep(checkpoints: Sequence[str | Path], spec: Spec, calib: str | Path,
     for stop in stops:
         heads = cal.heads(stop)
         for method in methods:
+            report.point = f"{stop} {method}: "
             result = merge_at(cal, decide(cal, replace(base, method=method, stop=stop)))
+            report.point = ""
             model = result.model
             accuracy = divergence = None
             if labelled is not None:
@@ -117,7 +119,7 @@ def sweep(checkpoints: Sequence[str | Path], spec: Spec, calib: str | Path,
             else:
                 divergence = score(head_outputs(model, held.images, len(heads)), held.targets)
             points.append(SweepPoint(stop, method, result.metadata["params"], sum(p.numel() for p in model.parameters()),
-                                     count_macs(model, size), accuracy, divergence))
+                                     count_macs(model, spec.input.shape), accuracy, divergence))
     return SweepResult(spec.name, points, source_params, source_macs, reference,
                        None if data is None else str(data), result.metadata["calibration"])
 
@@ -132,6 +134,29 @@ def _deepest(cal: Calibration, stops: list[str]) -> str:
     return deepest
 
 
+class _PointReporter:
+    """Passes every report on, with the point being merged before each phase's label, so that the
+    tuning, refit and reset bars of one point tell which (stop, method) they belong to."""
+
+    def __init__(self, inner: Reporter):
+        self.inner, self.point = inner, ""
+
+    def start(self, phase: str, total: int | None = None) -> None:
+        self.inner.start(self.point + phase, total)
+
+    def advance(self, n: int = 1) -> None:
+        self.inner.advance(n)
+
+    def done(self) -> None:
+        self.inner.done()
+
+    def warn(self, message: str) -> None:
+        self.inner.warn(self.point + message)
+
+    def info(self, message: str) -> None:
+        self.inner.info(self.point + message)
+
+
 class _Labelled:
     """A labelled test folder, decoded once when it fits in ``CACHE_BYTES``."""
 
@@ -139,7 +164,7 @@ class _Labelled:
         self.items = labelled_images(data, limit)
         self.folders = {label for _, label in self.items}
         self.pre, self.batch_size = spec.input, batch_size
-        self.keep = len(self.items) * 3 * spec.input.size ** 2 * 4 <= CACHE_BYTES
+        self.keep = len(self.items) * math.prod(spec.input.shape) * 4 <= CACHE_BYTES
         self.cache = None
 
     def score(self, model, names, classes, device, report, label) -> dict:

@@ -343,14 +343,11 @@ class MethodChoice:
         return cls("permute", setting, reason=why or "no held-out images")
 
     def to_metadata(self) -> dict:
-        level = f"{self.level * 100:g}%"
-        rule = (f"permute unless zipit's mean divergence is lower with the whole {level} paired-bootstrap interval "
-                "of the difference below 0" +
-                (f", on the first {self.looks[0]} held-out images, then on all {self.looks[-1]} if that interval "
-                 "contains 0" if len(self.looks) > 1 else ""))
+        """The record for the merged file (``wording.choice_rule`` and ``choice_evidence`` say it in words)."""
         if self.interval is None:
-            return {"chosen": self.method, "rule": rule, "reason": f"{self.reason}: no evidence against permute"}
-        return {"chosen": self.method, "rule": rule, "held_out_images": self.images, "level": self.level,
+            return {"chosen": self.method, "looks": list(self.looks), "level": self.level,
+                    "reason": f"{self.reason}: no evidence against permute"}
+        return {"chosen": self.method, "looks": list(self.looks), "held_out_images": self.images, "level": self.level,
                 "zipit": {"alpha": self.setting.alpha, "beta": self.setting.beta, "divergence": round(self.zipit, 6)},
                 "permute": {"divergence": round(self.permute, 6)},
                 "difference": round(self.zipit - self.permute, 6),

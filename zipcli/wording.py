@@ -23,6 +23,43 @@ def choice_evidence(choice: dict) -> str:
         return "(its evidence in the file is unreadable)"
 
 
+def choice_rule(choice: dict) -> str:
+    """The rule the default chose by, from the level and the looks recorded with the choice."""
+    try:
+        looks = choice.get("looks") or []
+        return (f"permute unless zipit's mean divergence is lower with the whole {choice.get('level', 0.95) * 100:g}% "
+                "paired-bootstrap interval of the difference below 0" +
+                (f", on the first {looks[0]} held-out images, then on all {looks[-1]} if that interval contains 0"
+                 if len(looks) > 1 else ""))
+    except _UNREADABLE:
+        return "(its rule in the file is unreadable)"
+
+
+def decision_lines(params: dict) -> list[str]:
+    """What a merge decided, in the order it decided it: each tuning candidate's held-out divergence
+    and the alpha and beta chosen, permute or zipit and why, the refit. ``zipit merge`` prints these
+    lines; ``merge()`` sends them to its reporter (the ``zipit`` logger for Python callers)."""
+    lines = []
+    tuning, choice, refitted = params.get("tuning"), params.get("choice"), params.get("refit")
+    try:
+        if tuning and tuning["candidates"]:
+            fewest = min(c["images"] for c in tuning["candidates"])
+            for c in tuning["candidates"]:
+                went_on = ", went on" if c["images"] > fewest else ""
+                lines.append(f"  alpha {c['alpha']:<5g} beta {c['beta']:<7g} divergence {c['score']:.4f} "
+                             f"({c['images']} images{went_on})")
+            chosen = tuning["chosen"]
+            lines.append(f"chose alpha {chosen['alpha']:g}, beta {chosen['beta']:g} (lowest divergence from the "
+                         f"sources on {tuning['held_out_images']} held-out calibration images)")
+    except _UNREADABLE:
+        lines.append("tuning: (its figures in the file are unreadable)")
+    if choice:
+        lines.append(f"chose {choice.get('chosen')}: {choice_evidence(choice)}")
+    if refitted:
+        lines.append(f"refit: {refit_summary(refitted)}")
+    return lines
+
+
 def refit_summary(facts: dict) -> str:
     """One line on the refit: how many layers were solved, and how much closer to the sources they came.
     The facts come from a file, which may be damaged: anything unexpected gives a plain line."""

@@ -55,7 +55,7 @@ def spec_document(name: str, builder: str, kwargs: dict, preprocess: dict, *, de
     Without ``stops``, the stage boundaries found by ``suggest_stops`` are used. ``kwargs`` may
     hold the number of classes for building; the spec leaves it out (merge sets it per checkpoint).
     """
-    model, traced = build_and_trace(builder, kwargs, preprocess["size"])
+    model, traced = build_and_trace(builder, kwargs, (len(preprocess["mean"]), preprocess["size"], preprocess["size"]))
     check_num_classes_arg(builder, num_classes_arg)
     if not traced["classifiers"]:
         raise SpecError(f"cannot derive a spec for {name!r}: no convolution or linear layer writes the outputs",

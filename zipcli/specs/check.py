@@ -45,16 +45,17 @@ def check_spec(spec: Spec, builder: str | None = None, kwargs: dict | None = Non
     builder = builder or spec.builder
     kwargs = {**spec.kwargs, **(kwargs or {})}
     size = size or spec.input.size
+    shape = (spec.input.shape[0], size, size)
     torch.manual_seed(seed)
     model = build(builder, kwargs)
     check_num_classes_arg(builder, spec.num_classes_arg)
     randomize_per_channel(model, seed)
     graph = ModelGraph(spec, model)
-    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(seed))
     observe_problems = _check_observe_points(graph, example)
     error = self_check(graph, example, seed)
     try:
-        _, traced = build_and_trace(builder, kwargs, size)
+        _, traced = build_and_trace(builder, kwargs, shape)
     except SpecError as exc:
         raise SpecError(f"coverage cannot be checked: {exc.message}", exc.hint) from None
     cov = coverage(graph, traced)

@@ -30,6 +30,11 @@ class Preprocess:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """One input image as (channels, height, width): a channel per mean and std value."""
+        return len(self.mean), self.size, self.size
+
 
 _MEMBER = re.compile(r"^([^@\s]+)(?:@(\d+)(?:\*(\d+))?)?$")
 

@@ -18,9 +18,17 @@ from . import layers
 from .format import OUTPUT_STOP, Member, Spec
 
 
+class _Tracer(fx.Tracer):
+    """fx's tracer, keeping every layer type of the table as one call (a type added to the table
+    need not live in torch.nn, where fx stops by default)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return type(m) in layers.KINDS or super().is_leaf_module(m, qualname)
+
+
 def trace(model: nn.Module, origin: str = "model") -> fx.GraphModule:
     try:
-        return fx.symbolic_trace(model)
+        return fx.GraphModule(model, _Tracer().trace(model), model.__class__.__name__)
     except Exception as exc:  # fx raises many types for untraceable code
         raise SpecError(f"{origin} cannot be traced with torch.fx: {exc.__class__.__name__}: {exc}",
                         "zipit needs a model whose forward has no data-dependent control flow") from None
@@ -104,14 +112,14 @@ class ModelGraph:
             where = f"spaces[{i}] ({space.name})"
             widths = {}
             for w in space.writers:
-                m = self._module(w.module, f"{where} writer", layers.WEIGHTED + layers.NORMS)
+                m = self._module(w.module, f"{where} writer", layers.known_types())
                 if layers.problem(m):
                     raise SpecError(f"writer {w.module!r} is {layers.problem(m)}",
                                     "such layers are not supported; see specs/README.md")
                 widths[("writer", w)] = layers.out_channels(m)
                 self.writes.setdefault(w.module, []).append((space.name, w))
             for r in space.readers:
-                m = self._module(r.module, f"{where} reader", layers.WEIGHTED)
+                m = self._module(r.module, f"{where} reader", layers.weighted_types())
                 if not layers.is_weighted(m) or layers.problem(m):
                     raise SpecError(f"reader {r.module!r} is a grouped or depthwise convolution",
                                     "list a depthwise convolution as a writer of the space it reads")
@@ -128,7 +136,7 @@ class ModelGraph:
             for module, entries in table.items():
                 self._check_disjoint(module, role, entries)
         for c in self.spec.classifiers:
-            self._module(c, "classifiers", layers.WEIGHTED)
+            self._module(c, "classifiers", layers.weighted_types())
         for s in self.spec.stops:
             if s not in self.modules:
                 raise SpecError(f"spec {self.spec.name!r}: stop {s!r} is not a module of the model")

@@ -6,16 +6,32 @@ output axis) or *per-channel* (a norm or a depthwise convolution: its output
 channels are its input channels, each transformed on its own, so it belongs to
 the space it reads, as a writer). The graph checker, the tracer, the zip, the
 permutation self-check and coverage all ask this table; supporting a new layer
-type is one entry in ``KINDS``.
+type is one entry in ``KINDS``. The refit (how a layer reads as rows of a linear
+map), the MAC count and the BatchNorm reset (which layers keep batch statistics)
+ask it too.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 Range = tuple[float, float]
+
+
+@dataclass(frozen=True)
+class Rows:
+    """How the refit reads a weighted layer as one linear map applied at every output position:
+    ``outputs`` is its output as (batch, positions, out channels), ``patches`` its input at some of
+    those positions as (batch, positions, unknowns), in the order of ``weight.flatten(1)``."""
+
+    unknowns: Callable[[nn.Module], int]                                       # inputs per output row, bias aside
+    outputs: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    patches: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Size], torch.Tensor]  # (m, x, where, out shape)
+    fits: Callable[[nn.Module], bool] = lambda m: True                         # its output is linear in its input
 
 
 @dataclass(frozen=True)
@@ -26,9 +42,14 @@ class LayerKind:
     in_channels: Callable[[nn.Module], int] | None = None    # axis 1 of its weight; None: per-channel only
     per_channel: Callable[[nn.Module], bool] = lambda m: True  # writes the space it reads (no input axis)
     problem: Callable[[nn.Module], str | None] = lambda m: None  # why its channels cannot be merged, or None
+    # why it cannot be merged on an input of this shape (None: the shape is unknown), or None
+    input_problem: Callable[[nn.Module, tuple | None], str | None] = lambda m, shape: None
     # per-channel tensors the self-check fills with distinct values (a fresh norm is all ones and
     # zeros, so a norm left out of its space would go unnoticed), and the range each is drawn from
     random_ranges: dict[str, Range] = field(default_factory=dict)
+    macs: Callable[[nn.Module, torch.Tensor], int] | None = None  # multiply-accumulates of a call, from its output
+    rows: Rows | None = None                  # how the refit solves it; None: the refit leaves it alone
+    batch_statistics: bool = False            # keeps running statistics that the BatchNorm reset recomputes
 
 
 def is_depthwise(m: nn.Module) -> bool:
@@ -48,22 +69,73 @@ def _group_norm_problem(m: nn.GroupNorm) -> str | None:
     return None
 
 
+def _conv_patches(conv: nn.Conv2d, x: torch.Tensor, where: torch.Tensor, out: torch.Size) -> torch.Tensor:
+    """The unfolded input of ``conv`` at output positions ``where`` only (a full unfold would copy
+    the input kh*kw times to keep a few positions)."""
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = conv.kernel_size, conv.stride, conv.dilation, conv.padding
+    padded = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    pixels = padded.permute(0, 2, 3, 1)                # (B, H, W, C): gathers whole channel vectors
+    top, left = (where // out[-1]) * sh, (where % out[-1]) * sw
+    taps = [pixels[:, top + i * dh, left + j * dw] for i in range(kh) for j in range(kw)]
+    return torch.stack(taps, 3).flatten(2)             # channel-major, as weight.flatten(1)
+
+
+def _conv_fits(m: nn.Conv2d) -> bool:
+    return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+
+
+CONV_ROWS = Rows(unknowns=lambda m: m.in_channels * m.kernel_size[0] * m.kernel_size[1],
+                 outputs=lambda m, y: y.permute(0, 2, 3, 1).reshape(y.shape[0], -1, y.shape[1]),
+                 patches=_conv_patches, fits=_conv_fits)
+# a linear layer on [B, features] or on tokens [B, ..., features]: each token is a position
+LINEAR_ROWS = Rows(unknowns=lambda m: m.weight.shape[1],
+                   outputs=lambda m, y: y.reshape(y.shape[0], -1, y.shape[-1]),
+                   patches=lambda m, x, where, out: x.reshape(x.shape[0], -1, x.shape[-1])[:, where])
+
+
+def _conv_macs(m: nn.Conv2d, out: torch.Tensor) -> int:
+    return out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+
+
+def _linear_input_problem(m: nn.Linear, shape: tuple | None) -> str | None:
+    if shape is not None and len(shape) != 2:
+        return "a linear layer applied to a tensor that is not [batch, features]"
+    return None
+
+
+def _layer_norm_input_problem(m: nn.LayerNorm, shape: tuple | None) -> str | None:
+    if shape is None or tuple(m.normalized_shape) != tuple(shape[1:]):
+        return f"a LayerNorm over {tuple(m.normalized_shape)} that does not start at the channel axis"
+    return None
+
+
 _BIAS = {"bias": (-0.5, 0.5)}
 _NORM = {"weight": (0.5, 1.5), "bias": (-0.5, 0.5), "running_mean": (-1.0, 1.0), "running_var": (0.5, 2.0)}
 
 KINDS: dict[type, LayerKind] = {
     nn.Conv2d: LayerKind(out_channels=lambda m: m.out_channels, in_channels=lambda m: m.in_channels,
-                         per_channel=is_depthwise, problem=_conv_problem, random_ranges=_BIAS),
+                         per_channel=is_depthwise, problem=_conv_problem, random_ranges=_BIAS,
+                         macs=_conv_macs, rows=CONV_ROWS),
     nn.Linear: LayerKind(out_channels=lambda m: m.out_features, in_channels=lambda m: m.in_features,
-                         per_channel=lambda m: False, random_ranges=_BIAS),
-    nn.BatchNorm1d: LayerKind(out_channels=lambda m: m.num_features, random_ranges=_NORM),
-    nn.BatchNorm2d: LayerKind(out_channels=lambda m: m.num_features, random_ranges=_NORM),
-    nn.LayerNorm: LayerKind(out_channels=lambda m: m.normalized_shape[0], random_ranges=_NORM),
+                         per_channel=lambda m: False, random_ranges=_BIAS, input_problem=_linear_input_problem,
+                         macs=lambda m, out: out.numel() * m.in_features, rows=LINEAR_ROWS),
+    nn.BatchNorm1d: LayerKind(out_channels=lambda m: m.num_features, random_ranges=_NORM, batch_statistics=True),
+    nn.BatchNorm2d: LayerKind(out_channels=lambda m: m.num_features, random_ranges=_NORM, batch_statistics=True),
+    nn.LayerNorm: LayerKind(out_channels=lambda m: m.normalized_shape[0], random_ranges=_NORM,
+                            input_problem=_layer_norm_input_problem),
     nn.GroupNorm: LayerKind(out_channels=lambda m: m.num_channels, problem=_group_norm_problem,
                             random_ranges=_NORM),
 }
-WEIGHTED = tuple(t for t, k in KINDS.items() if k.in_channels is not None)   # (Conv2d, Linear)
-NORMS = tuple(t for t, k in KINDS.items() if k.in_channels is None)
+
+
+def known_types() -> tuple[type, ...]:
+    return tuple(KINDS)
+
+
+def weighted_types() -> tuple[type, ...]:
+    """The types with an input axis (convolutions, linear layers): asked when needed, so that an
+    entry added to ``KINDS`` later counts."""
+    return tuple(t for t, k in KINDS.items() if k.in_channels is not None)
 
 VARIANCE_BUFFERS = ("running_var",)          # merged on their square root, a standard deviation
 NON_CHANNEL_BUFFERS = ("num_batches_tracked",)  # counters: copied, never merged
@@ -87,6 +159,31 @@ def is_per_channel(m: nn.Module) -> bool:
     """Belongs, as a writer, to the space it reads (a norm or a depthwise convolution)."""
     k = kind_of(m)
     return k is not None and k.per_channel(m)
+
+
+def refit_rows(m: nn.Module) -> Rows | None:
+    """How the refit solves ``m``: a weighted layer whose output is a linear map of its input (a dense
+    convolution with zero padding, a linear layer), or None."""
+    k = kind_of(m)
+    return k.rows if k is not None and k.rows is not None and is_weighted(m) and k.rows.fits(m) else None
+
+
+def keeps_batch_statistics(m: nn.Module) -> bool:
+    """A norm whose running statistics the BatchNorm reset (and the refit) recompute."""
+    k = kind_of(m)
+    return k is not None and k.batch_statistics and getattr(m, "track_running_stats", False)
+
+
+def macs(m: nn.Module, out: torch.Tensor) -> int:
+    """Multiply-accumulates of one call of ``m`` that gave ``out`` (0 for a layer the table does not count)."""
+    k = kind_of(m)
+    return 0 if k is None or k.macs is None else k.macs(m, out)
+
+
+def input_problem(m: nn.Module, shape: tuple | None) -> str | None:
+    """Why a known layer cannot be merged on an input of ``shape`` (a linear layer on tokens, ...), or None."""
+    k = kind_of(m)
+    return None if k is None else k.input_problem(m, shape)
 
 
 def out_channels(m: nn.Module) -> int:

@@ -206,14 +206,8 @@ class _Tracer:
         if kind is not None and kind.in_channels is not None:
             return self.weighted(node, m)
         x = self.input(node, node.args[0])
-        if isinstance(m, nn.LayerNorm):
-            shape = _shape(node.args[0])
-            if shape is None or tuple(m.normalized_shape) != tuple(shape[1:]):
-                raise _refuse(node, f"a LayerNorm over {tuple(m.normalized_shape)} that does not start at the "
-                                    "channel axis")
         if kind is not None:                            # a per-channel layer (a norm)
-            if layers.problem(m):
-                raise _refuse(node, layers.problem(m))
+            self.refuse_problems(node, m)
             if any(True for _ in m.parameters()) or getattr(m, "running_mean", None) is not None:
                 self.writes += x.members(name)
             return x
@@ -226,21 +220,22 @@ class _Tracer:
     def weighted(self, node: fx.Node, m: nn.Module) -> Layout:
         """Convolutions and linear layers read one space and write a new one; depthwise ones keep it."""
         x = self.input(node, node.args[0])
-        shape = _shape(node.args[0]) or ()
-        if isinstance(m, nn.Linear) and len(shape) != 2:
-            raise _refuse(node, "a linear layer applied to a tensor that is not [batch, features]")
-        if isinstance(m, nn.Conv2d):
-            if x.block != 1:
-                raise _refuse(node, "a convolution of a flattened tensor")
-            if layers.problem(m):
-                raise _refuse(node, layers.problem(m))
-            if layers.is_per_channel(m):
-                self.writes += x.members(node.target)
-                return x
+        self.refuse_problems(node, m)
+        if len(_shape(node.args[0]) or ()) > 2 and x.block != 1:
+            raise _refuse(node, f"a {type(m).__name__} applied to a flattened tensor")
+        if layers.is_per_channel(m):
+            self.writes += x.members(node.target)
+            return x
         self.reads += x.members(node.target)
         out = self.new(layers.out_channels(m))
         self.writes += out.members(node.target)
         return out
+
+    def refuse_problems(self, node: fx.Node, m: nn.Module) -> None:
+        """The table's reasons a layer cannot be merged, of its own or on this input's shape."""
+        why = layers.problem(m) or layers.input_problem(m, _shape(node.args[0]))
+        if why:
+            raise _refuse(node, why)
 
     def flatten(self, node: fx.Node, x: Layout) -> Layout:
         """[B, C, H, W] -> [B, C*H*W]: channel-major, so each channel becomes a block of H*W values."""
@@ -315,7 +310,7 @@ def trace_spaces(model: nn.Module, example: torch.Tensor) -> dict:
     find = tr.vars.find
     class_vars = {find(v) for layout in tr.outputs for v, _ in layout.segments}
     classifiers = sorted({m.module for v, m in tr.writes if find(v) in class_vars
-                          and isinstance(tr.modules[m.module], layers.WEIGHTED)}, key=tr.order.get)
+                          and isinstance(tr.modules[m.module], layers.weighted_types())}, key=tr.order.get)
     groups: dict[int, dict] = {}
     for v, m in tr.writes:
         root = find(v)
@@ -399,17 +394,17 @@ def _name_spaces(spaces: list[dict], modules: dict) -> None:
         s["name"] = name if used[name] == 1 else f"{name}#{used[name]}"
 
 
-def build_and_trace(builder: str, kwargs: dict, size: int) -> tuple[nn.Module, dict]:
+def build_and_trace(builder: str, kwargs: dict, shape: tuple[int, ...]) -> tuple[nn.Module, dict]:
     """Trace on the meta device (shapes without memory or compute), or on the CPU where the
     builder or model does not support it."""
     try:
         with torch.device("meta"):
             model = build(builder, kwargs)
-        return model, trace_spaces(model, torch.zeros(1, 3, size, size, device="meta"))
+        return model, trace_spaces(model, torch.zeros(1, *shape, device="meta"))
     except ShapeError:
         pass
     except SpecError as exc:
         if not str(exc).startswith("builder "):
             raise
     model = build(builder, kwargs)
-    return model, trace_spaces(model, torch.zeros(1, 3, size, size))
+    return model, trace_spaces(model, torch.zeros(1, *shape))
