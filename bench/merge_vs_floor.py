@@ -1,13 +1,13 @@
 """Benchmark 1 (and 3): whole `zipit merge` processes against the forward-pass floor, same run.
 
 Usage: python bench/merge_vs_floor.py [--arch resnet50] [--num-calib 256] [--batch-size 64]
-           [--calib DIR] [--zoo] [--refit] [--skip-default]
+           [--calib DIR] [--zoo] [--plain] [--skip-default]
 
 Without --zoo, two randomly initialised models of --arch are written to a temporary folder (timing
 does not depend on the weights). With --zoo, the zoo's ResNet-20 pair is used. Prints the phase
 times of two merges (from their --json summaries): with default options, and with fixed values
-(--method zipit --alpha 0.3 --beta 0.125), and with --refit a third with those values and
---refit lsq; the floor's; each ratio; and peak resident memory of each process (from the kernel's
+(--method zipit --alpha 0.3 --beta 0.125), both with the refit (the default), and with --plain a
+third with those values and --refit none; the floor's; each ratio; and peak resident memory of each process (from the kernel's
 rusage of the child) next to the size of the input checkpoints.
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ def main() -> None:
     p.add_argument("--calib", default=str(SHARED / "datasets/cifar10/train"))
     p.add_argument("--zoo", action="store_true", help="merge the zoo's ResNet-20 pair instead")
     p.add_argument("--no-reset-bn", action="store_true")
-    p.add_argument("--refit", action="store_true", help="also time the fixed-value merge with --refit lsq")
+    p.add_argument("--plain", action="store_true", help="also time the fixed-value merge with --refit none")
     p.add_argument("--skip-default", action="store_true", help="time only the fixed-value merges")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as d:
@@ -75,8 +75,8 @@ def main() -> None:
         floor_wall, floor_mem, floor_out = timed(floor_cmd)
         runs = [] if a.skip_default else [("default", *timed(merge_cmd))]
         runs.append(("fixed", *timed(fixed_cmd)))
-        if a.refit:
-            runs.append(("fixed + refit", *timed(fixed_cmd + ["--refit", "lsq"])))
+        if a.plain:
+            runs.append(("fixed, --refit none", *timed(fixed_cmd + ["--refit", "none"])))
     floor = json.loads(floor_out)
     print(f"{a.arch}: {a.num_calib} images, batch {a.batch_size}, reset BN {not a.no_reset_bn}, torch threads "
           f"{os.environ.get('OMP_NUM_THREADS', 'default')}")
@@ -87,8 +87,10 @@ def main() -> None:
         phases = ", ".join(f"{k} {v:.1f}" for k, v in merge["timings"].items() if k != "total")
         chose = merge["method"] + ("" if "choice" not in merge["params"] else
                                    f" ({merge['params']['choice'].get('reason') or 'on held-out evidence'})")
-        print(f"merge ({label}: {chose})  {wall:7.1f} s  (in-process {merge['timings']['total']:.1f}: {phases})  "
-              f"peak RSS {mem:.0f} MiB;  merge/floor {wall / floor_wall:.2f}")
+        refit = merge["params"].get("refit")
+        refitted = "" if not refit else f", refit {refit['layers']} layers on {refit['images']} images"
+        print(f"merge ({label}: {chose}{refitted})  {wall:7.1f} s  (in-process {merge['timings']['total']:.1f}: "
+              f"{phases})  peak RSS {mem:.0f} MiB;  merge/floor {wall / floor_wall:.2f}")
     print(f"input checkpoints {size_mib:.0f} MiB")
 
 if __name__ == "__main__":

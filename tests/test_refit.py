@@ -9,6 +9,8 @@ from typer.testing import CliRunner
 
 import zipcli.evaluate
 import zipcli.refit
+import zipcli.specs.graph
+import zipcli.streaming
 from zipcli import MergeOptions, merge
 from zipcli.cli import app
 from zipcli.refit import _Layer, solve_layer
@@ -109,6 +111,44 @@ def test_the_refit_reads_no_labels_and_is_deterministic(different, monkeypatch):
     assert first.metadata["params"]["refit"]["images"] == 48
     for (k, a), (_, b) in zip(first.model.state_dict().items(), second.model.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def test_activations_kept_in_files_give_the_same_merge_bit_for_bit(different, monkeypatch, tmp_path):
+    """The refit's memory budget decides only where activations live, never the result: with no
+    memory at all every activation goes through a file, and the merge is the same."""
+    d = different
+    options = MergeOptions(method="zipit", alpha=0.3, beta=0.125, stop="layer3", refit="lsq")
+    in_memory = merge(d["paths"], d["spec"], d["calib"], options)
+    written = []
+    keep = zipcli.streaming.SpillStore._write
+    monkeypatch.setattr(zipcli.streaming.SpillStore, "_write",
+                        lambda self, value, size: written.append(size) or keep(self, value, size))
+    monkeypatch.setattr(zipcli.refit, "MEMORY", 0)
+    monkeypatch.setattr(zipcli.streaming.tempfile, "tempdir", str(tmp_path))
+    in_files = merge(d["paths"], d["spec"], d["calib"], options)
+    assert sum(written) > 10 * 2**20                   # the activations really went through files
+    assert list(tmp_path.iterdir()) == []              # and the files are gone
+    assert in_files.metadata["params"]["refit"] == in_memory.metadata["params"]["refit"]
+    for (k, a), (_, b) in zip(in_memory.model.state_dict().items(), in_files.model.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_a_segment_runner_gives_the_models_output_whatever_its_segments():
+    spec = small_spec("resnet20")
+    model = random_model(spec, 3, 5).eval()
+    gm = zipcli.specs.graph.trace(model)
+    x = torch.randn(20, 3, 32, 32)
+    chunks = x.split(7)
+    with zipcli.streaming.SpillStore(0) as store:
+        run = zipcli.streaming.SegmentRunner(gm, lambda c: (chunks[c],), store, "m")
+        for name in ("layer1.0.conv1", "layer2.1.conv2", "linear"):
+            end = run.call_of(name)
+            for c in range(len(chunks)):
+                run.input_of(c, end)
+            run.advance(end)
+        out = torch.cat([run.finish(c) for c in range(len(chunks))])
+        assert store._values == {} or all(k[0] != "m" for k in store._values)
+    assert torch.equal(out, torch.cat([model(c) for c in chunks]))
 
 
 def test_cli_refit_option(different, tmp_path):

@@ -142,6 +142,21 @@ class ImageStream:
                                    "check the image files")
         return torch.cat(taken)
 
+    def chunks(self, size: int) -> Iterator[torch.Tensor]:
+        """Every readable image in the stream's order, ``size`` at a time (the last chunk may be
+        smaller): the same images and order as ``first``, whatever the batch size."""
+        pending = None
+        for batch in self.batches():
+            pending = batch if pending is None else torch.cat([pending, batch])
+            while len(pending) >= size:
+                yield pending[:size].clone()
+                pending = pending[size:]
+        if pending is not None and len(pending):
+            yield pending.clone()
+        elif pending is None:
+            raise CalibrationError(f"no calibration image could be read ({len(self.files)} tried)",
+                                   "check the image files")
+
     def batches(self) -> Iterator[torch.Tensor]:
         """Yield ``[B, 3, S, S]`` batches; unreadable images are skipped and recorded once."""
         gen = torch.Generator().manual_seed(self.seed)

@@ -28,7 +28,7 @@ from .measured import Calibration
 from .merged import MergedModel, merge_metadata, save_merged
 from .methods import Match
 from .options import AUTO, DTYPES, MergeOptions, MergePoint
-from .refit import affordable_images, refit
+from .refit import CHUNK, refit
 from .report import Reporter
 from .wording import decision_lines
 
@@ -128,10 +128,9 @@ def _metadata(cal: Calibration, decision: Decision, refitted: dict | None, space
 
 def _refit(cal: Calibration, point: MergePoint, model: MergedModel, matches: dict[str, Match],
            timings: dict) -> dict:
-    """The refit, in place, on as many fit images as its memory allows; its facts for the file."""
+    """The refit, in place, on every fit image of this process's shard; its facts for the file."""
     o, t = cal.options, time.perf_counter()
-    most = affordable_images(cal.sources[0].model, cal.spec.input.shape, len(cal.sources))
-    images = cal.ranks.together(lambda: cal.shard.first(most).to(o.device))
+    images = (chunk.to(o.device) for chunk in cal.shard.chunks(CHUNK))
     facts = refit(model, [s.model for s in cal.sources], cal.graph, cal.plan(point.stop), matches, images,
                   o.reset_bn, o.seed, cal.report, cal.ranks)
     cal.images_read = True

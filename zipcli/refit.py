@@ -12,8 +12,10 @@ own output. Each layer then solves a ridge problem pulled towards its zipped wei
     min_W  ||Y - W X||^2 + lam ||W - W_zip||^2,
 
 with lam chosen per layer, without labels, by two-fold cross-validation over the
-images (keeping W_zip is one of the choices). Every layer is solved from the one
-pass, so each corrects what the zipped layers before it get wrong. Convolutions use
+images (keeping W_zip is one of the choices). Layers are solved in forward order, each
+from every image before the next one's input is computed, so each corrects what the
+layers before it get wrong; what survives between layers is kept in a store bounded in
+memory (``streaming.py``), so every fit image is used at any model size. Convolutions use
 their unfolded inputs at a sample of output positions per image, so the statistics
 cost about as much as the layer itself. The target is the layer's own output,
 before any BatchNorm: the BatchNorm reset that follows normalises what the refit
@@ -22,23 +24,25 @@ produced (see docs/refit.md).
 from __future__ import annotations
 
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import torch
 import torch.nn as nn
-import torch.fx as fx
 
 from .distributed import SINGLE, Ranks
 from .methods import Match
 from .report import Reporter, SilentReporter
 from .specs import layers
-from .specs.graph import ModelGraph, StopPlan, trace
+from .specs.graph import ModelGraph, StopPlan
+from .streaming import SegmentRunner, SpillStore
 from .zip import SpaceMerge
 
 REFITS = ("none", "lsq")
 RIDGE_GRID = (float("inf"), 1.0, 1e-1, 1e-2, 1e-3, 1e-4)   # lam as a share of X^T X's mean eigenvalue
 CHUNK = 16                    # images per forward pass, as in the BatchNorm reset
-MEMORY = 2**28                # bytes the refit's activations may take (all its images are held at once)
+MEMORY = 2**28                # bytes of activations the refit holds in memory between layers (the rest in files)
 MIN_POSITIONS = 64            # output positions sampled per image and layer, at least (all of a small map)
 MIN_SAMPLES = 4               # a layer is solved only from at least this many samples per unknown of a row
 
@@ -107,34 +111,11 @@ def plan_layers(graph: ModelGraph, plan: StopPlan, merged: nn.Module, matches: d
     return out
 
 
-@torch.no_grad()
-def affordable_images(model: nn.Module, shape: tuple[int, ...], n_models: int, budget: int = MEMORY) -> int:
-    """How many images the refit may hold at once within ``budget`` bytes, from one image's largest
-    activation: twice that (a residual block's input lives beside its branch) for each of the
-    ``n_models`` sources and the merged model, in float32."""
-    largest = 0
-
-    def hook(_m, _args, out):
-        nonlocal largest
-        if isinstance(out, torch.Tensor):
-            largest = max(largest, out.numel())
-
-    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
-    handles = [m.register_forward_hook(hook) for m in leaves]
-    try:
-        device = next((t.device for t in model.parameters()), torch.device("cpu"))
-        model.eval()(torch.zeros(1, *shape, device=device))
-    finally:
-        for h in handles:
-            h.remove()
-    return max(1, budget // (4 * 2 * largest * (n_models + 1)))
-
-
 def _position_count(length: int, module: nn.Module, images: int) -> int:
     """Output positions sampled per image: about out channels / unknowns of them (so the statistics
     cost about what the layer does), at least ``MIN_POSITIONS``, and at least what ``images``
-    images need to reach ``MIN_SAMPLES`` per unknown (few images, where memory is short, are
-    sampled more densely); at most all."""
+    images need to reach ``MIN_SAMPLES`` per unknown (few images are sampled more densely); at
+    most all."""
     d = layers.refit_rows(module).unknowns(module)
     unknowns = d + (module.bias is not None)
     return min(length, max(MIN_POSITIONS, -(-length * layers.out_channels(module) // d),
@@ -214,93 +195,102 @@ def _store(layer: _Layer, w: torch.Tensor) -> None:
         m.weight.copy_(w.reshape(m.weight.shape).to(m.weight.dtype))
 
 
-class _Runner:
-    """Runs a traced model node by node over a list of image chunks, keeping only the values that
-    later nodes still need, so that a layer's weights can change between one node and the next."""
 
-    def __init__(self, gm: fx.GraphModule, inputs: list[tuple]):
-        self.gm, self.nodes = gm, list(gm.graph.nodes)
-        self.modules = dict(gm.named_modules())
-        self.inputs, self.pos, self.env = inputs, 0, {}
-        last = {}
-        for i, node in enumerate(self.nodes):
-            for used in node.all_input_nodes:
-                last[used] = i
-        self.frees: dict[int, list[fx.Node]] = {}
-        for node, i in last.items():
-            self.frees.setdefault(i, []).append(node)
-        self.placeholders = 0
-
-    @property
-    def next(self) -> fx.Node | None:
-        return self.nodes[self.pos] if self.pos < len(self.nodes) else None
-
-    def step(self) -> list:
-        """Compute the next node on every chunk; returns its values."""
-        node = self.nodes[self.pos]
-        values = [self._run(node, c) for c in range(len(self.inputs))]
-        self.env[node] = values
-        for dead in self.frees.get(self.pos, []):
-            if dead is not node:
-                self.env.pop(dead, None)
-        if node.op == "placeholder":
-            self.placeholders += 1
-        self.pos += 1
-        return values
-
-    def _run(self, node: fx.Node, c: int):
-        load = lambda n: self.env[n][c]          # noqa: E731
-        args, kwargs = fx.node.map_arg(node.args, load), fx.node.map_arg(node.kwargs, load)
-        if node.op == "placeholder":
-            return self.inputs[c][self.placeholders]
-        if node.op == "call_module":
-            return self.modules[node.target](*args, **kwargs)
-        if node.op == "call_function":
-            return node.target(*args, **kwargs)
-        if node.op == "call_method":
-            return getattr(args[0], node.target)(*args[1:], **kwargs)
-        if node.op == "get_attr":
-            value = self.gm
-            for part in node.target.split("."):
-                value = getattr(value, part)
-            return value
-        return args[0]                            # output
-
-    def until_module(self, name: str) -> list:
-        """Run on to the call of module ``name``; its outputs."""
-        while True:
-            node = self.next
-            values = self.step()
-            if node.op == "call_module" and node.target == name:
-                return values
-
-    def finish(self) -> list:
-        while self.next is not None:
-            values = self.step()
-        return values
+def _targets(todo: list[_Layer], sources: list[nn.Module], store: SpillStore, chunks: int, images: int,
+             seed: int) -> list[int]:
+    """Each layer's target rows for every chunk, kept in ``store`` under ``("target", k, chunk)`` with
+    the sampled positions and the layer's output shape; returns each layer's row count. The sources
+    do not change during the refit, so one pass over them serves every layer."""
+    keys = [seed * 1_000_003 + zlib.crc32(layer.name.encode()) for layer in todo]
+    wanted: dict[int, list[int]] = {}                     # source -> the layers it gives a target to
+    for k, layer in enumerate(todo):
+        for i in layer.sources:
+            wanted.setdefault(i, []).append(k)
+    rows = [0] * len(todo)
+    for c in range(chunks):
+        x = store.get(("image", c))
+        outs: dict[int, dict[int, torch.Tensor]] = {k: {} for k in range(len(todo))}
+        where: dict[int, torch.Tensor] = {}
+        shapes: dict[int, torch.Size] = {}
+        for i, source in enumerate(sources):
+            if i in wanted:
+                _sampled_outputs(source, x, [(k, todo[k]) for k in wanted[i]], c, images, keys, i, outs, where, shapes)
+        for k, layer in enumerate(todo):
+            y_rows = [outs[k][i] for i in layer.sources]
+            target = y_rows[0] if layer.merge is None else layer.merge.merge_rows(y_rows)
+            rows[k] += len(target)
+            store.put(("target", k, c), (target, where[k], shapes[k]))
+    return rows
 
 
-def _sample(layer: _Layer, xs: list, ys: list[list], images: int, key: int) -> None:
-    """Add one layer's statistics: merged inputs ``xs`` against each source's outputs ``ys[i]``,
-    chunk by chunk, at sampled output positions; chunks alternate between the two folds."""
-    module, rows = layer.module, layers.refit_rows(layer.module)
-    for c, x in enumerate(xs):
-        outs = [rows.outputs(module, y[c]) for y in ys]               # (B, positions, channels) views
-        where = _positions(outs[0].shape[1], module, images, key + 7919 * c)
-        x_rows = _rows_of_input(module, x, where, ys[0][c].shape).float()
-        y_rows = [o[:, where].reshape(-1, o.shape[-1]).float() for o in outs]
-        target = y_rows[0] if layer.merge is None else layer.merge.merge_rows(y_rows)
-        layer.add(c % 2, x_rows, target.to(x_rows.dtype))
+def _sampled_outputs(source: nn.Module, x: torch.Tensor, layers_: list[tuple[int, _Layer]], c: int, images: int,
+                     keys: list[int], i: int, outs: dict, where: dict, shapes: dict) -> None:
+    """Run ``source`` on chunk ``c``, keeping each wanted layer's output (its first call) only at the
+    positions the refit samples for that chunk."""
+    named = dict(source.named_modules())
+    done: set[int] = set()
+
+    def keep(k: int, layer: _Layer):
+        def hook(_m, _args, y):
+            if k in done:
+                return
+            done.add(k)
+            module, rows = layer.module, layers.refit_rows(layer.module)
+            o = rows.outputs(module, y)                                     # (B, positions, channels)
+            if k not in where:
+                where[k] = _positions(o.shape[1], module, images, keys[k] + 7919 * c)
+                shapes[k] = y.shape
+            outs[k][i] = o[:, where[k]].reshape(-1, o.shape[-1]).float()
+        return hook
+
+    handles = [named[layer.name].register_forward_hook(keep(k, layer)) for k, layer in layers_]
+    try:
+        source(x)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def _chunk_statistics(merged: nn.Module, from_images: bool):
+    """While the refit runs, the merged model's BatchNorm layers normalise each chunk by its own
+    statistics, as the reset that follows does (their stored statistics are left alone)."""
+    norms = [m for m in merged.modules() if layers.keeps_batch_statistics(m)]
+    saved = [(m, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+             for m in norms]
+    merged.eval()
+    if from_images:
+        for m in norms:
+            m.momentum, m.training = 0.0, True
+    try:
+        yield
+    finally:
+        for m, momentum, tracked in saved:
+            m.momentum, m.training = momentum, False
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+
+
+def _keep_images(images: torch.Tensor | Iterable[torch.Tensor], store: SpillStore) -> tuple[int, int]:
+    """Put the images in ``store`` by chunks of ``CHUNK``; (chunks, images)."""
+    chunks = images.split(CHUNK) if isinstance(images, torch.Tensor) else images
+    n = count = 0
+    for n, chunk in enumerate(chunks, 1):
+        store.put(("image", n - 1), chunk)
+        count += len(chunk)
+    return n, count
 
 
 @torch.no_grad()
 def refit(merged, sources: list[nn.Module], graph: ModelGraph, plan: StopPlan, matches: dict[str, Match],
-          images: torch.Tensor, batch_norm_from_images: bool = True, seed: int = 0,
-          report: Reporter | None = None, ranks: Ranks = SINGLE) -> dict[str, object]:
-    """Refit ``merged`` (zipped, before its BatchNorm reset) in place on ``images``, layer after layer
-    in forward order, in one pass: the images go through the sources and the merged model node by
-    node, and each layer is solved before its own output is computed, so every layer sees the refit
-    of the layers before it.
+          images: torch.Tensor | Iterable[torch.Tensor], batch_norm_from_images: bool = True, seed: int = 0,
+          report: Reporter | None = None, ranks: Ranks = SINGLE, memory: int | None = None) -> dict[str, object]:
+    """Refit ``merged`` (zipped, before its BatchNorm reset) in place on ``images`` (a tensor, or
+    chunks of ``CHUNK`` read once), layer after layer in forward order: each layer is solved from
+    every image before the next layer's input is computed, so every layer sees the refit of the
+    layers before it. The sources' targets come from one pass; the merged model runs segment by
+    segment, its live activations kept in at most ``memory`` bytes (``MEMORY``) and in temporary files
+    beyond.
 
     ``batch_norm_from_images``: the merged model's BatchNorm layers normalise with the statistics of
     each chunk of images, as in the reset that follows (else with their stored statistics). Returns
@@ -311,79 +301,56 @@ def refit(merged, sources: list[nn.Module], graph: ModelGraph, plan: StopPlan, m
     facts: list[dict] = []
     if not todo:
         return {"kind": "lsq", "layers": 0, "images": 0, "per_layer": facts}
-    chunks = [(x,) for x in images.split(CHUNK)]
-    count = int(ranks.sum(images.new_tensor([len(images)]))) if ranks.many else len(images)   # every rank's
-    norms = [m for m in merged.modules() if layers.keeps_batch_statistics(m)]
-    saved = [(m, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
-             for m in norms]
     for s in sources:
         s.eval()
-    merged.eval()
-    if batch_norm_from_images:
-        for m in norms:
-            m.momentum, m.training = 0.0, True      # chunk statistics, running ones left alone
-    source_runs = [_Runner(trace(s), chunks) for s in sources]
-    report.start("refit", len(todo))
+    report.start("refit", len(todo) + 1)
     try:
-        trunk = _Runner(merged.trunk, chunks)
-        head_layers = {}
-        for layer in todo:
-            if layer.merge is None:
-                head_layers.setdefault(layer.sources[0], []).append(layer)
-        for layer in (t for t in todo if t.merge is not None):
-            xs = _inputs_of(trunk, layer.name)
-            ys = [source_runs[i].until_module(layer.name) for i in layer.sources]
-            facts.append(_fit(layer, xs, ys, seed, ranks, count))
+        with SpillStore(MEMORY if memory is None else memory) as store, _chunk_statistics(merged, batch_norm_from_images):
+            chunks, count = ranks.together(lambda: _keep_images(images, store))
+            if ranks.many:
+                count = int(ranks.sum(torch.tensor([count])))           # every rank's
+            rows = ranks.together(lambda: _targets(todo, sources, store, chunks, count, seed))
             report.advance()
-        boundary = trunk.finish()
-        for i in range(len(source_runs)):
-            if i not in head_layers:
-                source_runs[i] = None               # its activations are needed no more
-        for i, head in enumerate(merged.head_modules):
-            if i not in head_layers:
-                continue
-            run = _Runner(head, [tuple(b) for b in boundary])
-            for layer in head_layers[i]:
-                xs = _inputs_of(run, layer.name)
-                ys = [source_runs[i].until_module(layer.name)]
-                facts.append(_fit(layer, xs, ys, seed, ranks, count))
-                report.advance()
+            trunk = SegmentRunner(merged.trunk, lambda c: (store.pop(("image", c)),), store, "trunk")
+            for k, layer in enumerate(todo):
+                if layer.merge is not None:
+                    facts.append(_fit(layer, k, trunk, chunks, rows[k], ranks))
+                    report.advance()
+            for c in range(chunks):
+                store.put(("boundary", c), tuple(trunk.finish(c)))
+            for i, head in enumerate(merged.head_modules):
+                run = SegmentRunner(head, lambda c: store.get(("boundary", c)), store, f"head{i}")
+                for k, layer in enumerate(todo):
+                    if layer.merge is None and layer.sources[0] == i:
+                        facts.append(_fit(layer, k, run, chunks, rows[k], ranks))
+                        report.advance()
     finally:
         report.done()
-        for m, momentum, tracked in saved:
-            m.momentum, m.training = momentum, False
-            if tracked is not None:
-                m.num_batches_tracked.copy_(tracked)
     kept = sum(f["ridge"] is None for f in facts)
     return {"kind": "lsq", "layers": len(facts), "images": count, "kept_zipped": kept, "per_layer": facts}
 
 
-def _inputs_of(run: _Runner, name: str) -> list:
-    """Run on to (not through) the call of module ``name``; its first argument on every chunk."""
-    while True:
-        node = run.next
-        if node.op == "call_module" and node.target == name:
-            arg = node.args[0]
-            return run.env[arg] if isinstance(arg, fx.Node) else [arg] * len(run.inputs)
-        run.step()
-
-
-def _samples(layer: _Layer, ys: list[list], images: int) -> int:
-    """Rows the layer's statistics would hold: known from the outputs' shapes before any is summed."""
-    module, rows = layer.module, layers.refit_rows(layer.module)
-    return sum(y.shape[0] * _position_count(rows.outputs(module, y).shape[1], module, images) for y in ys[0])
-
-
-def _fit(layer: _Layer, xs: list, ys: list[list], seed: int, ranks: Ranks, images: int) -> dict:
-    """Statistics, the solve, and the new weights in place for one layer; its facts. A layer that
-    would get too few samples to be solved is left as it is without computing them."""
+def _fit(layer: _Layer, k: int, run: SegmentRunner, chunks: int, samples: int, ranks: Ranks) -> dict:
+    """Run every chunk up to the layer, summing its statistics if it has samples enough to be
+    solved; the solve, and the new weights in place. Its facts."""
     w0 = layer.zipped()
-    samples = _samples(layer, ys, images)
     if ranks.many:
         samples = int(ranks.sum(w0.new_tensor([samples])))
+    enough = _enough(samples, w0.shape[1])
+    end = run.call_of(layer.name)
+
+    def statistics():
+        for c in range(chunks):
+            x = run.input_of(c, end)
+            target, where, shape = run.store.pop(("target", k, c))
+            if enough:
+                x_rows = _rows_of_input(layer.module, x, where, shape).float()
+                layer.add(c % 2, x_rows, target.to(x_rows.dtype))
+
+    ranks.together(statistics)
+    run.advance(end)
     share, before, after = float("inf"), None, None
-    if _enough(samples, w0.shape[1]):
-        ranks.together(lambda: _sample(layer, xs, ys, images, seed * 1_000_003 + zlib.crc32(layer.name.encode())))
+    if enough:
         if ranks.many:
             layer.gram = [ranks.sum(g) for g in layer.gram]
             layer.cross = [ranks.sum(c) for c in layer.cross]
