@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 import zipcli.evaluate
+import zipcli.pipeline
 import zipcli.refit
 import zipcli.specs.graph
 import zipcli.streaming
@@ -130,6 +131,22 @@ def test_activations_kept_in_files_give_the_same_merge_bit_for_bit(different, mo
     assert list(tmp_path.iterdir()) == []              # and the files are gone
     assert in_files.metadata["params"]["refit"] == in_memory.metadata["params"]["refit"]
     for (k, a), (_, b) in zip(in_memory.model.state_dict().items(), in_files.model.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("batch_size", [64, 24])
+def test_the_batchnorm_reset_measured_in_the_refits_pass_equals_its_own_pass(different, monkeypatch, batch_size):
+    """The refit computes every BatchNorm input once, with the final weights before it, so the reset
+    rides on its pass; the statistics are those of a separate reset pass, bit for bit."""
+    d = different
+    options = MergeOptions(method="permute", stop="layer2", batch_size=batch_size)
+    folded = merge(d["paths"], d["spec"], d["calib"], options)
+    monkeypatch.setattr(zipcli.pipeline, "BatchStatistics", lambda model: None)
+    separate = merge(d["paths"], d["spec"], d["calib"], options)
+    assert folded.metadata["params"]["refit"]["layers"] > 0
+    names = [k for k in folded.model.state_dict() if "running_" in k or "num_batches" in k]
+    assert names
+    for (k, a), (_, b) in zip(folded.model.state_dict().items(), separate.model.state_dict().items()):
         assert torch.equal(a, b), k
 
 

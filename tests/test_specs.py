@@ -104,3 +104,22 @@ def test_a_module_whole_in_two_spaces_is_refused():
     text = _edited(lambda d: _space(d, "layer1.0.conv1")["writers"].append("layer1.1.bn1"))
     with pytest.raises(SpecError, match="layer1.1.bn1"):
         parse_spec(text)
+
+
+def test_every_file_a_hint_points_at_ships_in_the_wheel():
+    """Hints say where an installed copy of a file is ("installed as zipcli/..."): each such file is
+    put in the wheel by pyproject's force-include, from a file that exists in the repository."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    wheel = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"]
+    shipped = wheel.get("force-include", {})
+    named = set()
+    for source in (root / "zipcli").rglob("*.py"):
+        named |= set(re.findall(r"installed as (zipcli/[\w/.]*\w)", source.read_text()))
+    assert "zipcli/specs/README.md" in named
+    for installed in named:
+        assert installed in shipped.values(), f"{installed} is named in a hint but not put in the wheel"
+        assert all((root / src).is_file() for src, dest in shipped.items() if dest == installed)

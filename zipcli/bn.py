@@ -56,6 +56,40 @@ class _PooledMoments:
         self.layer.running_var.copy_(var.to(self.layer.running_var.dtype))
 
 
+class BatchStatistics:
+    """The pooled input moments of every layer that keeps batch statistics, gathered while the model
+    runs: in the reset's own pass, or in the refit's, which computes every such input with the
+    final weights before it and so measures the same thing without a pass of its own."""
+
+    def __init__(self, model: nn.Module):
+        self.norms = [m for m in model.modules() if layers.keeps_batch_statistics(m)]
+        self.saved = [(m, m.momentum) for m in self.norms]
+        self.moments = []
+        self.measured = False
+        for m in self.norms:
+            m.momentum = 0.0    # leave running stats alone during the passes; set them from the pooled sums
+            self.moments.append(_PooledMoments(m))
+
+    def store(self, seen: int, ranks: Ranks = SINGLE) -> None:
+        """Set every layer's running statistics from the sums over ``seen`` images (this rank's)."""
+        if ranks.many:
+            seen = int(ranks.sum(torch.tensor([seen])))
+            for pooled in self.moments:
+                pooled.sum_over(ranks)
+        if seen == 0:
+            raise CalibrationError("no calibration image could be read for the BatchNorm reset",
+                                   "check the image files")
+        for pooled in self.moments:
+            pooled.store()
+        self.measured = True
+
+    def close(self) -> None:
+        for pooled in self.moments:
+            pooled.handle.remove()
+        for m, momentum in self.saved:
+            m.momentum = momentum
+
+
 @torch.no_grad()
 def reset_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], device="cpu",
                     on_batch: Callable[[int], None] | None = None, chunk: int = 16, ranks: Ranks = SINGLE) -> int:
@@ -66,14 +100,9 @@ def reset_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], device="c
     statistics are pooled over all images (of every rank's shard, with ``ranks``).
     Returns the number of BN layers reset.
     """
-    norms = [m for m in model.modules() if layers.keeps_batch_statistics(m)]
-    if not norms:
+    statistics = BatchStatistics(model)
+    if not statistics.norms:
         return 0
-    saved = [(m, m.momentum) for m in norms]
-    moments = []
-    for m in norms:
-        m.momentum = 0.0    # leave running stats alone during the passes; set them from the pooled sums
-        moments.append(_PooledMoments(m))
     model.train()
 
     def local_pass() -> int:
@@ -87,20 +116,8 @@ def reset_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], device="c
         return seen
 
     try:
-        seen = ranks.together(local_pass)
-        if ranks.many:
-            seen = int(ranks.sum(torch.tensor([seen])))
-            for pooled in moments:
-                pooled.sum_over(ranks)
-        if seen == 0:
-            raise CalibrationError("no calibration image could be read for the BatchNorm reset",
-                                   "check the image files")
-        for pooled in moments:
-            pooled.store()
+        statistics.store(ranks.together(local_pass), ranks)
     finally:
-        for pooled in moments:
-            pooled.handle.remove()
-        for m, momentum in saved:
-            m.momentum = momentum
+        statistics.close()
         model.eval()
-    return len(norms)
+    return len(statistics.norms)

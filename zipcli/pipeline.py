@@ -20,7 +20,7 @@ import torch
 
 from . import methods
 from .assembly import build, match
-from .bn import reset_batchnorm
+from .bn import BatchStatistics, reset_batchnorm
 from .card import card_files
 from .choosing import Decision, decide
 from .distributed import SINGLE, Ranks
@@ -81,13 +81,19 @@ def merge_at(cal: Calibration, decision: Decision | MergePoint) -> MergeResult:
             report.warn(f"space {s['space']}: zipit could not finish within the beta budget and lifted it")
     timings["matching+zip"] = time.perf_counter() - t
 
-    refitted = _refit(cal, point, model, matches, timings) if point.refit != "none" else None
+    statistics = BatchStatistics(model) if reset_bn and point.refit != "none" else None
+    try:
+        refitted = _refit(cal, point, model, matches, timings, statistics) if point.refit != "none" else None
+    finally:
+        if statistics is not None:
+            statistics.close()
 
     t = time.perf_counter()
-    if reset_bn:
+    if reset_bn and not (statistics and statistics.measured):
         report.start("batchnorm reset", cal.shard.readable)
         try:
-            reset_batchnorm(model, cal.shard.batches(), cal.options.device, on_batch=report.advance, ranks=cal.ranks)
+            reset_batchnorm(model, cal.shard.chunks(CHUNK), cal.options.device, on_batch=report.advance,
+                            ranks=cal.ranks)
         finally:
             report.done()
         cal.images_read = True
@@ -127,12 +133,12 @@ def _metadata(cal: Calibration, decision: Decision, refitted: dict | None, space
 
 
 def _refit(cal: Calibration, point: MergePoint, model: MergedModel, matches: dict[str, Match],
-           timings: dict) -> dict:
+           timings: dict, statistics: BatchStatistics | None) -> dict:
     """The refit, in place, on every fit image of this process's shard; its facts for the file."""
     o, t = cal.options, time.perf_counter()
     images = (chunk.to(o.device) for chunk in cal.shard.chunks(CHUNK))
     facts = refit(model, [s.model for s in cal.sources], cal.graph, cal.plan(point.stop), matches, images,
-                  o.reset_bn, o.seed, cal.report, cal.ranks)
+                  o.reset_bn, o.seed, cal.report, cal.ranks, statistics=statistics)
     cal.images_read = True
     timings["refit"] = time.perf_counter() - t
     return facts

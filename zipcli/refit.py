@@ -29,13 +29,15 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
+from .bn import BatchStatistics
 from .distributed import SINGLE, Ranks
 from .methods import Match
 from .report import Reporter, SilentReporter
 from .specs import layers
-from .specs.graph import ModelGraph, StopPlan
+from .specs.graph import ModelGraph, StopPlan, trace
 from .streaming import SegmentRunner, SpillStore
 from .zip import SpaceMerge
 
@@ -196,65 +198,43 @@ def _store(layer: _Layer, w: torch.Tensor) -> None:
 
 
 
-def _targets(todo: list[_Layer], sources: list[nn.Module], store: SpillStore, chunks: int, images: int,
+def _targets(todo: list[_Layer], sources: list[fx.GraphModule], store: SpillStore, chunks: int, images: int,
              seed: int) -> list[int]:
     """Each layer's target rows for every chunk, kept in ``store`` under ``("target", k, chunk)`` with
     the sampled positions and the layer's output shape; returns each layer's row count. The sources
-    do not change during the refit, so one pass over them serves every layer."""
+    do not change during the refit, so one pass over them serves every layer. Within a chunk the
+    sources run side by side, layer after layer, so only one layer's outputs are held at a time."""
     keys = [seed * 1_000_003 + zlib.crc32(layer.name.encode()) for layer in todo]
-    wanted: dict[int, list[int]] = {}                     # source -> the layers it gives a target to
-    for k, layer in enumerate(todo):
-        for i in layer.sources:
-            wanted.setdefault(i, []).append(k)
     rows = [0] * len(todo)
     for c in range(chunks):
         x = store.get(("image", c))
-        outs: dict[int, dict[int, torch.Tensor]] = {k: {} for k in range(len(todo))}
-        where: dict[int, torch.Tensor] = {}
-        shapes: dict[int, torch.Size] = {}
-        for i, source in enumerate(sources):
-            if i in wanted:
-                _sampled_outputs(source, x, [(k, todo[k]) for k in wanted[i]], c, images, keys, i, outs, where, shapes)
-        for k, layer in enumerate(todo):
-            y_rows = [outs[k][i] for i in layer.sources]
-            target = y_rows[0] if layer.merge is None else layer.merge.merge_rows(y_rows)
-            rows[k] += len(target)
-            store.put(("target", k, c), (target, where[k], shapes[k]))
+        with SpillStore(None) as live:             # one chunk's live values: small, in memory
+            runs = [SegmentRunner(gm, lambda _c: (x,), live, f"source{i}") for i, gm in enumerate(sources)]
+            for k, layer in enumerate(todo):
+                module, table = layer.module, layers.refit_rows(layer.module)
+                ys = [_output_of(runs[i], layer.name) for i in layer.sources]
+                outs = [table.outputs(module, y) for y in ys]
+                where = _positions(outs[0].shape[1], module, images, keys[k] + 7919 * c)
+                y_rows = [o[:, where].reshape(-1, o.shape[-1]).float() for o in outs]
+                target = y_rows[0] if layer.merge is None else layer.merge.merge_rows(y_rows)
+                rows[k] += len(target)
+                store.put(("target", k, c), (target, where, ys[0].shape))
     return rows
 
 
-def _sampled_outputs(source: nn.Module, x: torch.Tensor, layers_: list[tuple[int, _Layer]], c: int, images: int,
-                     keys: list[int], i: int, outs: dict, where: dict, shapes: dict) -> None:
-    """Run ``source`` on chunk ``c``, keeping each wanted layer's output (its first call) only at the
-    positions the refit samples for that chunk."""
-    named = dict(source.named_modules())
-    done: set[int] = set()
-
-    def keep(k: int, layer: _Layer):
-        def hook(_m, _args, y):
-            if k in done:
-                return
-            done.add(k)
-            module, rows = layer.module, layers.refit_rows(layer.module)
-            o = rows.outputs(module, y)                                     # (B, positions, channels)
-            if k not in where:
-                where[k] = _positions(o.shape[1], module, images, keys[k] + 7919 * c)
-                shapes[k] = y.shape
-            outs[k][i] = o[:, where[k]].reshape(-1, o.shape[-1]).float()
-        return hook
-
-    handles = [named[layer.name].register_forward_hook(keep(k, layer)) for k, layer in layers_]
-    try:
-        source(x)
-    finally:
-        for h in handles:
-            h.remove()
+def _output_of(run: SegmentRunner, name: str) -> torch.Tensor:
+    """Run the one chunk of ``run`` through the next call of module ``name``; its output."""
+    end = run.call_of(name)
+    value = run.output_of(0, end)
+    run.advance(end + 1)
+    return value
 
 
 @contextmanager
-def _chunk_statistics(merged: nn.Module, from_images: bool):
+def _chunk_statistics(merged: nn.Module, from_images: bool, counted: bool = False):
     """While the refit runs, the merged model's BatchNorm layers normalise each chunk by its own
-    statistics, as the reset that follows does (their stored statistics are left alone)."""
+    statistics, as the reset that follows does (their stored statistics are left alone; with
+    ``counted`` the batches they saw are counted, as the reset counts them)."""
     norms = [m for m in merged.modules() if layers.keeps_batch_statistics(m)]
     saved = [(m, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
              for m in norms]
@@ -267,7 +247,7 @@ def _chunk_statistics(merged: nn.Module, from_images: bool):
     finally:
         for m, momentum, tracked in saved:
             m.momentum, m.training = momentum, False
-            if tracked is not None:
+            if tracked is not None and not counted:
                 m.num_batches_tracked.copy_(tracked)
 
 
@@ -284,7 +264,8 @@ def _keep_images(images: torch.Tensor | Iterable[torch.Tensor], store: SpillStor
 @torch.no_grad()
 def refit(merged, sources: list[nn.Module], graph: ModelGraph, plan: StopPlan, matches: dict[str, Match],
           images: torch.Tensor | Iterable[torch.Tensor], batch_norm_from_images: bool = True, seed: int = 0,
-          report: Reporter | None = None, ranks: Ranks = SINGLE, memory: int | None = None) -> dict[str, object]:
+          report: Reporter | None = None, ranks: Ranks = SINGLE, memory: int | None = None,
+          statistics: BatchStatistics | None = None) -> dict[str, object]:
     """Refit ``merged`` (zipped, before its BatchNorm reset) in place on ``images`` (a tensor, or
     chunks of ``CHUNK`` read once), layer after layer in forward order: each layer is solved from
     every image before the next layer's input is computed, so every layer sees the refit of the
@@ -293,7 +274,9 @@ def refit(merged, sources: list[nn.Module], graph: ModelGraph, plan: StopPlan, m
     beyond.
 
     ``batch_norm_from_images``: the merged model's BatchNorm layers normalise with the statistics of
-    each chunk of images, as in the reset that follows (else with their stored statistics). Returns
+    each chunk of images, as in the reset that follows (else with their stored statistics).
+    ``statistics``: also gather the BatchNorm reset's statistics in this pass (every layer's input
+    is computed once, after the layers before it are final), and store them at its end. Returns
     facts for the merged file's metadata.
     """
     report = report or SilentReporter()
@@ -305,11 +288,14 @@ def refit(merged, sources: list[nn.Module], graph: ModelGraph, plan: StopPlan, m
         s.eval()
     report.start("refit", len(todo) + 1)
     try:
-        with SpillStore(MEMORY if memory is None else memory) as store, _chunk_statistics(merged, batch_norm_from_images):
+        with SpillStore(MEMORY if memory is None else memory) as store, \
+                _chunk_statistics(merged, batch_norm_from_images, counted=statistics is not None):
             chunks, count = ranks.together(lambda: _keep_images(images, store))
+            local = count
             if ranks.many:
                 count = int(ranks.sum(torch.tensor([count])))           # every rank's
-            rows = ranks.together(lambda: _targets(todo, sources, store, chunks, count, seed))
+            graphs = [trace(s) for s in sources]
+            rows = ranks.together(lambda: _targets(todo, graphs, store, chunks, count, seed))
             report.advance()
             trunk = SegmentRunner(merged.trunk, lambda c: (store.pop(("image", c)),), store, "trunk")
             for k, layer in enumerate(todo):
@@ -324,6 +310,10 @@ def refit(merged, sources: list[nn.Module], graph: ModelGraph, plan: StopPlan, m
                     if layer.merge is None and layer.sources[0] == i:
                         facts.append(_fit(layer, k, run, chunks, rows[k], ranks))
                         report.advance()
+                if statistics is not None:            # the rest of the head, for its statistics
+                    ranks.together(lambda: [run.finish(c) for c in range(chunks)])
+            if statistics is not None:
+                statistics.store(local, ranks)
     finally:
         report.done()
     kept = sum(f["ridge"] is None for f in facts)

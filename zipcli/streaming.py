@@ -35,9 +35,9 @@ class _Spilled:
 
 
 class SpillStore:
-    """Values by key: in memory up to ``budget`` bytes of tensors, in files beyond it."""
+    """Values by key: in memory up to ``budget`` bytes of tensors (no limit: None), in files beyond it."""
 
-    def __init__(self, budget: int):
+    def __init__(self, budget: int | None):
         self.budget, self.used, self.spilled = budget, 0, 0
         self._values: dict[Hashable, object] = {}
         self._folder: Path | None = None
@@ -73,7 +73,7 @@ class SpillStore:
     def _keep(self, value):
         if isinstance(value, torch.Tensor):
             size = value.nelement() * value.element_size()
-            if size <= SMALL or self.used + size <= self.budget:
+            if size <= SMALL or self.budget is None or self.used + size <= self.budget:
                 self.used += size
                 return value
             return self._write(value, size)
@@ -142,6 +142,10 @@ class SegmentRunner:
         """Run chunk ``c`` up to (not through) node ``end``; that node's first argument."""
         arg = self.nodes[end].args[0]
         return self._run(c, end, arg)
+
+    def output_of(self, c: int, end: int):
+        """Run chunk ``c`` through node ``end``; that node's value."""
+        return self._run(c, end + 1, self.nodes[end])
 
     def finish(self, c: int):
         """Run chunk ``c`` to the end; the model's output."""
