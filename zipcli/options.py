@@ -1,5 +1,5 @@
 """What a merge is asked to do: the options of one merge (``MergeOptions``, the CLI's options), and
-one point to merge at (``MergePoint``: stop, method and its setting, refit, dtype), which the
+one point to merge at (``MergePoint``: stop, method and its setting, refit, dtype, merged widths), which the
 default's choice turns the options into.
 """
 from __future__ import annotations
@@ -108,3 +108,4 @@ class MergePoint:
     refit: str = "none"
     dtype: str | None = None
     params: tuple[tuple[str, float], ...] = ()      # the method's own parameters beyond alpha and beta
+    widths: tuple[tuple[str, int], ...] = ()        # merged spaces wider than one model's (the size dial)

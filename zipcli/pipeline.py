@@ -73,9 +73,10 @@ def merge_at(cal: Calibration, decision: Decision | MergePoint) -> MergeResult:
     if decision.seconds is not None:
         timings["tuning"] = decision.seconds
     t = time.perf_counter()
-    matches = match(cal, point.stop, point.method, point.setting, point.params)
+    matches = match(cal, point.stop, point.method, point.setting, point.params, dict(point.widths))
     model = build(cal, point.stop, matches)
-    spaces = [_space_summary(cal, name, matches[name]) for name in cal.plan(point.stop).merged_spaces]
+    spaces = [_space_summary(cal, name, matches[name], bool(point.widths))
+              for name in cal.plan(point.stop).merged_spaces]
     for s in spaces:
         if s["budget_lifted"]:
             report.warn(f"space {s['space']}: zipit could not finish within the beta budget and lifted it")
@@ -95,11 +96,12 @@ def merge_at(cal: Calibration, decision: Decision | MergePoint) -> MergeResult:
     timings["batchnorm"] = time.perf_counter() - t
     if cal.ranks.many:
         timings["collectives"] = cal.ranks.waited
-    model.metadata = _metadata(cal, decision, refitted, spaces)
+    model.metadata = _metadata(cal, decision, refitted, spaces, model)
     return MergeResult(model.eval(), model.metadata, timings)
 
 
-def _metadata(cal: Calibration, decision: Decision, refitted: dict | None, spaces: list[dict]) -> dict:
+def _metadata(cal: Calibration, decision: Decision, refitted: dict | None, spaces: list[dict],
+              model: MergedModel) -> dict:
     """What the merged file records: the point, the evidence behind it, the images, the sources."""
     point, o = decision.point, cal.options
     dtype = point.dtype or next(k for k, v in DTYPES.items() if v == cal.sources[0].checkpoint.dtype)
@@ -138,12 +140,16 @@ def _refit(cal: Calibration, point: MergePoint, model: MergedModel, matches: dic
     return facts
 
 
-def _space_summary(cal: Calibration, name: str, m: Match) -> dict:
+def _space_summary(cal: Calibration, name: str, m: Match, sized: bool) -> dict:
     """Per-space facts for the file: how well the merged features agree, how many merges stayed
-    within one model, whether zipit had to lift its budget."""
+    within one model, whether zipit had to lift its budget; for a merge at a size, the merged width
+    (only then: a full zip's file stays as it was)."""
     corr = cal.correlations.get(name)
     mean_corr = None if corr is None else m.mean_merged_correlation(corr)
-    return {"space": name, "size": cal.graph.space_size[name],
-            "mean_corr": None if mean_corr is None else round(mean_corr, 6),
-            "within_share": round(m.within_merges / m.total_merges, 6) if m.total_merges else 0.0,
-            "budget_lifted": m.budget_lifted}
+    summary = {"space": name, "size": cal.graph.space_size[name],
+               "mean_corr": None if mean_corr is None else round(mean_corr, 6),
+               "within_share": round(m.within_merges / m.total_merges, 6) if m.total_merges else 0.0,
+               "budget_lifted": m.budget_lifted}
+    if sized:
+        summary["width"] = m.size
+    return summary
