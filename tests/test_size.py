@@ -5,6 +5,8 @@ side, a full zip is unchanged, and sized files load back as they were written.
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,7 @@ from zipcli.methods.zipit import match_zipit
 from zipcli.merged import load_merged, read_metadata
 from zipcli.options import MergePoint
 from zipcli.pipeline import merge_at
+from zipcli import sizing
 from zipcli.specs import layers
 from zipcli.specs.builders import build_model
 from zipcli.specs.graph import ModelGraph
@@ -227,3 +230,125 @@ def test_permute_keeps_the_weakest_matched_pairs_apart():
     corr[np.arange(o), o + np.arange(o)] = corr[o + np.arange(o), np.arange(o)] = strength
     m = match_permute(corr, 2, width=o + 2)
     assert sorted(np.flatnonzero(m.assign[1] >= o)) == [1, 3]       # the 0.2 and 0.1 pairs
+
+
+# --- step 2: --size, the widths spread over the spaces without labels
+
+@pytest.mark.parametrize("stop", ["layer2", "layer3"])
+def test_the_cost_model_counts_the_built_model_and_sizes_are_nested(pair, stop):
+    from zipcli.merged import skeleton
+    previous, one = None, sizing.one_model(pair)
+    for size in (1.0, 1.1, 1.25, 1.5, 2.0):
+        a = sizing.allocate(pair, stop, size)
+        built = skeleton(pair.spec, stop, pair.heads(stop), dict(a.widths))
+        assert a.params == sum(p.numel() for p in built.parameters())
+        assert a.params <= max(size * one, a.floor)
+        widths = dict(a.widths)
+        if previous is not None:                     # a larger size never narrows a space
+            assert all(widths.get(s, 0) >= w for s, w in previous.items())
+        previous = widths
+    assert sizing.allocate(pair, stop, 2.0).reached > 1.9     # most of the way to the sources side by side
+
+
+def test_below_the_full_zip_the_size_is_the_full_zip_and_says_so(pair):
+    warnings = []
+    pair.report.warn = warnings.append
+    a = sizing.allocate(pair, "layer1", 1.25)           # layer1 shares little: the full zip is ~1.95x
+    assert a.widths == () and a.params == a.floor and any("below the full zip" in w for w in warnings)
+
+
+def test_permuted_copies_have_nothing_to_gain_from_width(tmp_path, calib32):
+    spec = small_spec("resnet20")
+    _, paths = _permuted_copies(spec, tmp_path, calib32, 2)
+    cal = _calibration(paths, spec, calib32)
+    assert sizing.allocate(cal, "layer3", 1.5).widths == ()
+
+
+def test_the_weakest_space_gets_the_width_first(pair):
+    """With equal costs, the space whose matched features correlate least is widened first."""
+    stop = "layer3"
+    g = {s: sizing.gains(pair, s)[0] for s in sizing.resizable(pair, stop)}
+    a = sizing.allocate(pair, stop, sizing.allocate(pair, stop, 1.0).floor / sizing.one_model(pair) + 0.002)
+    first = dict(a.widths)
+    assert len(first) >= 1
+    o = pair.graph.space_size
+    width = lambda s: o[s] if s else 1                                          # noqa: E731
+    price = {s: sum(t.coef * width(t.into if t.out == s else t.out) for t in sizing.terms(pair, stop)
+                    if s in (t.out, t.into)) for s in g}                        # one more channel, all at O
+    best = max(g, key=lambda s: g[s] / price[s])
+    assert best in first
+
+
+@pytest.mark.parametrize("size, method, match", [(0.5, "permute", r"outside \[1, 2\]"), (2.5, "zipit", r"\[1, 2\]"),
+                                                 (float("nan"), "auto", r"\[1, 2\]"),
+                                                 (1.25, "average", "cannot merge at a size")])
+def test_bad_sizes_are_refused_naming_the_option_and_the_range(size, method, match):
+    with pytest.raises(ZipitError, match=match) as err:
+        MergeOptions(method=method, size=size).validate(2)
+    assert "--size" in str(err.value)
+
+
+def test_merge_at_a_size_records_it_and_loads_back(tmp_path, calib32):
+    from zipcli import merge
+    paths = resnet20_pair(tmp_path, calib32)
+    spec = small_spec("resnet20")
+    result = merge(list(paths), spec, calib32, MergeOptions(method="permute", size=1.25, stop="layer3",
+                                                            refit="none", batch_size=8))
+    record = result.metadata["params"]["size"]
+    assert record["asked"] == 1.25 and record["unit"] == "parameters" and record["floor"] < 1.01
+    one = sum(p.numel() for p in build_model(spec, 2).parameters()) / 2 + \
+        sum(p.numel() for p in build_model(spec, 3).parameters()) / 2
+    assert record["reached"] == round(sum(p.numel() for p in result.model.parameters()) / one, 4)
+    assert 1.2 < record["reached"] <= 1.25
+    widths = {s["space"]: s["width"] for s in result.metadata["spaces"]}
+    assert sum(widths.values()) > sum(s["size"] for s in result.metadata["spaces"])
+    result.save(tmp_path / "sized.safetensors")
+    loaded = load_merged(tmp_path / "sized.safetensors")
+    assert {s: w for s, w in widths.items() if w != _one_width(result, s)} == loaded.widths
+    card = (tmp_path / "sized.md").read_text()
+    assert "- Size: asked 1.25x one source model's parameters" in card and "## Merged widths" in card
+
+
+def _one_width(result, space):
+    return next(s["size"] for s in result.metadata["spaces"] if s["space"] == space)
+
+
+def test_cli_merge_at_a_size_shows_it_in_inspect_and_the_card(tmp_path, calib32):
+    from typer.testing import CliRunner
+    from zipcli.cli import app
+    a, b = resnet20_pair(tmp_path, calib32)
+    out = tmp_path / "m.safetensors"
+    runner = CliRunner()
+    r = runner.invoke(app, ["merge", str(a), str(b), "--arch", "resnet20", "--calib", str(calib32), "-o", str(out),
+                            "--method", "permute", "--refit", "none", "--size", "1.25", "--json"])
+    assert r.exit_code == 0, r.output
+    assert "size: asked 1.25x one source model's parameters" in r.stderr
+    assert json.loads(r.stdout)["params"]["size"]["asked"] == 1.25
+    shown = runner.invoke(app, ["inspect", str(out)])
+    assert shown.exit_code == 0 and "asked 1.25x" in shown.output and "merged width" in shown.output
+    assert "--size 1.25" in (tmp_path / "m.md").read_text()                     # the card's command reproduces it
+    plain = runner.invoke(app, ["inspect", str(out).replace("m.safetensors", "m.md")])
+    assert plain.exit_code != 0 or "merged width" not in plain.output
+
+
+@pytest.mark.parametrize("value, says", [("0.5", "outside [1, 2]"), ("3", "outside [1, 2]"), ("abc", "not a number"),
+                                         ("nan", "outside [1, 2]")])
+def test_cli_bad_sizes_end_in_one_line_naming_size_and_the_range(value, says, tmp_path, calib32):
+    from typer.testing import CliRunner
+    from zipcli.cli import app
+    from conftest import handled
+    a, b = resnet20_pair(tmp_path, calib32)
+    r = CliRunner().invoke(app, ["merge", str(a), str(b), "--arch", "resnet20", "--calib", str(calib32),
+                                 "-o", str(tmp_path / "m.safetensors"), "--size", value])
+    assert r.exit_code == 2 and handled(r), r.output
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--size" in errors[0] and says in errors[0] and "[1, 2]" in errors[0], r.stderr
+    assert len(r.stderr.strip().splitlines()) == 2                              # the error and its hint
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_help_says_what_a_size_counts():
+    from typer.testing import CliRunner
+    from zipcli.cli import app
+    text = " ".join(CliRunner().invoke(app, ["merge", "--help"], terminal_width=200).output.split())
+    assert "multiple of one source model" in text and "parameters, not MACs" in text

@@ -18,6 +18,7 @@ from .calibration import HOLDOUT, MIN_HOLDOUT
 from .measured import Calibration
 from .methods import Match
 from .options import AUTO, MergeOptions, MergePoint
+from .sizing import allocate
 from .tuning import MethodChoice, Setting, TuningResult, candidate_settings, tune
 
 
@@ -48,9 +49,9 @@ def decide(cal: Calibration, options: MergeOptions) -> Decision:
     it beats permute exceeds its noise, else permute (the simpler)."""
     o, stop = options, options.stop or cal.spec.default_stop
     extra = tuple(sorted(o.params.items()))
-    widths: dict[str, int] = {}
+    widths = dict(allocate(cal, stop, o.size).widths) if o.size is not None else {}    # one set for every candidate
     point = lambda setting, method: MergePoint(stop, method, setting, o.refit, o.dtype, extra,   # noqa: E731
-                                               tuple(widths.items()))
+                                               tuple(widths.items()), o.size)
     if not o.tunes:
         return Decision(point(o.fixed_setting, o.method))
     t = time.perf_counter()

@@ -65,6 +65,7 @@ class Calibration:
         self._held_files_read = 0                  # held-out files read (or found unreadable) so far
         self._held_unreadable: set[Path] = set()
         self._bn_images: torch.Tensor | None = None
+        self.derived: dict[tuple, object] = {}     # what later stages compute from the correlations once (sizing)
         self.images_read = False
         self.timings["load"] = time.perf_counter() - t0
 

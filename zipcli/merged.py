@@ -73,8 +73,9 @@ class MergedModel(nn.Module):
         try:
             torch.func.functional_call(self, state, (x,))
         except (RuntimeError, ValueError) as exc:
-            raise ZipitError(f"spec {self.spec.name} fixes a channel count in its forward ({str(exc).splitlines()[0]}): "
-                             "it cannot be merged at a size", "merge without a size") from None
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ZipitError(f"spec {self.spec.name} fixes a channel count in its forward ({first}): it cannot be "
+                             "merged at a size", "merge without a size") from None
 
     def forward(self, x: torch.Tensor, rows: list[torch.Tensor] | None = None) -> list[torch.Tensor | None]:
         """Each head's logits on ``x``; with ``rows``, head i's on the images ``rows[i]`` only (None
@@ -198,7 +199,8 @@ def write_all_atomic(items: list[tuple[Path, object, str]], force: bool) -> None
         raise
 
 
-RECORDS = ("tuning", "choice", "refit")     # the records in a file's params; every other key is a method's parameter
+# the records in a file's params; every other key is a method's parameter
+RECORDS = ("tuning", "choice", "refit", "size")
 
 
 def merge_metadata(*, spec: Spec, stop: str, method: str, params: dict, calibration: dict, sources: list[dict],

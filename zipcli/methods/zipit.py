@@ -33,7 +33,8 @@ def match_zipit(corr: np.ndarray, n_models: int, alpha: float = 0.3, beta: float
     """ZipIt! greedy matching over the concatenated features of all models.
 
     Repeatedly merges the most correlated pair of groups (within or across
-    models) until O groups remain (or ``width`` groups: the weakest stay apart). A merged group correlates with others as
+    models) until O groups remain (or ``width`` groups: the weakest stay apart).
+    A merged group correlates with others as
     the minimum of its members' correlations, scaled by ``alpha`` (repeated
     matching); ``alpha`` 0 forbids merging a group twice. Merging two groups
     drawn only from model m is a within-model merge; each model may make
