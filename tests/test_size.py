@@ -352,3 +352,21 @@ def test_help_says_what_a_size_counts():
     from zipcli.cli import app
     text = " ".join(CliRunner().invoke(app, ["merge", "--help"], terminal_width=200).output.split())
     assert "multiple of one source model" in text and "parameters, not MACs" in text
+
+
+def test_tuning_at_a_size_scores_every_candidate_at_the_same_widths(tmp_path, calib32, monkeypatch):
+    from zipcli import merge
+    from zipcli import choosing
+    seen = []
+    original = choosing.candidate
+
+    def candidate(cal, stop, matches, bn_images):
+        seen.append(tuple(sorted((s, m.size) for s, m in matches.items())))
+        return original(cal, stop, matches, bn_images)
+    monkeypatch.setattr(choosing, "candidate", candidate)
+    paths = resnet20_pair(tmp_path, calib32)
+    options = MergeOptions(method="auto", size=1.25, stop="layer3", refit="none", num_calib=8, batch_size=8)
+    result = merge(list(paths), small_spec("resnet20"), calib32, options)
+    assert result.metadata["params"]["tuning"]["candidates"] and len(seen) > 2
+    widths = tuple(sorted((s["space"], s["width"]) for s in result.metadata["spaces"]))
+    assert set(seen) == {widths} and any(s["width"] > s["size"] for s in result.metadata["spaces"])
