@@ -46,6 +46,32 @@ def test_a_dense_match_zips_exactly_like_the_same_grouping():
         torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7, msg=key)
 
 
+def test_a_dense_match_wider_than_one_model_zips_like_the_same_grouping():
+    """At a width W between O and n*O (features kept apart), dense M (W, n*O) and U (n*O, W)
+    with n given zip to the grouping's tensors."""
+    spec = small_spec("resnet20")
+    models = [random_model(spec, 5, seed=s) for s in (1, 2, 3)]
+    graph = ModelGraph(spec, models[0])
+    plan = graph.plan("layer2")
+    rng = np.random.default_rng(1)
+    grouped, dense = {}, {}
+    for space in plan.merged_spaces:
+        o = graph.space_size[space]
+        corr = np.corrcoef(rng.normal(size=(3 * o, 50)))
+        g = match_permute(corr, 3, width=o + int(rng.integers(1, 2 * o + 1)))
+        assert o < g.size <= 3 * o and g.merge_matrix().shape == (g.size, 3 * o)
+        grouped[space] = g
+        dense[space] = Match.dense(g.merge_matrix(), g.unmerge_matrix(), n_models=3)
+        assert dense[space].n_models == 3 and dense[space].source_width == o
+    states = [m.state_dict() for m in models]
+    keys = [k for k in states[0] if k.split(".")[0] in ("conv1", "bn1", "layer1", "layer2")]
+    a = Zipper(graph, plan, grouped).trunk(keys, states)
+    b = Zipper(graph, plan, dense).trunk(keys, states)
+    assert a["layer2.0.conv2.weight"].shape[0] == grouped["layer2.stream"].size
+    for key in keys:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
 def test_a_method_added_as_one_record_merges_permuted_copies_exactly(monkeypatch, tmp_path, calib32):
     monkeypatch.setitem(methods.REGISTRY, DENSE.name, DENSE)
     spec = small_spec("resnet20")
@@ -67,6 +93,9 @@ def test_unknown_method_lists_the_registered_ones():
 def test_dense_match_refuses_matrices_that_do_not_fit():
     with pytest.raises(ValueError):
         Match.dense(np.ones((3, 5)), np.ones((5, 3)))
+    with pytest.raises(ValueError):           # W = 2 is below one model's width (3) of two
+        Match.dense(np.ones((2, 6)), np.ones((6, 2)), n_models=2)
+    assert Match.dense(np.ones((5, 6)), np.ones((6, 5)), n_models=2).source_width == 3
     with pytest.raises(ValueError):
         Match()
 

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from .merged import RECORDS, write_atomic
-from .wording import choice_evidence, choice_rule, refit_summary
+from .wording import choice_evidence, choice_rule, refit_summary, size_summary
 from .specs.format import Preprocess
 from .visible import visible, visible_tree
 
@@ -70,6 +70,7 @@ def model_card(metadata: dict, pre: Preprocess, file_name: str, command: str | N
         "",
         f"- Method: `{metadata['method']}`, {setting}.",
         *([f"- Refit: {refit_summary(params['refit'])}."] if params.get("refit") else []),
+        *([f"- Size: {size_summary(params['size'])}."] if params.get("size") else []),
         f"- Calibration: {cal['num_images']} unlabelled images from `{cal['folder']}` (seed {cal['seed']}"
         f"{', ' + str(cal['held_out']) + ' more held out for tuning' if cal.get('held_out') else ''}), "
         f"BatchNorm reset {'on' if cal['reset_bn'] else 'off'}.",
@@ -88,6 +89,7 @@ def model_card(metadata: dict, pre: Preprocess, file_name: str, command: str | N
         "| --- | --- | --- |",
         *[f"| {i} | `{h['name']}` | {', '.join(h['classes'])} |" for i, h in enumerate(metadata["heads"])],
         "",
+        *_widths(metadata["spaces"]),
         ACCURACY_HEADING,
         "",
         f"Not measured when the file was written. Measure it on a labelled folder (`DIR/<class>/<images>`): "
@@ -106,6 +108,14 @@ def model_card(metadata: dict, pre: Preprocess, file_name: str, command: str | N
     if command:
         lines += ["", "## Reproduce", "", "```bash", command, "```"]
     return "\n".join(lines) + "\n"
+
+
+def _widths(spaces: list[dict]) -> list[str]:
+    """The merged widths of a merge at a size, as a table (nothing for a full zip)."""
+    if not any("width" in s for s in spaces):
+        return []
+    return ["## Merged widths", "", "| space | one model | merged |", "| --- | --- | --- |",
+            *[f"| `{s['space']}` | {s['size']} | {s.get('width', s['size'])} |" for s in spaces], ""]
 
 
 def card_files(metadata: dict, pre: Preprocess, model_path: str | Path,

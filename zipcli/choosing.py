@@ -12,12 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .assembly import match, zipped_state
+from .assembly import match, widths_of, zipped_state
 from .bn import reset_batchnorm
 from .calibration import HOLDOUT, MIN_HOLDOUT
 from .measured import Calibration
 from .methods import Match
 from .options import AUTO, MergeOptions, MergePoint
+from .sizing import allocate
 from .tuning import MethodChoice, Setting, TuningResult, candidate_settings, tune
 
 
@@ -34,7 +35,7 @@ class Decision:
 def candidate(cal: Calibration, stop: str, matches: dict[str, Match], bn_images: torch.Tensor | None):
     """A tuning candidate: its tensors zipped along ``matches``, BatchNorm reset on ``bn_images``,
     run through the stop's template in eval mode."""
-    template = cal.template(stop)
+    template = cal.template(stop, widths_of(cal, matches))
     template.load_state_dict(zipped_state(cal, stop, matches))
     if cal.options.reset_bn and bn_images is not None:
         reset_batchnorm(template, [bn_images], cal.options.device)
@@ -48,7 +49,9 @@ def decide(cal: Calibration, options: MergeOptions) -> Decision:
     it beats permute exceeds its noise, else permute (the simpler)."""
     o, stop = options, options.stop or cal.spec.default_stop
     extra = tuple(sorted(o.params.items()))
-    point = lambda setting, method: MergePoint(stop, method, setting, o.refit, o.dtype, extra)   # noqa: E731
+    widths = dict(allocate(cal, stop, o.size).widths) if o.size is not None else {}    # one set for every candidate
+    point = lambda setting, method: MergePoint(stop, method, setting, o.refit, o.dtype, extra,   # noqa: E731
+                                               tuple(widths.items()), o.size)
     if not o.tunes:
         return Decision(point(o.fixed_setting, o.method))
     t = time.perf_counter()
@@ -67,10 +70,11 @@ def decide(cal: Calibration, options: MergeOptions) -> Decision:
 
     def prepare(setting: Setting):
         """(key of the setting's matching, builder of its candidate) for ``tuning.search``."""
-        matches = match(cal, stop, o.matching, setting, extra)
+        matches = match(cal, stop, o.matching, setting, extra, widths)
         return tuple(m.key() for m in matches.values()), lambda: candidate(cal, stop, matches, cal.bn_subset())
 
-    permute = ((lambda: candidate(cal, stop, match(cal, stop, "permute", o.fixed_setting), cal.bn_subset()))
+    permute = ((lambda: candidate(cal, stop, match(cal, stop, "permute", o.fixed_setting, (), widths),
+                                  cal.bn_subset()))
                if o.method == AUTO else None)
     tuning = tune(prepare, held, settings, o.fixed_setting, plan, cal.report, permute, cal.ranks, more)
     seconds = time.perf_counter() - t if tuning.trials or tuning.choice else None

@@ -11,8 +11,8 @@ from rich.table import Table
 
 from . import __version__
 from .console import (AUGMENT, BATCH_SIZE, DEBUG, HELP_SETTINGS, NUM_CALIB, PARAMS, QUIET, REFIT, RESET_BN, SEED, TRUST,
-                      RichReporter, auto_or_float, click_style_arguments, err, parse_params, print_json, shown,
-                      user_errors)
+                      RichReporter, auto_or_float, click_style_arguments, err, parse_params, parse_size, print_json,
+                      shown, user_errors)
 from .errors import ZipitError
 from .visible import visible_tree
 from .methods import METHODS
@@ -64,6 +64,12 @@ def merge_cmd(
     beta: str = typer.Option("auto", "--beta", metavar="FLOAT|auto", help="zipit: share of merges allowed within one model, in [0, 1], or "
                              "'auto' (see --alpha); 0.125 is the paper's value."),
     param: Optional[List[str]] = PARAMS,
+    size: Optional[str] = typer.Option(None, "--size", metavar="X", help="The merged model's parameter count as a "
+                                       "multiple of one source model (parameters, not MACs: what the file and "
+                                       "memory hold), from 1 (the full zip, the default) up to the number of "
+                                       "models: the extra width keeps apart the features that merge worst, "
+                                       "chosen without labels. A size below the full zip's at the stop gives "
+                                       "the full zip."),
     num_calib: int = NUM_CALIB,
     seed: int = SEED,
     batch_size: int = BATCH_SIZE,
@@ -112,13 +118,13 @@ def merge_cmd(
                                beta=auto_or_float(beta, "--beta"), stop=stop, num_calib=num_calib, seed=seed,
                                batch_size=batch_size, augment=augment, reset_bn=reset_bn, refit=refit, device=device,
                                dtype=dtype, classes=[parse_classes(c) for c in classes] if classes else None,
-                               params=parse_params(param))
+                               params=parse_params(param), size=parse_size(size, len(checkpoints)))
         t0 = time.perf_counter()
         result = merge(checkpoints, arch_spec, calib, options, RichReporter(quiet, speaks=ranks.main), ranks)
         command = ["zipit", "merge", *map(str, checkpoints), *(["--arch", arch] if arch else ["--spec", str(spec)]),
                    *[x for t in (trust_builder or []) for x in ("--trust-builder", t)], "--calib", str(calib),
                    "--stop", result.metadata["stop"], "--method", method, "--alpha", alpha, "--beta", beta,
-                   *[x for p in (param or []) for x in ("--param", p)],
+                   *[x for p in (param or []) for x in ("--param", p)], *(["--size", size] if size else []),
                    "--num-calib", str(num_calib), "--seed", str(seed), "--batch-size", str(batch_size),
                    *(["--augment"] if augment else []), *([] if reset_bn else ["--no-reset-bn"]),
                    "--refit", refit, *[x for c in (classes or []) for x in ("--classes", c)],
@@ -218,6 +224,9 @@ def _render_merged(f: dict) -> None:
     if f["params"].get("refit"):
         from .wording import refit_summary
         facts.add_row("refit", shown(refit_summary(f["params"]["refit"])))
+    if f["params"].get("size"):
+        from .wording import size_summary
+        facts.add_row("size", shown(size_summary(f["params"]["size"])))
     facts.add_row("calibration", f"{cal['num_images']} images from {shown(cal['folder'])}, seed {cal['seed']}, "
                   f"augment {'on' if cal['augment'] else 'off'}, BN reset {'on' if cal['reset_bn'] else 'off'}")
     for s in f["sources"]:
@@ -234,11 +243,14 @@ def _render_merged(f: dict) -> None:
         heads.add_row(shown(h["name"]), str(h["num_classes"]), shown(_short(h["classes"])), _human(h["params"]))
     out.print(heads)
     spaces = Table(title="feature spaces (where the models agree)", title_justify="left", show_edge=False)
-    for col in ("space", "size", "mean corr. of merged pairs", "within-model merges"):
+    sized = any("width" in s for s in f["spaces"])
+    for col in ("space", "size", *(["merged width"] if sized else []), "mean corr. of merged pairs",
+                "within-model merges"):
         spaces.add_column(col, justify="left" if col == "space" else "right")
     for s in f["spaces"]:
         corr = "–" if s["mean_corr"] is None else f"{s['mean_corr']:.3f}"
-        spaces.add_row(shown(s["space"]), str(s["size"]), corr, f"{s['within_share']:.1%}")
+        width = [str(s.get("width", "–"))] if sized else []
+        spaces.add_row(shown(s["space"]), str(s["size"]), *width, corr, f"{s['within_share']:.1%}")
     out.print(spaces)
     if tuning and tuning["candidates"]:
         out.print(_tuning_grid(tuning))

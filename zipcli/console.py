@@ -148,6 +148,17 @@ def auto_or_float(value: str, option: str) -> float | None:
                          f"e.g. {option} 0.3 or {option} auto") from None
 
 
+def parse_size(value: str | None, n_models: int) -> float | None:
+    """--size X: a number (the range is checked with the other options); None when not given."""
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise ZipitError(f"--size {value!r} is not a number in [1, {n_models}]",
+                         "give the merged model's parameters as a multiple of one source model") from None
+
+
 def print_json(data) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
     sys.stdout.flush()

@@ -57,7 +57,7 @@ class Calibration:
         self.states = [{k: v.detach().cpu().contiguous() for k, v in s.model.state_dict().items()}
                        for s in self.sources]
         self.source_macs = sum(count_macs(s.model, spec.input.shape) for s in self.sources)
-        self._templates: dict[str, tuple[MergedModel, int]] = {}
+        self._templates: dict[tuple, tuple[MergedModel, int]] = {}   # by (stop, widths)
         self.correlations: dict[str, np.ndarray] = {}
         self._split_images(list_images(calib), hold_out)
         self._warned_skips = 0
@@ -65,6 +65,7 @@ class Calibration:
         self._held_files_read = 0                  # held-out files read (or found unreadable) so far
         self._held_unreadable: set[Path] = set()
         self._bn_images: torch.Tensor | None = None
+        self.derived: dict[tuple, object] = {}     # what later stages compute from the correlations once (sizing)
         self.images_read = False
         self.timings["load"] = time.perf_counter() - t0
 
@@ -114,19 +115,21 @@ class Calibration:
             return [HeadInfo("merged", self.sources[0].classes, ",".join(s.checkpoint.name for s in self.sources))]
         return [HeadInfo(s.checkpoint.name, s.classes, s.checkpoint.path.name) for s in self.sources]
 
-    def template(self, stop: str) -> MergedModel:
-        """This stop's merged model, built once: tuning candidates are tensors run through it
-        (building a model runs its initialisers, which costs more than scoring a candidate)."""
-        if stop not in self._templates:
+    def template(self, stop: str, widths: dict[str, int] | None = None) -> MergedModel:
+        """This stop's merged model (its spaces of ``widths`` widened), built once: tuning candidates
+        are tensors run through it (building a model runs its initialisers, which costs more than
+        scoring a candidate)."""
+        key = (stop, tuple(sorted((widths or {}).items())))
+        if key not in self._templates:
             device = self.options.device
-            model = run_layout(skeleton(self.spec, stop, self.heads(stop)).to(device), device)
-            self._templates[stop] = model, count_macs(model, self.spec.input.shape)
-        return self._templates[stop][0]
+            model = run_layout(skeleton(self.spec, stop, self.heads(stop), widths).to(device), device)
+            self._templates[key] = model, count_macs(model, self.spec.input.shape)
+        return self._templates[key][0]
 
-    def merged_macs(self, stop: str) -> int:
-        """Multiply-accumulates of the merged model at ``stop``, per image."""
-        self.template(stop)
-        return self._templates[stop][1]
+    def merged_macs(self, stop: str, widths: dict[str, int] | None = None) -> int:
+        """Multiply-accumulates of the merged model at ``stop`` (``widths``: see ``template``), per image."""
+        self.template(stop, widths)
+        return self._templates[(stop, tuple(sorted((widths or {}).items())))][1]
 
     # --- measuring
 

@@ -18,13 +18,16 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 
 from . import __version__
-from .errors import MergedFileError, OutputError
+from .errors import MergedFileError, OutputError, ZipitError
+from .specs import layers
 from .specs.builders import build_model
 from .specs.graph import ModelGraph, StopPlan, split, trace
 from .safetensors_io import save_deterministic
 from .specs.format import OUTPUT_STOP, Spec, parse_spec
 
 FORMAT = "zipit-merged/1"
+SIZED_FORMAT = "zipit-merged/2"     # some merged space is wider than one model's (the size dial): an older
+                                   # zipit says "not a zipit merge" rather than "damaged"
 MAX_HEADS = 256            # far more models than anyone merges; bounds the work a damaged file can ask for
 
 
@@ -36,20 +39,43 @@ class HeadInfo:
 
 
 class MergedModel(nn.Module):
-    """Shared trunk computed once, then one head per task; forward returns a list of logits."""
+    """Shared trunk computed once, then one head per task; forward returns a list of logits.
 
-    def __init__(self, spec: Spec, plan: StopPlan, heads: list[HeadInfo]):
+    ``widths``: merged spaces wider than one model's (the size dial), by name; ``graph`` (needed
+    with widths) says which modules write and read them."""
+
+    def __init__(self, spec: Spec, plan: StopPlan, heads: list[HeadInfo], widths: dict[str, int] | None = None,
+                 graph: ModelGraph | None = None):
         super().__init__()
         self.spec, self.plan, self.heads = spec, plan, list(heads)
+        self.widths = dict(widths or {})
         trunk = None
         modules = []
         for info in ([heads[0]] if plan.stop == OUTPUT_STOP else heads):
             gm = trace(build_model(spec, len(info.classes)))
             t, h = split(gm, plan.trunk_nodes)
+            if self.widths:
+                if trunk is None:
+                    _resize(t, graph, self.widths, writers=True)
+                _resize(h, graph, self.widths, writers=False)
             trunk = trunk or t
             modules.append(h)
         self.trunk = trunk
         self.head_modules = nn.ModuleList(modules)
+        if self.widths:
+            self._check_forward()
+
+    def _check_forward(self) -> None:
+        """One forward on the meta device (no memory, no work): a forward that fixes a channel count
+        (a reshape to 512*7*7, a padded shortcut) cannot run at other widths, and is refused here."""
+        state = {k: torch.empty_like(v, device="meta") for k, v in self.state_dict(keep_vars=True).items()}
+        x = torch.empty(1, *self.spec.input.shape, device="meta")
+        try:
+            torch.func.functional_call(self, state, (x,))
+        except (RuntimeError, ValueError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ZipitError(f"spec {self.spec.name} fixes a channel count in its forward ({first}): it cannot be "
+                             "merged at a size", "merge without a size") from None
 
     def forward(self, x: torch.Tensor, rows: list[torch.Tensor] | None = None) -> list[torch.Tensor | None]:
         """Each head's logits on ``x``; with ``rows``, head i's on the images ``rows[i]`` only (None
@@ -68,9 +94,22 @@ def _select(value, rows: torch.Tensor, batch: int):
     return value[rows] if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == batch else value
 
 
-def skeleton(spec: Spec, stop: str, heads: list[HeadInfo]) -> MergedModel:
+def _resize(gm: nn.Module, graph: ModelGraph, widths: dict[str, int], writers: bool) -> None:
+    """Replace, in place, every module of ``gm`` that writes (with ``writers``) or reads a space of
+    ``widths`` by one of the new width (fx made each parent a plain module of ``gm`` alone)."""
+    for name, module in list(gm.named_modules()):
+        out = next((widths[s] for s, _ in graph.writes.get(name, []) if s in widths), None) if writers else None
+        inp = next((widths[s] * m.block for s, m in graph.reads.get(name, []) if s in widths), None)
+        if out is None and inp is None:
+            continue
+        parent, _, attr = name.rpartition(".")
+        setattr(gm.get_submodule(parent), attr, layers.resize(module, out, inp))
+
+
+def skeleton(spec: Spec, stop: str, heads: list[HeadInfo], widths: dict[str, int] | None = None) -> MergedModel:
+    """The merged model's modules at ``stop``, untouched tensors (its spaces of ``widths`` widened)."""
     graph = ModelGraph(spec, build_model(spec, len(heads[0].classes)))
-    return MergedModel(spec, graph.plan(stop), heads).eval()
+    return MergedModel(spec, graph.plan(stop), heads, widths, graph).eval()
 
 
 def _named_state(model: MergedModel) -> dict[str, torch.Tensor]:
@@ -160,13 +199,15 @@ def write_all_atomic(items: list[tuple[Path, object, str]], force: bool) -> None
         raise
 
 
-RECORDS = ("tuning", "choice", "refit")     # the records in a file's params; every other key is a method's parameter
+# the records in a file's params; every other key is a method's parameter
+RECORDS = ("tuning", "choice", "refit", "size")
 
 
 def merge_metadata(*, spec: Spec, stop: str, method: str, params: dict, calibration: dict, sources: list[dict],
                    heads: list[HeadInfo], spaces: list[dict], dtype: str) -> dict[str, object]:
     """The metadata of a merged file: what ``load_merged`` and ``zipit inspect`` read back."""
-    return {"format": FORMAT, "zipit_version": __version__, "spec_name": spec.name, "spec": spec.text, "stop": stop,
+    sized = any("width" in s for s in spaces)
+    return {"format": SIZED_FORMAT if sized else FORMAT, "zipit_version": __version__, "spec_name": spec.name, "spec": spec.text, "stop": stop,
             "method": method, "params": params, "calibration": calibration, "sources": sources,
             "heads": [asdict(h) for h in heads], "spaces": spaces, "dtype": dtype}
 
@@ -216,7 +257,27 @@ def parse_heads(meta: dict, path: Path) -> list[HeadInfo]:
 
 
 def is_merged_file(meta: dict) -> bool:
-    return meta.get("format") == FORMAT
+    return meta.get("format") in (FORMAT, SIZED_FORMAT)
+
+
+def stored_widths(meta: dict, path: Path, graph: ModelGraph) -> dict[str, int]:
+    """The merged spaces' widths a sized file records (only those wider than one model's); each
+    must be an integer between one model's width and the sum of the sources'."""
+    if meta.get("format") != SIZED_FORMAT:
+        return {}
+    spaces, sources = _json(meta, "spaces", path), _json(meta, "sources", path)
+    n = len(sources) if isinstance(sources, list) else 0
+    widths = {}
+    for s in spaces if isinstance(spaces, list) else [None]:
+        name = s.get("space") if isinstance(s, dict) else None
+        width = s.get("width") if isinstance(s, dict) else None
+        o = graph.space_size.get(name) if isinstance(name, str) else None
+        if o is None or type(width) is not int or not o <= width <= n * o:
+            raise MergedFileError(f"{path}: metadata 'spaces' holds a bad merged width ({s!r:.80})",
+                                  "the file is damaged")
+        if width != o:
+            widths[name] = width
+    return widths
 
 
 def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -269,12 +330,13 @@ def load_merged(path: str | Path, device: str | torch.device = "cpu", trust_buil
         raise MergedFileError(f"{path}: metadata names {len(heads)} heads, the tensors hold {len(head_indices)}",
                               "the file is damaged")
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in _named_state(skeleton(spec, meta["stop"], heads)).items()}
+        widths = stored_widths(meta, path, ModelGraph(spec, build_model(spec, len(heads[0].classes))))
+        expected = {k: tuple(v.shape) for k, v in _named_state(skeleton(spec, meta["stop"], heads, widths)).items()}
     bad = sorted(set(expected) ^ set(shapes)) + sorted(k for k in expected if k in shapes and expected[k] != shapes[k])
     if bad:
         raise MergedFileError(f"{path}: tensors do not match the stored spec ({', '.join(bad[:4])})",
                               "the file is damaged")
-    model = skeleton(spec, meta["stop"], heads)
+    model = skeleton(spec, meta["stop"], heads, widths)
     from safetensors.torch import load_file
     tensors = load_file(str(path))
     broken = next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)

@@ -1,5 +1,5 @@
 """What a merge is asked to do: the options of one merge (``MergeOptions``, the CLI's options), and
-one point to merge at (``MergePoint``: stop, method and its setting, refit, dtype), which the
+one point to merge at (``MergePoint``: stop, method and its setting, refit, dtype, merged widths), which the
 default's choice turns the options into.
 """
 from __future__ import annotations
@@ -36,6 +36,8 @@ class MergeOptions:
     dtype: str | None = None     # output dtype; None keeps the first checkpoint's
     classes: list[list[str]] | None = None  # per checkpoint, overrides sidecars
     params: dict[str, float] = field(default_factory=dict)   # a method's own parameters beyond alpha, beta
+    size: float | None = None    # the merged model's parameters as a multiple of one source model, in [1, n];
+                                 # None: the full zip (every feature merged)
 
     def __post_init__(self):
         """Names are checked at once (a typo fails where it is written, not when merge() runs); what
@@ -86,6 +88,7 @@ class MergeOptions:
                 raise ZipitError(f"method {method.name} has no parameter {name!r}",
                                  f"its parameters: {', '.join(method.param_names) or 'none'} (--param NAME=VALUE)")
         method.check(self.given(self.matching), n_models)
+        self._check_size(n_models)
         if not 0 <= self.seed < 2**63:
             raise ZipitError(f"seed {self.seed} is outside [0, 2^63)", "give a seed (--seed) of 0 or more, below 2^63")
         for name, value in (("num_calib", self.num_calib), ("batch_size", self.batch_size)):
@@ -95,6 +98,20 @@ class MergeOptions:
             raise ZipitError("device cuda was asked for but no CUDA device is available", "use device (--device) cpu")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ZipitError(f"unknown device {self.device!r}", "valid devices (--device): cpu, cuda, cuda:N")
+
+
+    def _check_size(self, n_models: int) -> None:
+        """A size lies in [1, n] (n sources side by side cost n times one), with a method that keeps
+        features apart."""
+        if self.size is None:
+            return
+        if isinstance(self.size, bool) or not isinstance(self.size, (int, float)) or not 1 <= self.size <= n_models:
+            raise ZipitError(f"size (--size) {self.size!r} is outside [1, {n_models}]",
+                             f"the merged model's parameter count as a multiple of one source model: from 1 "
+                             f"(the full zip) to {n_models} (the {n_models} sources' together)")
+        if not methods.get(self.matching).partial:
+            raise ZipitError(f"method {self.method} cannot merge at a size (it keeps no feature apart)",
+                             "use size (--size) with method (--method) auto, zipit or permute")
 
 
 @dataclass(frozen=True)
@@ -108,3 +125,5 @@ class MergePoint:
     refit: str = "none"
     dtype: str | None = None
     params: tuple[tuple[str, float], ...] = ()      # the method's own parameters beyond alpha and beta
+    widths: tuple[tuple[str, int], ...] = ()        # merged spaces wider than one model's (the size dial)
+    size: float | None = None                       # the size asked for (None: none; widths alone may be given)

@@ -12,8 +12,9 @@ each ``merge_at`` returning a fresh result.
 """
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ from .methods import Match
 from .options import AUTO, DTYPES, MergeOptions, MergePoint
 from .refit import CHUNK, refit
 from .report import Reporter
+from .sizing import allocate, record
 from .wording import decision_lines
 
 __all__ = ["AUTO", "DTYPES", "Calibration", "MergeOptions", "MergePoint", "MergeResult", "merge", "merge_at"]
@@ -68,14 +70,18 @@ def merge_at(cal: Calibration, decision: Decision | MergePoint) -> MergeResult:
     """The merge of ``cal`` at a point (with the evidence that chose it, if any): match, zip, refit,
     BatchNorm reset on every fit image, metadata. A fresh result each time; ``cal`` only caches."""
     decision = decision if isinstance(decision, Decision) else Decision(decision)
+    if decision.point.size is not None and not decision.point.widths:     # a size without its widths
+        sized = allocate(cal, decision.point.stop, decision.point.size)
+        decision = replace(decision, point=replace(decision.point, widths=sized.widths))
     point, report, reset_bn = decision.point, cal.report, cal.options.reset_bn
     timings = dict(cal.timings)
     if decision.seconds is not None:
         timings["tuning"] = decision.seconds
     t = time.perf_counter()
-    matches = match(cal, point.stop, point.method, point.setting, point.params)
+    matches = match(cal, point.stop, point.method, point.setting, point.params, dict(point.widths))
     model = build(cal, point.stop, matches)
-    spaces = [_space_summary(cal, name, matches[name]) for name in cal.plan(point.stop).merged_spaces]
+    spaces = [_space_summary(cal, name, matches[name], bool(point.widths) or point.size is not None)
+              for name in cal.plan(point.stop).merged_spaces]
     for s in spaces:
         if s["budget_lifted"]:
             report.warn(f"space {s['space']}: zipit could not finish within the beta budget and lifted it")
@@ -101,11 +107,12 @@ def merge_at(cal: Calibration, decision: Decision | MergePoint) -> MergeResult:
     timings["batchnorm"] = time.perf_counter() - t
     if cal.ranks.many:
         timings["collectives"] = cal.ranks.waited
-    model.metadata = _metadata(cal, decision, refitted, spaces)
+    model.metadata = _metadata(cal, decision, refitted, spaces, model)
     return MergeResult(model.eval(), model.metadata, timings)
 
 
-def _metadata(cal: Calibration, decision: Decision, refitted: dict | None, spaces: list[dict]) -> dict:
+def _metadata(cal: Calibration, decision: Decision, refitted: dict | None, spaces: list[dict],
+              model: MergedModel) -> dict:
     """What the merged file records: the point, the evidence behind it, the images, the sources."""
     point, o = decision.point, cal.options
     dtype = point.dtype or next(k for k, v in DTYPES.items() if v == cal.sources[0].checkpoint.dtype)
@@ -118,6 +125,9 @@ def _metadata(cal: Calibration, decision: Decision, refitted: dict | None, space
         params["choice"] = decision.choice.to_metadata()
     if refitted is not None:
         params["refit"] = refitted
+    if point.size is not None:
+        params["size"] = record(cal, point.stop, point.size, dict(point.widths),
+                                sum(p.numel() for p in model.parameters()))
     readable, skipped = cal.shard.readable, len(cal.shard.skipped)
     if cal.ranks.many:     # every rank read its own shard
         readable, skipped = map(int, cal.ranks.sum(torch.tensor([readable, skipped])).tolist())
@@ -144,12 +154,18 @@ def _refit(cal: Calibration, point: MergePoint, model: MergedModel, matches: dic
     return facts
 
 
-def _space_summary(cal: Calibration, name: str, m: Match) -> dict:
+def _space_summary(cal: Calibration, name: str, m: Match, sized: bool) -> dict:
     """Per-space facts for the file: how well the merged features agree, how many merges stayed
-    within one model, whether zipit had to lift its budget."""
+    within one model, whether zipit had to lift its budget; for a merge at a size, the merged width
+    (only then: a full zip's file stays as it was)."""
     corr = cal.correlations.get(name)
     mean_corr = None if corr is None else m.mean_merged_correlation(corr)
-    return {"space": name, "size": cal.graph.space_size[name],
-            "mean_corr": None if mean_corr is None else round(mean_corr, 6),
-            "within_share": round(m.within_merges / m.total_merges, 6) if m.total_merges else 0.0,
-            "budget_lifted": m.budget_lifted}
+    if sized and mean_corr is not None and not math.isfinite(mean_corr):    # every feature kept apart: no pair
+        mean_corr = None
+    summary = {"space": name, "size": cal.graph.space_size[name],
+               "mean_corr": None if mean_corr is None else round(mean_corr, 6),
+               "within_share": round(m.within_merges / m.total_merges, 6) if m.total_merges else 0.0,
+               "budget_lifted": m.budget_lifted}
+    if sized:
+        summary["width"] = m.size
+    return summary

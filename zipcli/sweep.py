@@ -70,6 +70,8 @@ def sweep(checkpoints: Sequence[str | Path], spec: Spec, calib: str | Path,
     methods, stops = list(dict.fromkeys(methods)), list(dict.fromkeys(stops or spec.stops))
     if not methods:
         raise ZipitError("no method to sweep", "name one or more (methods, --method)")
+    if base.size is not None:
+        raise ZipitError("sweep has no size axis yet (options.size)", "merge at a size with zipit merge --size")
     if OUTPUT_STOP in stops:
         raise ZipitError("sweep covers stage stops; stop 'output' merges the classifiers",
                          "merge at 'output' with zipit merge --stop output")

@@ -1,5 +1,5 @@
-"""The records of a merged file in words: one sentence each for the default's choice and for the
-refit, shared by the merge summary, ``zipit inspect`` and the model card, so the three cannot
+"""The records of a merged file in words: one sentence each for the default's choice, the refit
+and the size, shared by the merge summary, ``zipit inspect`` and the model card, so the three cannot
 drift apart. Records may come from a damaged file: one that does not read gives a plain line.
 """
 from __future__ import annotations
@@ -57,6 +57,8 @@ def decision_lines(params: dict) -> list[str]:
         lines.append(f"chose {choice.get('chosen')}: {choice_evidence(choice)}")
     if refitted:
         lines.append(f"refit: {refit_summary(refitted)}")
+    if params.get("size"):
+        lines.append(f"size: {size_summary(params['size'])}")
     return lines
 
 
@@ -74,3 +76,21 @@ def refit_summary(facts: dict) -> str:
                 f"their held-out error to the sources' outputs down by {median:.0%} (median)")
     except _UNREADABLE:
         return "lsq (its figures in the file are unreadable)"
+
+
+def size_summary(record: dict) -> str:
+    """One line on the size dial: the size asked and reached, in one source model's parameters."""
+    try:
+        floor = f"; below the full zip's {record['floor']:g}x, merged as the full zip" \
+            if record["asked"] < record["floor"] else f" (the full zip: {record['floor']:g}x)"
+        return (f"asked {record['asked']:g}x one source model's {record['unit']}, reached {record['reached']:g}x"
+                f"{floor}, {_count(record['macs'])} MACs per image")
+    except _UNREADABLE:
+        return "(its figures in the file are unreadable)"
+
+
+def _count(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:g}"

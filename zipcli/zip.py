@@ -9,11 +9,16 @@ copy exact (BN reset replaces it anyway). Head layers keep their own weights
 with only U applied to their inputs. Groupings are applied with index_add,
 never as dense matrices; a method that returns dense M and U is applied by
 matrix products.
+
+A merged space may be wider than one model's (O <= W <= n*O, the size dial): M_i then
+writes W rows and U_i reads W columns; only spaces whose members cover their modules'
+whole channel axes can change width.
 """
 from __future__ import annotations
 
 import torch
 
+from .errors import ZipitError
 from .methods import Match
 from .specs import layers
 from .specs.format import Member
@@ -44,10 +49,10 @@ class SpaceMerge:
             self.counts = torch.as_tensor(match.counts(), dtype=torch.float64)
         else:
             self.assign = None
-            o = match.size
+            o = match.source_width
             m, u = torch.as_tensor(match.dense_merge), torch.as_tensor(match.dense_unmerge)
-            self.merges = [m[:, i * o:(i + 1) * o] for i in range(match.n_models)]      # (O, O_i)
-            self.unmerges = [u[i * o:(i + 1) * o] for i in range(match.n_models)]      # (O_i, O)
+            self.merges = [m[:, i * o:(i + 1) * o] for i in range(match.n_models)]      # (W, O_i)
+            self.unmerges = [u[i * o:(i + 1) * o] for i in range(match.n_models)]      # (O_i, W)
 
     def merge_out(self, t: torch.Tensor, i: int) -> torch.Tensor:
         """M_i on axis 0."""
@@ -57,7 +62,7 @@ class SpaceMerge:
 
     def merge_rows(self, rows: list[torch.Tensor]) -> torch.Tensor:
         """sum_i M_i y_i for samples ``rows[i]`` (samples, O_i) of each model's features, as
-        (samples, O), in their dtype."""
+        (samples, W), in their dtype."""
         if self.assign is None:
             return sum(r @ m.T.to(r.device, r.dtype) for r, m in zip(rows, self.merges))
         out = rows[0].new_zeros(len(rows[0]), self.size)     # on the rows' device (the refit's: CUDA too)
@@ -79,8 +84,7 @@ class Zipper:
         self.graph, self.plan = graph, plan
         self.spaces = {s: SpaceMerge(m) for s, m in matches.items()}
         for s, m in matches.items():
-            if m.size != graph.space_size[s]:
-                raise ValueError(f"space {s}: a merge must keep the space's width")
+            check_width(graph, s, m.size, m.n_models)
 
     def _members(self, key: str) -> tuple[list[tuple[str, Member]], list[tuple[str, Member]], str]:
         """The merged spaces on this tensor's output axis and (weights only) input axis."""
@@ -121,7 +125,7 @@ class Zipper:
                 merged = sum(self._merge_outputs(t, outs, i, attr) for i, t in enumerate(inputs))
                 for s, member in outs:
                     size = self.graph.space_size[s]
-                    part = _channels(merged, member, size)
+                    part = _channels(merged, member, self.spaces[s].size)
                     part = part ** 2 if attr in layers.VARIANCE_BUFFERS else part
                     total = on_channels(total, 0, member, size, lambda _, part=part: part)
             out[key] = total.to(ref.dtype)
@@ -137,6 +141,23 @@ class Zipper:
                 t = self._unmerge_inputs(t.double(), ins, i).to(t.dtype)
             out[key] = t
         return out
+
+
+def check_width(graph: ModelGraph, space: str, width: int, n_models: int) -> None:
+    """Refuse a merged width outside [O, n*O], or one other than O where a member of the space is a
+    slice of its module's channels (a concatenation: DenseNet), which cannot change width yet."""
+    o = graph.space_size[space]
+    if not o <= width <= n_models * o:
+        raise ValueError(f"space {space}: merged width {width} is outside [{o}, {n_models * o}]")
+    if width == o:
+        return
+    for role, table, channels in (("writer", graph.writes, layers.out_channels),
+                                  ("reader", graph.reads, layers.in_channels)):
+        for module, entries in table.items():
+            for s, member in entries:
+                if s == space and (member.start or channels(graph.modules[module]) != o * member.block):
+                    raise ZipitError(f"space {space} is part of a concatenation ({role} {member}): merging it "
+                                     "at a size is not supported yet", "merge without a size")
 
 
 def _channels(t: torch.Tensor, member: Member, size: int) -> torch.Tensor:

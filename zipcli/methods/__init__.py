@@ -40,10 +40,18 @@ def get(name: str) -> Method:
     return REGISTRY[name]
 
 
-def match(method: str, corr: np.ndarray, n_models: int, **params) -> Match:
-    """Match one space with ``method``, passing it the parameters it takes from ``params``."""
+def match(method: str, corr: np.ndarray, n_models: int, width: int | None = None, **params) -> Match:
+    """Match one space with ``method``, passing it the parameters it takes from ``params``, and the
+    merged ``width`` only when one is given (None: one model's width; methods that are not
+    ``partial`` take none)."""
     m = get(method)
-    return m.match(corr, n_models, **{k: v for k, v in params.items() if k in m.param_names})
+    extra = {k: v for k, v in params.items() if k in m.param_names}
+    if width is not None:
+        if not m.partial:
+            raise ZipitError(f"method {m.name} cannot merge at a size (it keeps no feature apart)",
+                             "use --method zipit or permute")
+        extra["width"] = width
+    return m.match(corr, n_models, **extra)
 
 
 __all__ = ["METHODS", "REGISTRY", "Match", "Method", "Param", "check_shape", "get", "match"]

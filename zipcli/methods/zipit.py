@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from ..errors import ZipitError
-from .base import Match, Method, Param, check_shape
+from .base import Match, Method, Param, check_shape, check_width
 
 def check_zipit_params(alpha: float | None, beta: float | None, n_models: int) -> None:
     """The one check of zipit's alpha and beta (None: to be tuned), before any work."""
@@ -28,11 +28,13 @@ def same_model_budget(beta: float, n_models: int, o: int) -> int:
     return int(math.floor(beta * (n_models - 1) * o / n_models + 1e-9))
 
 
-def match_zipit(corr: np.ndarray, n_models: int, alpha: float = 0.3, beta: float = 0.125) -> Match:
+def match_zipit(corr: np.ndarray, n_models: int, alpha: float = 0.3, beta: float = 0.125,
+                width: int | None = None) -> Match:
     """ZipIt! greedy matching over the concatenated features of all models.
 
     Repeatedly merges the most correlated pair of groups (within or across
-    models) until O groups remain. A merged group correlates with others as
+    models) until O groups remain (or ``width`` groups: the weakest stay apart).
+    A merged group correlates with others as
     the minimum of its members' correlations, scaled by ``alpha`` (repeated
     matching); ``alpha`` 0 forbids merging a group twice. Merging two groups
     drawn only from model m is a within-model merge; each model may make
@@ -51,6 +53,7 @@ def match_zipit(corr: np.ndarray, n_models: int, alpha: float = 0.3, beta: float
     o = check_shape(corr, n_models)
     check_zipit_params(alpha, beta, n_models)
     big_n = n_models * o
+    width = check_width(width, o, n_models)
     sim = np.empty((big_n, big_n))
     penalty = np.zeros(big_n)                        # -inf on columns no row may pick any more
     merges: list[tuple[int, int]] = []
@@ -88,7 +91,8 @@ def match_zipit(corr: np.ndarray, n_models: int, alpha: float = 0.3, beta: float
     relaxed = False                                  # set if the budget ever had to be lifted
     load()
     owner = np.repeat(np.arange(n_models), o)       # model of a pure group; -1 mixed; -2 merged away
-    budget = np.full(n_models, same_model_budget(beta, n_models, o))
+    budget = np.full(n_models, same_model_budget(beta, n_models, o) if width == o     # beta: a share of the merges
+                     else int(math.floor(beta * (big_n - width) / n_models + 1e-9)))
     for m in range(n_models):
         if budget[m] == 0:
             sim[m * o:(m + 1) * o, m * o:(m + 1) * o] = -np.inf
@@ -96,7 +100,7 @@ def match_zipit(corr: np.ndarray, n_models: int, alpha: float = 0.3, beta: float
     best_val = np.full(big_n, -np.inf)
     refresh(np.arange(big_n))
     within = 0
-    for _ in range(big_n - o):
+    for _ in range(big_n - width):
         i = int(best_val.argmax())
         if best_val[i] == -np.inf:
             if relaxed:
@@ -132,7 +136,7 @@ def match_zipit(corr: np.ndarray, n_models: int, alpha: float = 0.3, beta: float
         group[j] = group[i]
     survivors = np.unique(group)
     index = np.searchsorted(survivors, group)
-    return Match(index.reshape(n_models, o).astype(np.int64), within, big_n - o, relaxed)
+    return Match(index.reshape(n_models, o).astype(np.int64), within, big_n - width, relaxed)
 
 
 def _check(params: dict, n_models: int) -> None:
@@ -144,5 +148,6 @@ ALPHA = Param("alpha", 0.3, 0.0, 1.0, grid=(0.1, 0.3, 0.5, 1.0), option="--alpha
 BETA = Param("beta", 0.125, 0.0, 1.0, grid=(0.0, 0.0625, 0.125, 0.25, 0.5), option="--beta",
              help="share of merges allowed within one model")
 METHOD = Method("zipit", "ZipIt!: merge the most correlated features, within or across models (alpha, beta)",
-                lambda corr, n_models, alpha=0.3, beta=0.125: match_zipit(corr, n_models, alpha, beta),
-                params=(ALPHA, BETA), extra_check=_check)
+                lambda corr, n_models, alpha=0.3, beta=0.125, width=None: match_zipit(corr, n_models, alpha, beta,
+                                                                                       width),
+                params=(ALPHA, BETA), extra_check=_check, partial=True)

@@ -8,16 +8,19 @@ the space it reads, as a writer). The graph checker, the tracer, the zip, the
 permutation self-check and coverage all ask this table; supporting a new layer
 type is one entry in ``KINDS``. The refit (how a layer reads as rows of a linear
 map), the MAC count and the BatchNorm reset (which layers keep batch statistics)
-ask it too.
+ask it too, and so does the size dial (``resize``: the same layer with other channel counts).
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..errors import ZipitError
 
 Range = tuple[float, float]
 
@@ -50,6 +53,9 @@ class LayerKind:
     macs: Callable[[nn.Module, torch.Tensor], int] | None = None  # multiply-accumulates of a call, from its output
     rows: Rows | None = None                  # how the refit solves it; None: the refit leaves it alone
     batch_statistics: bool = False            # keeps running statistics that the BatchNorm reset recomputes
+    # the same layer with ``out`` channels on axis 0 and ``inp`` on axis 1 (None: unchanged), its
+    # tensors empty (zeros); None: a merge at a size cannot widen it
+    resize: Callable[[nn.Module, int | None, int | None], nn.Module] | None = None
 
 
 def is_depthwise(m: nn.Module) -> bool:
@@ -109,22 +115,71 @@ def _layer_norm_input_problem(m: nn.LayerNorm, shape: tuple | None) -> str | Non
     return None
 
 
+def _resized(m: nn.Module, out: int | None, inp: int | None, **attrs) -> nn.Module:
+    """A shallow copy of ``m`` (its class and forward kept) whose own tensors are zeros of the new
+    widths: axis 0 ``out``, axis 1 of a weight with an input axis ``inp``; then ``attrs`` set."""
+    new = copy.copy(m)
+    new._parameters, new._buffers = dict(m._parameters), dict(m._buffers)
+    for table in (new._parameters, new._buffers):
+        for name, t in table.items():
+            if t is None or t.dim() == 0:
+                continue
+            shape = list(t.shape)
+            if out is not None:
+                shape[0] = out
+            if inp is not None and t.dim() >= 2:
+                shape[1] = inp
+            fresh = torch.zeros(shape, dtype=t.dtype, device=t.device)
+            table[name] = nn.Parameter(fresh, t.requires_grad) if isinstance(t, nn.Parameter) else fresh
+    for name, value in attrs.items():
+        setattr(new, name, value)
+    return new
+
+
+def _resize_conv(m: nn.Conv2d, out: int | None, inp: int | None) -> nn.Conv2d:
+    if is_depthwise(m):            # per-channel: one width for its input, output and groups
+        width = out or inp
+        return _resized(m, width, None, out_channels=width, in_channels=width, groups=width)
+    return _resized(m, out, inp, out_channels=out or m.out_channels, in_channels=inp or m.in_channels)
+
+
+def _resize_linear(m: nn.Linear, out: int | None, inp: int | None) -> nn.Linear:
+    return _resized(m, out, inp, out_features=out or m.out_features, in_features=inp or m.in_features)
+
+
+def _resize_batch_norm(m: nn.modules.batchnorm._BatchNorm, out: int | None, inp: int | None):
+    return _resized(m, out, None, num_features=out or m.num_features)
+
+
+def _resize_layer_norm(m: nn.LayerNorm, out: int | None, inp: int | None) -> nn.LayerNorm:
+    shape = ((out,) + tuple(m.normalized_shape[1:])) if out else tuple(m.normalized_shape)
+    return _resized(m, out, None, normalized_shape=shape)
+
+
+def _resize_group_norm(m: nn.GroupNorm, out: int | None, inp: int | None) -> nn.GroupNorm:
+    width = out or m.num_channels
+    return _resized(m, out, None, num_channels=width, num_groups=1 if m.num_groups == 1 else width)
+
+
 _BIAS = {"bias": (-0.5, 0.5)}
 _NORM = {"weight": (0.5, 1.5), "bias": (-0.5, 0.5), "running_mean": (-1.0, 1.0), "running_var": (0.5, 2.0)}
 
 KINDS: dict[type, LayerKind] = {
     nn.Conv2d: LayerKind(out_channels=lambda m: m.out_channels, in_channels=lambda m: m.in_channels,
                          per_channel=is_depthwise, problem=_conv_problem, random_ranges=_BIAS,
-                         macs=_conv_macs, rows=CONV_ROWS),
+                         macs=_conv_macs, rows=CONV_ROWS, resize=_resize_conv),
     nn.Linear: LayerKind(out_channels=lambda m: m.out_features, in_channels=lambda m: m.in_features,
                          per_channel=lambda m: False, random_ranges=_BIAS, input_problem=_linear_input_problem,
-                         macs=lambda m, out: out.numel() * m.in_features, rows=LINEAR_ROWS),
-    nn.BatchNorm1d: LayerKind(out_channels=lambda m: m.num_features, random_ranges=_NORM, batch_statistics=True),
-    nn.BatchNorm2d: LayerKind(out_channels=lambda m: m.num_features, random_ranges=_NORM, batch_statistics=True),
+                         macs=lambda m, out: out.numel() * m.in_features, rows=LINEAR_ROWS,
+                         resize=_resize_linear),
+    nn.BatchNorm1d: LayerKind(out_channels=lambda m: m.num_features, random_ranges=_NORM, batch_statistics=True,
+                              resize=_resize_batch_norm),
+    nn.BatchNorm2d: LayerKind(out_channels=lambda m: m.num_features, random_ranges=_NORM, batch_statistics=True,
+                              resize=_resize_batch_norm),
     nn.LayerNorm: LayerKind(out_channels=lambda m: m.normalized_shape[0], random_ranges=_NORM,
-                            input_problem=_layer_norm_input_problem),
+                            input_problem=_layer_norm_input_problem, resize=_resize_layer_norm),
     nn.GroupNorm: LayerKind(out_channels=lambda m: m.num_channels, problem=_group_norm_problem,
-                            random_ranges=_NORM),
+                            random_ranges=_NORM, resize=_resize_group_norm),
 }
 
 
@@ -184,6 +239,14 @@ def input_problem(m: nn.Module, shape: tuple | None) -> str | None:
     """Why a known layer cannot be merged on an input of ``shape`` (a linear layer on tokens, ...), or None."""
     k = kind_of(m)
     return None if k is None else k.input_problem(m, shape)
+
+
+def resize(m: nn.Module, out: int | None, inp: int | None) -> nn.Module:
+    """``m`` with ``out`` output and ``inp`` input channels (None: unchanged), its tensors zeros."""
+    k = kind_of(m)
+    if k is None or k.resize is None:
+        raise ZipitError(f"a {type(m).__name__} cannot change width", "merge without a size")
+    return k.resize(m, out, inp)
 
 
 def out_channels(m: nn.Module) -> int:
