@@ -124,17 +124,18 @@ from zipcli.pipeline import merge_at  # noqa: E402
 from zipcli.tuning import Setting  # noqa: E402
 
 
-def test_a_value_error_inside_the_models_forward_is_not_called_unreadable_images(pair, monkeypatch):
-    forward = MergedModel.forward
+@pytest.mark.parametrize("refit", ["none", "lsq"])       # the reset's own pass, and the refit's pass
+def test_a_value_error_inside_the_models_forward_is_not_called_unreadable_images(pair, monkeypatch, refit):
+    forward = torch.nn.BatchNorm2d.forward
 
-    def broken(self, x, rows=None):          # fails in train mode: the BatchNorm reset's passes
+    def broken(self, x):          # fails in train mode: the BatchNorm statistics' passes
         if self.training:
             raise ValueError("shapes do not fit")
-        return forward(self, x, rows)
+        return forward(self, x)
 
-    monkeypatch.setattr(MergedModel, "forward", broken)
+    monkeypatch.setattr(torch.nn.BatchNorm2d, "forward", broken)
     with pytest.raises(ValueError, match="shapes do not fit"):
-        merge(pair["paths"], pair["spec"], pair["calib"], MergeOptions(method="permute"))
+        merge(pair["paths"], pair["spec"], pair["calib"], MergeOptions(method="permute", refit=refit))
 
 
 def test_no_readable_image_for_the_batchnorm_reset_is_still_a_calibration_error(pair, tmp_path):

@@ -130,8 +130,10 @@ def test_a_plot_never_lands_on_an_input_even_with_force(pair, tmp_path):
     assert image.read_bytes() == before
 
 
-def test_each_points_bars_say_which_point_they_belong_to(pair):
-    """Every point runs its own tuning, refit and BatchNorm reset: their bars name the (stop, method)."""
+@pytest.mark.parametrize("refit", ["lsq", "none"])
+def test_each_points_bars_say_which_point_they_belong_to(pair, refit):
+    """Every point runs its own tuning, refit and BatchNorm reset (which rides on the refit's pass
+    when there is one): their bars name the (stop, method)."""
     from zipcli.report import SilentReporter
     from zipcli.specs import load_spec
     from zipcli.sweep import sweep
@@ -145,6 +147,8 @@ def test_each_points_bars_say_which_point_they_belong_to(pair):
 
     seen = Phases()
     sweep([pair["a"], pair["b"]], load_spec("resnet20"), pair["calib"], methods=["permute"], stops=["layer1", "layer2"],
-          options=MergeOptions(num_calib=40), report=seen)
+          options=MergeOptions(num_calib=40, refit=refit), report=seen)
+    own = "refit" if refit == "lsq" else "batchnorm reset"
     for stop in ("layer1", "layer2"):
-        assert {f"{stop} permute: refit", f"{stop} permute: batchnorm reset"} <= set(seen.phases), seen.phases
+        assert f"{stop} permute: {own}" in seen.phases, seen.phases
+    assert not {"refit", "batchnorm reset"} & set(seen.phases), seen.phases

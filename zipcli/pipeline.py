@@ -150,6 +150,7 @@ def _refit(cal: Calibration, point: MergePoint, model: MergedModel, matches: dic
     facts = refit(model, [s.model for s in cal.sources], cal.graph, cal.plan(point.stop), matches, images,
                   o.reset_bn, o.seed, cal.report, cal.ranks, statistics=statistics)
     cal.images_read = True
+    cal.warn_skipped()
     timings["refit"] = time.perf_counter() - t
     return facts
 
