@@ -6,13 +6,18 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
+from zipcli import MergeOptions, merge
 from zipcli.cli import app
+from zipcli.heads import match_heads
+from zipcli.merged import load_merged
+from zipcli.methods.permute import match_permute
 from zipcli.errors import SpecError
 from zipcli.specs import parse_spec
 from zipcli.specs.authoring import dump_spec, spec_document
@@ -20,8 +25,10 @@ from zipcli.specs.check import check_spec
 from zipcli.specs.graph import ModelGraph
 from zipcli.specs.builders import build_model
 from zipcli.specs.recipes import CIFAR
-from zipcli.specs.selfcheck import random_permutations
+from zipcli.specs.selfcheck import headed_permutation, permute_state_dict, random_permutations, randomize_spec_tensors
 from zipcli.specs.tracing import trace_spaces
+
+from conftest import save_checkpoint
 
 SMALL = {"depth": 2, "dim": 32, "heads": 2}
 TRUSTED = ["zipcli.models"]
@@ -179,3 +186,80 @@ def test_what_transformers_may_not_do_is_refused_by_name(cls, words):
         trace_spaces(cls(), torch.zeros(1, 3, 4, 4))
     for word in words:
         assert word in info.value.message, info.value.message
+
+
+# --- merging: whole heads, exact on permuted copies ------------------------------------------------------------
+
+
+def _permuted_vits(spec, tmp_path, n_models: int):
+    """A small ViT with attention at a trained model's scale, and permuted copies of it."""
+    torch.manual_seed(1)
+    model = build_model(spec, 7).eval()
+    graph = ModelGraph(spec, model)
+    randomize_spec_tensors(graph, None, seed=1)
+    state = model.state_dict()
+    paths = [save_checkpoint(tmp_path / "m0.pt", state)]
+    for i in range(1, n_models):
+        paths.append(save_checkpoint(tmp_path / f"m{i}.pt",
+                                     permute_state_dict(graph, state, random_permutations(graph, seed=10 + i))))
+    return model, paths
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("method", ["permute", "zipit"])
+@pytest.mark.parametrize("refit", ["none", "lsq"])
+def test_permuted_copies_of_a_vit_merge_back_exactly_at_every_stop(small_spec, method, refit, tmp_path, calib32):
+    model, paths = _permuted_vits(small_spec, tmp_path, 2)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    for stop in small_spec.stops + ("output",):
+        result = merge(paths, small_spec, calib32, MergeOptions(method=method, stop=stop, refit=refit, batch_size=8))
+        with torch.no_grad():
+            heads = result.model(x)
+        assert len(heads) == (1 if stop == "output" else 2)
+        assert all(_rel(h, expected) < 1e-4 for h in heads), (method, stop)
+
+
+def test_three_permuted_vits_merge_back_and_survive_a_save(small_spec, tmp_path, calib32):
+    model, paths = _permuted_vits(small_spec, tmp_path, 3)
+    result = merge(paths, small_spec, calib32, MergeOptions(method="zipit", alpha=1.0, batch_size=8))
+    result.save(tmp_path / "merged.safetensors")
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected, heads = model(x), load_merged(tmp_path / "merged.safetensors")(x)
+    assert len(heads) == 3 and all(_rel(h, expected) < 1e-4 for h in heads)
+
+
+def test_head_matching_finds_a_permutation_of_heads_and_of_features_within_them():
+    """Queries/keys and values of a copy whose heads moved in one order, features within each head
+    in orders of their own: every feature is matched to its own copy."""
+    rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(1)
+    qk, v = rng.normal(size=(500, 12)), rng.normal(size=(500, 12))
+    order = torch.randperm(3, generator=gen)
+    qk1, v1 = (x[:, headed_permutation(order, [torch.randperm(4, generator=gen) for _ in range(3)]).numpy()]
+               for x in (qk, v))
+    corrs = [np.corrcoef(np.hstack([a, b]).T) for a, b in ((qk, qk1), (v, v1))]
+    for method in ("permute", "zipit"):
+        for m, original, copy in zip(match_heads(corrs, 2, 3, method), (qk, v), (qk1, v1)):
+            merged0, merged1 = np.empty_like(original), np.empty_like(copy)
+            merged0[:, m.assign[0]], merged1[:, m.assign[1]] = original, copy
+            np.testing.assert_array_equal(merged0, merged1)
+
+
+def test_head_matching_never_splits_a_head_even_where_features_match_better_across_heads():
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(400, 16))
+    other = features[:, rng.permutation(16)] + 0.1 * rng.normal(size=(400, 16))   # heads scrambled
+    corrs = [np.corrcoef(np.hstack([features, other]).T)]
+    plain = match_permute(corrs[0], 2).assign[1].reshape(4, 4) // 4
+    assert not (plain == plain[:, :1]).all()                      # feature by feature, heads are split
+    for method in ("permute", "zipit"):
+        (m,) = match_heads(corrs, 2, 4, method)
+        for i in range(2):
+            merged_head = m.assign[i].reshape(4, 4) // 4          # the merged head of each source feature
+            assert (merged_head == merged_head[:, :1]).all()      # a source head goes to one merged head
+            assert sorted(merged_head[:, 0]) == [0, 1, 2, 3]

@@ -10,6 +10,7 @@ import torch
 
 from . import methods
 from .checkpoints import run_layout
+from .heads import match_heads
 from .measured import Calibration
 from .merged import MergedModel, skeleton
 from .methods import Match
@@ -27,8 +28,18 @@ def match(cal: Calibration, stop: str, method: str, setting: Setting,
         if missing:     # a caller's mistake (nothing measured, or a deeper stop than measured): never guess
             raise RuntimeError(f"space {missing[0]!r} has no correlation: measure the calibration at stop "
                                f"{stop!r} (or a deeper one) before matching with a method that needs correlations")
-    return {name: methods.match(method, cal.correlations.get(name, np.eye(n * cal.graph.space_size[name])),
-                                n, **{"alpha": setting.alpha, "beta": setting.beta, **dict(params)})
+    values = {"alpha": setting.alpha, "beta": setting.beta, **dict(params)}
+    corr = {name: cal.correlations.get(name, np.eye(n * cal.graph.space_size[name])) for name in plan.merged_spaces}
+    tied: dict[str, list[str]] = {}     # attention: a query/key space and the value space that shares its heads
+    for name in plan.merged_spaces:
+        space = cal.spec.space(name)
+        if space.heads is not None:
+            tied.setdefault(space.heads_with or name, []).append(name)
+    found = {}
+    for names in tied.values():
+        heads = cal.spec.space(names[0]).heads
+        found.update(zip(names, match_heads([corr[s] for s in names], n, heads, method, **values)))
+    return {name: found[name] if name in found else methods.match(method, corr[name], n, **values)
             for name in plan.merged_spaces}
 
 
