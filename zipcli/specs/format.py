@@ -277,7 +277,8 @@ def parse_spec(text: str, origin: str = "<spec>", trust_builders: Iterable[str] 
     _check_keys(doc, _TOP_KEYS, "", origin)
     if doc["format"] not in FORMATS:
         raise SpecError(f"{origin}: format is {doc['format']!r}; this zipit reads formats "
-                        f"{' and '.join(map(str, FORMATS))}", "regenerate the spec with 'zipit specs trace' or upgrade zipit")
+                        f"{' and '.join(map(str, FORMATS))}",
+                        "regenerate the spec with 'zipit specs trace' or upgrade zipit")
     kwargs = doc.get("kwargs") or {}
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
         raise SpecError(f"{origin}: kwargs must be a mapping of argument names to values")

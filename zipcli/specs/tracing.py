@@ -9,8 +9,9 @@ new variable. Tokens ``[B, N, D]`` keep their channels on the last axis: a class
 token or position embedding used in forward starts a variable of its own, a
 reshape into attention heads records the heads, and scaled dot-product attention
 ties queries to keys (one space) and their head order to the values'. The unified
-variables that some layer writes are the feature spaces. Anything the tracer cannot reason about is refused with the operation and
-the layer named: a silently wrong spec would merge fine and give garbage.
+variables that some layer writes are the feature spaces. Anything the tracer
+cannot reason about is refused with the operation and the layer named: a
+silently wrong spec would merge fine and give garbage.
 """
 from __future__ import annotations
 
@@ -307,8 +308,7 @@ class _Tracer:
             order = list(range(n))
             order[a % n], order[b % n] = order[b % n], order[a % n]
         else:
-            dims = node.args[1:] if len(node.args) > 2 or not isinstance(node.args[1], (tuple, list)) \
-                else node.args[1]
+            dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
             order = [d % n for d in (dims or node.kwargs.get("dims"))]
         if order[0] != 0:
             raise _refuse(node, "a transpose that moves the batch axis")
@@ -392,7 +392,9 @@ class _Tracer:
     def broadcasts(self, node: fx.Node, a: fx.Node, b: fx.Node) -> bool:
         """Tokens plus a tensor broadcast over the batch or tokens (position embeddings), channels last."""
         la, lb, sa, sb = self.layout.get(a), self.layout.get(b), _shape(a), _shape(b)
-        if la is None or lb is None or len(sa) != len(sb) or la.head_axis is not None or lb.head_axis is not None:
+        if la is None or lb is None or sa is None or sb is None or len(sa) != len(sb):
+            return False
+        if la.head_axis is not None or lb.head_axis is not None:
             return False
         return la.axis == lb.axis == len(sa) - 1 and sa[-1] == sb[-1] and all(
             x == y or 1 in (x, y) for x, y in zip(sa, sb))
@@ -505,8 +507,9 @@ def _heads(tr: _Tracer, root: int) -> int | None:
     """The number of attention heads a space is split into (None: not split)."""
     found = {h for v, h in tr.heads.items() if tr.vars.find(v) == root}
     if len(found) > 1:
-        raise SpecError(f"cannot derive feature spaces: one space is split into {' and '.join(map(str, sorted(found)))} "
-                        "attention heads", "zipit needs every attention on a space to have the same heads")
+        counts = " and ".join(map(str, sorted(found)))
+        raise SpecError(f"cannot derive feature spaces: one space is split into {counts} attention heads",
+                        "zipit needs every attention on a space to have the same heads")
     return found.pop() if found else None
 
 
@@ -540,7 +543,8 @@ def _observe_point(tr: _Tracer, root: int, last_reader: Member | None, writers: 
     best = last_reader
     node = _call_node(tr.gm, last_reader.module).args[0]
     if node in tr.selects:
-        norms = [w for w in writers if w.whole and tr.calls[w.module] == 1 and layers.is_per_channel(tr.modules[w.module])
+        norms = [w for w in writers if w.whole and tr.calls[w.module] == 1
+                 and layers.is_per_channel(tr.modules[w.module])
                  and _call_node(tr.gm, w.module).args[0] not in tr.selects]
         if norms:
             best = norms[-1]
