@@ -85,9 +85,10 @@ def _center_biases(model, x: torch.Tensor) -> None:
     outputs of the layers before it), so that models without BatchNorm (VGG) have no channels that
     are dead on every image."""
     def center(layer, _inputs, out):
-        mean = out.mean([d for d in range(out.dim()) if d != 1])
+        axis = out.dim() - 1 if isinstance(layer, torch.nn.Linear) else 1   # a linear layer on tokens: the last
+        mean = out.mean([d for d in range(out.dim()) if d != axis])
         layer.bias -= mean
-        return out - mean.view(-1, *([1] * (out.dim() - 2)))
+        return out - mean.view(-1, *([1] * (out.dim() - 1 - axis)))
 
     handles = [m.register_forward_hook(center) for m in model.modules()
                if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.bias is not None]

@@ -13,10 +13,10 @@ from conftest import random_model, save_checkpoint, small_spec
 
 # torchvision models run at 64 px to keep the suite fast; the CIFAR ones at their own 32 px.
 SIZES = {"resnet18": 64, "resnet50": 64}
-# Every stop, both methods: one model per kind of graph (residual, plain, torchvision). Every other
+# Every stop, both methods: one model per kind of graph (residual, plain, torchvision, transformer). Every other
 # built-in merges exactly at its default stop in test_coverage.py.
-SWEEP = ["resnet20", "resnet18", "cifar_vgg11"]
-HEAVY_CASES = {("zipit", "resnet18"), ("zipit", "cifar_vgg11")}
+SWEEP = ["resnet20", "resnet18", "cifar_vgg11", "cifar_vit"]
+HEAVY_CASES = {("zipit", "resnet18"), ("zipit", "cifar_vgg11"), ("zipit", "cifar_vit")}
 
 
 def _images(spec, folder, n=8):

@@ -83,6 +83,24 @@ class Norms(nn.Module):
         return self.fc(self.ln(x.mean((2, 3))))
 
 
+class Tokens(nn.Module):
+    """Patches made tokens by permutes (both spellings), position embeddings, an MLP on tokens and a
+    mean over them: the channels move to the last axis and back."""
+
+    def __init__(self, num_classes: int = 5):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, 4)
+        self.pos = nn.Parameter(torch.randn(1, 16, 8))
+        self.norm = nn.LayerNorm(8)
+        self.fc1, self.fc2 = nn.Linear(8, 12), nn.Linear(12, 8)
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        t = torch.permute(self.embed(x).flatten(2), dims=(0, 2, 1)) + self.pos
+        t = t + self.fc2(F.gelu(self.fc1(self.norm(t))))
+        return self.head(t.permute(0, 2, 1).mean(2))
+
+
 TRUSTED = ["tiny_models"]
 
 
@@ -99,7 +117,7 @@ def _spec(cls, name: str = "tiny"):
     return parse_spec(dump_spec(spec_document(name, builder, {}, TINY)), origin=name, trust_builders=TRUSTED)
 
 
-@pytest.mark.parametrize("cls", [DenseNetLike, FlattenHead, Norms])
+@pytest.mark.parametrize("cls", [DenseNetLike, FlattenHead, Norms, Tokens])
 def test_traced_tiny_models_pass_the_check(cls):
     result = check_spec(_spec(cls, cls.__name__.lower()))
     assert result.passed, result.problems

@@ -10,6 +10,7 @@ import torch
 
 from . import methods
 from .checkpoints import run_layout
+from .heads import match_heads
 from .measured import Calibration
 from .merged import MergedModel, skeleton
 from .methods import Match
@@ -36,8 +37,22 @@ def match(cal: Calibration, stop: str, method: str, setting: Setting,
                          f"merged spaces: {', '.join(plan.merged_spaces)}")
     for name, width in widths.items():
         check_width(cal.graph, name, width, n)
-    return {name: methods.match(method, cal.correlations.get(name, np.eye(n * cal.graph.space_size[name])),
-                                n, widths.get(name), **{"alpha": setting.alpha, "beta": setting.beta, **dict(params)})
+    values = {"alpha": setting.alpha, "beta": setting.beta, **dict(params)}
+    corr = {name: cal.correlations.get(name, np.eye(n * cal.graph.space_size[name])) for name in plan.merged_spaces}
+    tied: dict[str, list[str]] = {}     # attention: a query/key space and the value space that shares its heads
+    for name in plan.merged_spaces:
+        space = cal.spec.space(name)
+        if space.heads is not None:
+            tied.setdefault(space.heads_with or name, []).append(name)
+    found = {}
+    for names in tied.values():
+        sized = [s for s in names if s in widths and widths[s] != cal.graph.space_size[s]]
+        if sized:
+            raise ZipitError(f"space {sized[0]!r} is split into attention heads: merging it at a size is not "
+                             "supported yet", "merge without --size")
+        heads = cal.spec.space(names[0]).heads
+        found.update(zip(names, match_heads([corr[s] for s in names], n, heads, method, **values)))
+    return {name: found[name] if name in found else methods.match(method, corr[name], n, widths.get(name), **values)
             for name in plan.merged_spaces}
 
 

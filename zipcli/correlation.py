@@ -146,19 +146,21 @@ def collect_correlations(models: list[nn.Module], spec: Spec, plan: StopPlan, st
     activation is in hand.
     """
     spaces = [spec.space(s) for s in plan.merged_spaces]
-    observe: dict[str, list[Space]] = {}
+    observe: dict[tuple[str, bool], list[Space]] = {}   # (module, its output?) -> spaces observed there
     for s in spaces:
-        observe.setdefault(s.observe.module, []).append(s)
+        observe.setdefault((s.observe.module, s.observe.output), []).append(s)
     acc: dict[str, CorrelationAccumulator] = {}
     state = {"model": 0, "captured": 0}
 
-    def hook_for(module_name):
-        def hook(_module, args):
-            for space in observe[module_name]:
-                x = observed_channels(args[0], space.observe, plan.sizes[space.name])
+    def hook_for(point):
+        def hook(_module, args, output=None):
+            seen = output if point[1] else args[0]
+            for space in observe[point]:
+                x = observed_channels(seen, space.observe, plan.sizes[space.name], space.observe_axis)
                 if x is None:
-                    raise MergeError(f"space {space.name!r} is observed at {space.observe}, whose input "
-                                     f"{tuple(args[0].shape)} does not hold its {plan.sizes[space.name]} channels",
+                    raise MergeError(f"space {space.name!r} is observed at {space.observe}, whose "
+                                     f"{'output' if point[1] else 'input'} {tuple(seen.shape)} does not hold its "
+                                     f"{plan.sizes[space.name]} channels",
                                      "fix the spec's observe point ('zipit specs check' tests it)")
                 if space.name not in acc:
                     acc[space.name] = CorrelationAccumulator([x.shape[1]] * len(models), device=device)
@@ -173,7 +175,8 @@ def collect_correlations(models: list[nn.Module], spec: Spec, plan: StopPlan, st
     handles = []
     for model in models:
         modules = dict(model.named_modules())
-        handles += [modules[m].register_forward_pre_hook(hook_for(m)) for m in observe]
+        handles += [modules[m].register_forward_hook(hook_for((m, out))) if out
+                    else modules[m].register_forward_pre_hook(hook_for((m, out))) for m, out in observe]
     chunk = None
     report.start("calibration", len(stream))
     try:

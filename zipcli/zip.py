@@ -22,7 +22,7 @@ from .errors import ZipitError
 from .methods import Match
 from .specs import layers
 from .specs.format import Member
-from .specs.graph import ModelGraph, StopPlan, on_channels
+from .specs.graph import ModelGraph, StopPlan, on_channels, on_last_axis
 
 
 def _merge_out(t: torch.Tensor, assign: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -115,6 +115,11 @@ class Zipper:
         out = {}
         for key in keys:
             ref = state_dicts[0][key]
+            space = self.graph.param_writes.get(key)
+            if space in self.plan.merged_spaces:     # a class token, position embeddings: M on the last axis
+                out[key] = sum(on_last_axis(sd[key].double(), lambda x, i=i: self.spaces[space].merge_out(x, i))
+                               for i, sd in enumerate(state_dicts)).to(ref.dtype)
+                continue
             outs, ins, attr = self._members(key)
             if attr in layers.NON_CHANNEL_BUFFERS or not ref.is_floating_point():
                 out[key] = ref.clone()

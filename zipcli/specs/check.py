@@ -15,7 +15,7 @@ from .builders import build, check_num_classes_arg
 from .coverage import coverage
 from .format import Spec
 from .graph import ModelGraph, observed_channels
-from .selfcheck import randomize_per_channel, self_check
+from .selfcheck import randomize_per_channel, randomize_spec_tensors, self_check
 from .tracing import build_and_trace
 
 SELF_CHECK_TOLERANCE = 1e-4   # relative change of the outputs; float32 rounding is about 1e-6
@@ -51,13 +51,14 @@ def check_spec(spec: Spec, builder: str | None = None, kwargs: dict | None = Non
     check_num_classes_arg(builder, spec.num_classes_arg)
     randomize_per_channel(model, seed)
     graph = ModelGraph(spec, model)
-    example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(seed))
-    observe_problems = _check_observe_points(graph, example)
-    error = self_check(graph, example, seed)
     try:
         _, traced = build_and_trace(builder, kwargs, shape)
     except SpecError as exc:
         raise SpecError(f"coverage cannot be checked: {exc.message}", exc.hint) from None
+    randomize_spec_tensors(graph, traced, seed)
+    example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(seed))
+    observe_problems = _check_observe_points(graph, example)
+    error = self_check(graph, example, seed)
     cov = coverage(graph, traced)
     problems = observe_problems + cov.problems
     if error > SELF_CHECK_TOLERANCE:
@@ -69,15 +70,20 @@ def check_spec(spec: Spec, builder: str | None = None, kwargs: dict | None = Non
 
 @torch.no_grad()
 def _check_observe_points(graph: ModelGraph, example: torch.Tensor) -> list[str]:
-    """Run the model once; each observe point's input must hold its space's channels."""
+    """Run the model once; each observe point's input (or output) must hold its space's channels."""
     problems, handles = [], []
     modules = graph.modules
     for space in graph.spec.spaces:
-        def hook(_m, args, space=space):
-            if observed_channels(args[0], space.observe, graph.space_size[space.name]) is None:
-                problems.append(f"space {space.name} is observed at {space.observe}, whose input "
-                                f"{tuple(args[0].shape)} does not hold its {graph.space_size[space.name]} channels")
-        handles.append(modules[space.observe.module].register_forward_pre_hook(hook))
+        def check(x, space=space):
+            if observed_channels(x, space.observe, graph.space_size[space.name], space.observe_axis) is None:
+                problems.append(f"space {space.name} is observed at {space.observe}, whose "
+                                f"{'output' if space.observe.output else 'input'} {tuple(x.shape)} does not hold "
+                                f"its {graph.space_size[space.name]} channels on axis {space.observe_axis}")
+        module = modules[space.observe.module]
+        if space.observe.output:
+            handles.append(module.register_forward_hook(lambda _m, _args, out, check=check: check(out)))
+        else:
+            handles.append(module.register_forward_pre_hook(lambda _m, args, check=check: check(args[0])))
     try:
         graph.model.eval()(example)
     finally:

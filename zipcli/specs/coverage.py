@@ -14,7 +14,7 @@ from . import layers
 from .format import Member
 from .graph import ModelGraph
 
-Key = tuple[str, str]  # ("writer" | "reader", canonical member)
+Key = tuple[str, str]  # ("writer" | "reader" | "parameter", canonical member or state-dict key)
 
 
 @dataclass
@@ -36,22 +36,24 @@ def _canonical(graph: ModelGraph, member: Member, role: str, size: int) -> str:
     return str(member)
 
 
-def _groups(graph: ModelGraph, spaces: list[tuple[str, list[Member], list[Member]]],
+def _groups(graph: ModelGraph, spaces: list[tuple[str, list[Member], list[Member], list[str]]],
             sizes: dict[str, int]) -> dict[Key, str]:
     group = {}
-    for name, writers, readers in spaces:
+    for name, writers, readers, parameters in spaces:
         for role, members in (("writer", writers), ("reader", readers)):
             for m in members:
                 group[(role, _canonical(graph, m, role, sizes[name]))] = name
+        for key in parameters:
+            group[("parameter", key)] = name
     return group
 
 
 def coverage(graph: ModelGraph, traced: dict) -> Coverage:
     """Compare ``graph``'s spec with ``traced`` (from ``tracing.trace_spaces`` on the same model)."""
     result = Coverage()
-    spec_spaces = [(s.name, list(s.writers), list(s.readers)) for s in graph.spec.spaces]
+    spec_spaces = [(s.name, list(s.writers), list(s.readers), list(s.parameters)) for s in graph.spec.spaces]
     actual = _groups(graph, spec_spaces, graph.space_size)
-    traced_spaces = [(s["name"], s["writers"], s["readers"]) for s in traced["spaces"]]
+    traced_spaces = [(s["name"], s["writers"], s["readers"], s.get("parameters", [])) for s in traced["spaces"]]
     traced_sizes = {s["name"]: _traced_size(graph, s) for s in traced["spaces"]}
     expected = _groups(graph, traced_spaces, traced_sizes)
 
@@ -63,6 +65,7 @@ def coverage(graph: ModelGraph, traced: dict) -> Coverage:
             result.problems.append(f"space {where} lists {key[1]} as a {key[0]}, which belongs to no feature "
                                    "space (a classifier output, the model input, or not this module's channels)")
     _check_observe(graph, traced, actual, expected, result)
+    _check_heads(graph, traced, actual, expected, result)
     for mapping, other, verb in ((expected, actual, "splits"), (actual, expected, "joins")):
         members: dict[str, set[str]] = {}
         for key, group in mapping.items():
@@ -80,6 +83,28 @@ def coverage(graph: ModelGraph, traced: dict) -> Coverage:
     return result
 
 
+def _check_heads(graph: ModelGraph, traced: dict, actual: dict[Key, str], expected: dict[Key, str],
+                 result: Coverage) -> None:
+    """Attention heads as tracing finds them: the same number, tied to the same query/key space."""
+    matched = {}   # spec space -> traced space
+    for key, group in actual.items():
+        if key in expected:
+            matched.setdefault(group, expected[key])
+    traced_by_name = {s["name"]: s for s in traced["spaces"]}
+    spec_of = {t: s for s, t in matched.items()}
+    for space in graph.spec.spaces:
+        t = traced_by_name.get(matched.get(space.name))
+        if t is None:
+            continue
+        if space.heads != t.get("heads"):
+            result.problems.append(f"space {space.name} has heads {space.heads}; tracing finds {t.get('heads')} "
+                                   "attention heads")
+        want = spec_of.get(t.get("heads_with"), t.get("heads_with"))
+        if space.heads_with != want:
+            result.problems.append(f"space {space.name} has heads_with {space.heads_with}; tracing ties its heads to "
+                                   f"{want}")
+
+
 def _check_observe(graph: ModelGraph, traced: dict, actual: dict[Key, str], expected: dict[Key, str],
                    result: Coverage) -> None:
     """Each space must be observed where its own channels are (not another space of the same width)."""
@@ -88,8 +113,11 @@ def _check_observe(graph: ModelGraph, traced: dict, actual: dict[Key, str], expe
         if len(matches) != 1:
             continue  # reported as a membership problem
         target = next(iter(matches))
-        seen = traced["inputs"].get(space.observe.module, [])   # [(traced space, member)] of its input
-        if space.observe.whole:
+        table = traced["outputs"] if space.observe.output else traced["inputs"]
+        seen = table.get(space.observe.module, [])   # [(traced space, member)] of its input (output)
+        if space.observe.whole and space.observe.output:
+            ok = any(name == target for name, _ in seen)
+        elif space.observe.whole:
             ok = len(seen) == 1 and seen[0][0] == target
         else:
             ok = any(name == target and m.start == space.observe.start and m.block == space.observe.block
@@ -112,6 +140,12 @@ def _count_tensors(graph: ModelGraph, result: Coverage) -> None:
         if not tensors:
             continue
         result.tensors += len(tensors)
+        own = [key for key, _ in module.named_parameters(recurse=False)] + \
+              [key for key, _ in module.named_buffers(recurse=False)]
+        keys = {f"{name}.{k}" if name else k for k in own}
+        if keys and keys <= set(graph.param_writes):   # tensors used in forward, each listed in a space
+            result.in_spaces += len(tensors)
+            continue
         if name in graph.writes or name in graph.reads:
             result.in_spaces += len(tensors)
         else:

@@ -16,7 +16,9 @@ import yaml
 from ..errors import SpecError
 from .trust import check_builder_trusted, check_kwargs
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2     # written when a spec uses what format 1 cannot say (heads, parameters, observe axes)
+FORMATS = (1, 2)       # read
+FORMAT_2_KEYS = ("parameters", "heads", "heads_with", "observe_axis")
 
 OUTPUT_STOP = "output"
 
@@ -43,11 +45,13 @@ _MEMBER = re.compile(r"^([^@\s]+)(?:@(\d+)(?:\*(\d+))?)?$")
 class Member:
     """One module's channel axis in a space: all of it (``conv1``), or, where the axis is a
     concatenation, the space's channels from ``offset`` on (``norm1@64``). After a flatten each
-    channel is a run of ``block`` consecutive values (``fc1@0*49``: a 7x7 map per channel)."""
+    channel is a run of ``block`` consecutive values (``fc1@0*49``: a 7x7 map per channel). An
+    observe point may be a module's output (``attn.q>``): attention's queries have no layer reading them."""
 
     module: str
     offset: int | None = None      # None: the whole axis is this space
     block: int = 1
+    output: bool = False           # observe the module's output, not its input
 
     @property
     def start(self) -> int:
@@ -58,9 +62,10 @@ class Member:
         return self.offset is None
 
     def __str__(self) -> str:
+        tail = ">" if self.output else ""
         if self.offset is None:
-            return self.module
-        return f"{self.module}@{self.offset}" + (f"*{self.block}" if self.block != 1 else "")
+            return self.module + tail
+        return f"{self.module}@{self.offset}" + (f"*{self.block}" if self.block != 1 else "") + tail
 
 
 def parse_member(text: str) -> Member | None:
@@ -77,13 +82,20 @@ class Space:
 
     ``writers`` produce the channels (their output axis and per-channel
     parameters), ``readers`` consume them (their input axis), and the space's
-    activations are observed at the input of module ``observe``.
+    activations are observed at the input of module ``observe`` (channels on ``observe_axis``).
+    ``parameters`` are tensors used directly in forward (a class token, position embeddings) whose
+    last axis is the space. A space of attention heads (``heads``) is permuted in whole heads;
+    ``heads_with`` names the query/key space whose head order a value space shares.
     """
 
     name: str
     observe: Member
     writers: tuple[Member, ...]
     readers: tuple[Member, ...]
+    parameters: tuple[str, ...] = ()
+    heads: int | None = None
+    heads_with: str | None = None
+    observe_axis: int = 1
 
 
 @dataclass(frozen=True)
@@ -113,7 +125,8 @@ _TOP_KEYS = {
     "default_stop": False, "spaces": True,
 }
 _INPUT_KEYS = {"size": True, "resize": False, "mean": True, "std": True}
-_SPACE_KEYS = {"name": True, "observe": True, "writers": True, "readers": False}
+_SPACE_KEYS = {"name": True, "observe": True, "writers": True, "readers": False, "parameters": False,
+               "heads": False, "heads_with": False, "observe_axis": False}
 
 
 def _check_keys(obj, allowed: dict, where: str, origin: str) -> None:
@@ -150,6 +163,13 @@ def _member(value, where: str, origin: str) -> Member:
     return member
 
 
+def _observe(value, where: str, origin: str) -> Member:
+    """An observe point: a member, or ``MODULE>`` for the module's output."""
+    text = _str(value, where, origin)
+    member = _member(text[:-1] if text.endswith(">") else text, where, origin)
+    return Member(member.module, member.offset, member.block, output=True) if text.endswith(">") else member
+
+
 def _member_list(value, where: str, origin: str, allow_empty: bool = False) -> tuple[Member, ...]:
     members = tuple(_member(v, f"{where}[{i}]", origin)
                     for i, v in enumerate(_str_list(value, where, origin, allow_empty)))
@@ -178,6 +198,33 @@ def _check_axis_owners(spaces: list[Space], role: str, origin: str) -> None:
         if len(set(offsets)) != len(offsets):
             raise SpecError(f"{origin}: module {module!r} has two {role[:-1]} slices at the same offset",
                             "slices of one module must not overlap")
+
+
+def _axis(value, where: str, origin: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value == 0:
+        raise SpecError(f"{origin}: {where} must be a tensor axis other than the batch axis (1, 2, ..., or -1), "
+                        f"got {value!r}")
+    return value
+
+
+def _check_heads(spaces: list[Space], origin: str) -> None:
+    """A value space shares the head order of a query/key space with as many heads; members of no
+    two spaces name the same parameter."""
+    by_name = {s.name: s for s in spaces}
+    owner: dict[str, str] = {}
+    for s in spaces:
+        for key in s.parameters:
+            if key in owner:
+                raise SpecError(f"{origin}: parameter {key!r} is in two spaces ({owner[key]} and {s.name})",
+                                "a parameter's channels belong to one space")
+            owner[key] = s.name
+        if s.heads_with is None:
+            continue
+        partner = by_name.get(s.heads_with)
+        if s.heads is None or partner is None or partner.heads != s.heads or partner.heads_with is not None:
+            raise SpecError(f"{origin}: space {s.name} has heads_with {s.heads_with!r}, which is not a space "
+                            f"with the same heads ({s.heads}) of its own",
+                            "heads_with names the query/key space of the same attention")
 
 
 def _number_triple(value, where: str, origin: str, positive: bool) -> tuple[float, float, float]:
@@ -228,8 +275,9 @@ def parse_spec(text: str, origin: str = "<spec>", trust_builders: Iterable[str] 
     except (ValueError, RecursionError, TypeError) as exc:  # pathological documents
         raise SpecError(f"{origin}: cannot be read as YAML ({exc.__class__.__name__})") from None
     _check_keys(doc, _TOP_KEYS, "", origin)
-    if doc["format"] != FORMAT_VERSION:
-        raise SpecError(f"{origin}: format is {doc['format']!r}; this zipit reads format {FORMAT_VERSION}",
+    if doc["format"] not in FORMATS:
+        raise SpecError(f"{origin}: format is {doc['format']!r}; this zipit reads formats "
+                        f"{' and '.join(map(str, FORMATS))}",
                         "regenerate the spec with 'zipit specs trace' or upgrade zipit")
     kwargs = doc.get("kwargs") or {}
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
@@ -259,11 +307,18 @@ def parse_spec(text: str, origin: str = "<spec>", trust_builders: Iterable[str] 
     for i, s in enumerate(spaces_doc):
         where = f"spaces[{i}]"
         _check_keys(s, _SPACE_KEYS, where, origin)
+        newer = [k for k in FORMAT_2_KEYS if k in s]
+        if newer and doc["format"] < 2:
+            raise SpecError(f"{origin}: {where}.{newer[0]} needs format 2", "write 'format: 2' at the top")
         space = Space(
             name=_str(s["name"], f"{where}.name", origin),
-            observe=_member(s["observe"], f"{where}.observe", origin),
+            observe=_observe(s["observe"], f"{where}.observe", origin),
             writers=_member_list(s["writers"], f"{where}.writers", origin),
             readers=_member_list(s.get("readers", []), f"{where}.readers", origin, allow_empty=True),
+            parameters=_str_list(s.get("parameters", []), f"{where}.parameters", origin, allow_empty=True),
+            heads=None if s.get("heads") is None else _int(s["heads"], f"{where}.heads", origin),
+            heads_with=None if s.get("heads_with") is None else _str(s["heads_with"], f"{where}.heads_with", origin),
+            observe_axis=_axis(s.get("observe_axis", 1), f"{where}.observe_axis", origin),
         )
         if space.name in seen or space.name == OUTPUT_STOP:
             raise SpecError(f"{origin}: {where}.name {space.name!r} is used twice or reserved",
@@ -272,6 +327,7 @@ def parse_spec(text: str, origin: str = "<spec>", trust_builders: Iterable[str] 
         spaces.append(space)
     _check_axis_owners(spaces, "writers", origin)
     _check_axis_owners(spaces, "readers", origin)
+    _check_heads(spaces, origin)
     stops = _str_list(doc["stops"], "stops", origin)
     if OUTPUT_STOP in stops or len(set(stops)) != len(stops):
         raise SpecError(f"{origin}: stops must be unique and must not name {OUTPUT_STOP!r} (it is implicit)")

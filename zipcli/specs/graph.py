@@ -34,8 +34,13 @@ def trace(model: nn.Module, origin: str = "model") -> fx.GraphModule:
                         "zipit needs a model whose forward has no data-dependent control flow") from None
 
 
-def observed_channels(x: torch.Tensor, member: Member, size: int) -> torch.Tensor | None:
-    """The ``[B, size, ...]`` part of activation ``x`` that ``member`` names; None if ``x`` does not fit."""
+def observed_channels(x: torch.Tensor, member: Member, size: int, axis: int = 1) -> torch.Tensor | None:
+    """The ``[B, size, ...]`` part of activation ``x`` that ``member`` names, its channels on ``axis``
+    (tokens ``[B, N, D]`` have them last); None if ``x`` does not fit."""
+    if axis != 1:
+        if not -x.dim() <= axis < x.dim() or axis % x.dim() == 0:
+            return None
+        x = x.movedim(axis, 1)
     if member.block != 1:
         if x.dim() != 2 or x.shape[1] % member.block:
             return None
@@ -43,6 +48,11 @@ def observed_channels(x: torch.Tensor, member: Member, size: int) -> torch.Tenso
     if x.dim() < 2 or (member.whole and x.shape[1] != size) or member.start + size > x.shape[1]:
         return None
     return x.narrow(1, member.start, size)
+
+
+def on_last_axis(t: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``fn`` (which works on axis 0) applied to the last axis of a parameter used directly in forward."""
+    return fn(t.movedim(-1, 0)).movedim(0, -1)
 
 
 def on_channels(t: torch.Tensor, axis: int, member: Member, size: int,
@@ -93,6 +103,7 @@ class ModelGraph:
         self.writes: dict[str, list[tuple[str, Member]]] = {}   # module -> (space, member) on its outputs
         self.reads: dict[str, list[tuple[str, Member]]] = {}    # module -> (space, member) on its inputs
         self.space_size: dict[str, int] = {}
+        self.param_writes: dict[str, str] = {}                  # parameter key -> space (its last axis)
         self._check_spaces()
 
     def _module(self, name: str, where: str, types=None) -> nn.Module:
@@ -132,6 +143,10 @@ class ModelGraph:
                                 "times per forward",
                                 "observe the input of a module that runs once (e.g. the next convolution)")
             self.space_size[space.name] = self._size_of(space, where, widths)
+            self._check_parameters(space, where)
+            if space.heads is not None and self.space_size[space.name] % space.heads:
+                raise SpecError(f"spec {self.spec.name!r}: {where} has {self.space_size[space.name]} channels, "
+                                f"which do not split into {space.heads} heads", "fix heads")
         for role, table in (("output", self.writes), ("input", self.reads)):
             for module, entries in table.items():
                 self._check_disjoint(module, role, entries)
@@ -140,6 +155,17 @@ class ModelGraph:
         for s in self.spec.stops:
             if s not in self.modules:
                 raise SpecError(f"spec {self.spec.name!r}: stop {s!r} is not a module of the model")
+
+    def _check_parameters(self, space, where: str) -> None:
+        tensors = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        for key in space.parameters:
+            t = tensors.get(key)
+            if t is None or t.dim() == 0 or t.shape[-1] != self.space_size[space.name]:
+                got = "no such tensor" if t is None else f"shape {tuple(t.shape)}"
+                raise SpecError(f"spec {self.spec.name!r}: {where} parameter {key!r} does not have the space's "
+                                f"{self.space_size[space.name]} channels on its last axis ({got})",
+                                "parameters are state-dict keys of tensors whose last axis is the space")
+            self.param_writes[key] = space.name
 
     def _size_of(self, space, where: str, widths: dict[tuple[str, Member], int]) -> int:
         """A space's width: that of its whole members; every slice must fit its module."""

@@ -47,6 +47,8 @@ class LayerKind:
     problem: Callable[[nn.Module], str | None] = lambda m: None  # why its channels cannot be merged, or None
     # why it cannot be merged on an input of this shape (None: the shape is unknown), or None
     input_problem: Callable[[nn.Module, tuple | None], str | None] = lambda m, shape: None
+    # which axis of an input of this shape holds its channels (tokens [B, N, D]: the last)
+    channel_axis: Callable[[nn.Module, tuple], int] = lambda m, shape: 1
     # per-channel tensors the self-check fills with distinct values (a fresh norm is all ones and
     # zeros, so a norm left out of its space would go unnoticed), and the range each is drawn from
     random_ranges: dict[str, Range] = field(default_factory=dict)
@@ -103,14 +105,8 @@ def _conv_macs(m: nn.Conv2d, out: torch.Tensor) -> int:
     return out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
 
 
-def _linear_input_problem(m: nn.Linear, shape: tuple | None) -> str | None:
-    if shape is not None and len(shape) != 2:
-        return "a linear layer applied to a tensor that is not [batch, features]"
-    return None
-
-
 def _layer_norm_input_problem(m: nn.LayerNorm, shape: tuple | None) -> str | None:
-    if shape is None or tuple(m.normalized_shape) != tuple(shape[1:]):
+    if shape is None or len(m.normalized_shape) >= len(shape):
         return f"a LayerNorm over {tuple(m.normalized_shape)} that does not start at the channel axis"
     return None
 
@@ -169,7 +165,8 @@ KINDS: dict[type, LayerKind] = {
                          per_channel=is_depthwise, problem=_conv_problem, random_ranges=_BIAS,
                          macs=_conv_macs, rows=CONV_ROWS, resize=_resize_conv),
     nn.Linear: LayerKind(out_channels=lambda m: m.out_features, in_channels=lambda m: m.in_features,
-                         per_channel=lambda m: False, random_ranges=_BIAS, input_problem=_linear_input_problem,
+                         per_channel=lambda m: False, random_ranges=_BIAS,
+                         channel_axis=lambda m, shape: len(shape) - 1,
                          macs=lambda m, out: out.numel() * m.in_features, rows=LINEAR_ROWS,
                          resize=_resize_linear),
     nn.BatchNorm1d: LayerKind(out_channels=lambda m: m.num_features, random_ranges=_NORM, batch_statistics=True,
@@ -177,7 +174,9 @@ KINDS: dict[type, LayerKind] = {
     nn.BatchNorm2d: LayerKind(out_channels=lambda m: m.num_features, random_ranges=_NORM, batch_statistics=True,
                               resize=_resize_batch_norm),
     nn.LayerNorm: LayerKind(out_channels=lambda m: m.normalized_shape[0], random_ranges=_NORM,
-                            input_problem=_layer_norm_input_problem, resize=_resize_layer_norm),
+                            input_problem=_layer_norm_input_problem,
+                            channel_axis=lambda m, shape: len(shape) - len(m.normalized_shape),
+                            resize=_resize_layer_norm),
     nn.GroupNorm: LayerKind(out_channels=lambda m: m.num_channels, problem=_group_norm_problem,
                             random_ranges=_NORM, resize=_resize_group_norm),
 }
@@ -247,6 +246,11 @@ def resize(m: nn.Module, out: int | None, inp: int | None) -> nn.Module:
     if k is None or k.resize is None:
         raise ZipitError(f"a {type(m).__name__} cannot change width", "merge without a size")
     return k.resize(m, out, inp)
+
+
+def channel_axis(m: nn.Module, shape: tuple) -> int:
+    """The axis of an input of ``shape`` that a known layer treats as channels."""
+    return kind_of(m).channel_axis(m, shape)
 
 
 def out_channels(m: nn.Module) -> int:

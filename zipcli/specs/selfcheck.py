@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from . import layers
-from .graph import ModelGraph, on_channels
+from .graph import ModelGraph, on_channels, on_last_axis
 
 
 def permute_state_dict(graph: ModelGraph, state: dict[str, torch.Tensor],
@@ -23,6 +23,10 @@ def permute_state_dict(graph: ModelGraph, state: dict[str, torch.Tensor],
     for key, t in state.items():
         module, _, attr = key.rpartition(".")
         if attr in layers.NON_CHANNEL_BUFFERS or t.dim() == 0:
+            continue
+        space = graph.param_writes.get(key)
+        if space in perms:
+            out[key] = on_last_axis(t, lambda x, p=perms[space]: x.index_select(0, p))
             continue
         for space, member in graph.writes.get(module, []):
             if space in perms:
@@ -37,8 +41,30 @@ def permute_state_dict(graph: ModelGraph, state: dict[str, torch.Tensor],
 
 
 def random_permutations(graph: ModelGraph, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random permutation of every space; a space of heads moves whole heads (one head order per
+    query/key space and the value space tied to it) and permutes the features within each head."""
     gen = torch.Generator().manual_seed(seed)
-    return {name: torch.randperm(size, generator=gen) for name, size in graph.space_size.items()}
+    head_orders: dict[str, torch.Tensor] = {}
+    perms = {}
+    for space in graph.spec.spaces:
+        size = graph.space_size[space.name]
+        if space.heads is None:
+            perms[space.name] = torch.randperm(size, generator=gen)
+            continue
+        group = space.heads_with or space.name
+        if group not in head_orders:
+            head_orders[group] = torch.randperm(space.heads, generator=gen)
+        perms[space.name] = headed_permutation(head_orders[group],
+                                               [torch.randperm(size // space.heads, generator=gen)
+                                                for _ in range(space.heads)])
+    return perms
+
+
+def headed_permutation(head_order: torch.Tensor, within: list[torch.Tensor]) -> torch.Tensor:
+    """Flat permutation of heads of ``len(within[h])`` features: new feature ``j`` of head ``h`` is old
+    feature ``within[h][j]`` of head ``head_order[h]``."""
+    width = len(within[0])
+    return torch.cat([head_order[h] * width + w for h, w in enumerate(within)])
 
 
 @torch.no_grad()
@@ -52,6 +78,27 @@ def randomize_per_channel(model: nn.Module, seed: int = 0) -> None:
             t = getattr(m, attr, None)
             if isinstance(t, torch.Tensor):
                 t.copy_(torch.rand(t.shape, generator=gen, dtype=t.dtype) * (high - low) + low)
+
+
+@torch.no_grad()
+def randomize_spec_tensors(graph: ModelGraph, traced: dict | None = None, seed: int = 0) -> None:
+    """Give tensors used in forward (a class token may start at zero) distinct values, and draw the
+    weights of attention's layers (queries, keys, values, output) at a trained model's scale (std
+    1/sqrt(inputs)): at a fresh model's small scale attention is nearly uniform and adds little to
+    the stream, so a head order mixed up would hardly show. Where the spec and tracing (``traced``)
+    disagree, both are drawn, so that a spec that forgot heads fails."""
+    gen = torch.Generator().manual_seed(seed)
+    spaces = [(list(s.writers) + list(s.readers), s.parameters, s.heads) for s in graph.spec.spaces]
+    spaces += [(s["writers"] + s["readers"], s["parameters"], s["heads"]) for s in (traced or {}).get("spaces", [])]
+    tensors = dict(graph.model.named_parameters()) | dict(graph.model.named_buffers())
+    keys = dict.fromkeys(k for _, parameters, _ in spaces for k in parameters if k in tensors)
+    layers_ = dict.fromkeys(m.module for members, _, heads in spaces if heads for m in members)
+    for key in keys:
+        tensors[key].copy_(torch.rand(tensors[key].shape, generator=gen, dtype=tensors[key].dtype) - 0.5)
+    for name in layers_:
+        weight = getattr(graph.modules.get(name), "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            weight.copy_(torch.randn(weight.shape, generator=gen, dtype=weight.dtype) / weight.shape[1] ** 0.5)
 
 
 @torch.no_grad()

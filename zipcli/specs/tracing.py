@@ -5,9 +5,13 @@ variable. Operations that keep channels (norms, activations, pooling, dropout)
 pass the layout on, residual additions unify variables, a concatenation on the
 channel axis joins segments (its readers see each at an offset), a flatten turns
 each channel into a block of positions, and convolutions / linear layers start a
-new variable. The unified variables that some layer writes are the feature
-spaces. Anything the tracer cannot reason about is refused with the operation and
-the layer named: a silently wrong spec would merge fine and give garbage.
+new variable. Tokens ``[B, N, D]`` keep their channels on the last axis: a class
+token or position embedding used in forward starts a variable of its own, a
+reshape into attention heads records the heads, and scaled dot-product attention
+ties queries to keys (one space) and their head order to the values'. The unified
+variables that some layer writes are the feature spaces. Anything the tracer
+cannot reason about is refused with the operation and the layer named: a
+silently wrong spec would merge fine and give garbage.
 """
 from __future__ import annotations
 
@@ -51,9 +55,12 @@ PRODUCTS = {operator.mul, operator.imul, torch.mul, operator.truediv, operator.i
 REDUCTIONS = {"mean", "sum", "amax", torch.mean, torch.sum, torch.amax}
 CONCATS = {torch.cat, torch.concat}
 ATTENTION = {torch.matmul, operator.matmul, torch.bmm, torch.einsum, F.softmax, torch.softmax, "softmax",
-             "matmul", "bmm", F.scaled_dot_product_attention}
+             "matmul", "bmm"}
 ATTENTION_MODULES = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.Softmax)
 NO_TENSOR = {"size", "dim", operator.getitem, getattr}
+POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
+TRANSPOSES = {torch.transpose, "transpose", "permute", torch.permute}
 OBSERVE_THROUGH_FUNCTIONS = RESHAPES | {F.dropout, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
                                         F.adaptive_max_pool2d}
 
@@ -87,10 +94,16 @@ class _Vars:
 @dataclass(frozen=True)
 class Layout:
     """A tensor's channel axis: consecutive ``(variable, channels)`` segments; after a flatten
-    each channel is a run of ``block`` values."""
+    each channel is a run of ``block`` values. The channels are on tensor axis ``axis`` (1 for
+    maps, the last for tokens); split into attention heads, the head is on ``head_axis``."""
 
     segments: tuple[tuple[int, int], ...]
     block: int = 1
+    axis: int = 1
+    head_axis: int | None = None
+
+    def moved(self, axis: int, head_axis: int | None = None) -> "Layout":
+        return Layout(self.segments, self.block, axis, head_axis)
 
     def members(self, module: str) -> list[tuple[int, Member]]:
         """How ``module`` sees each variable of this layout: whole, or at an offset."""
@@ -153,6 +166,11 @@ class _Tracer:
         self.order: dict[str, int] = {}
         self.calls = Counter(n.target for n in self.gm.graph.nodes if n.op == "call_module")
         self.outputs: list[Layout] = []
+        self.tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+        self.parameters: dict[str, Layout] = {}       # tensors used in forward, by key
+        self.heads: dict[int, int] = {}               # variable -> number of attention heads
+        self.ties: list[tuple[int, int]] = []         # (query/key variable, value variable)
+        self.selects: set[fx.Node] = set()            # nodes that pick tokens (x[:, 0])
 
     def new(self, size: int, fixed: bool = False) -> Layout:
         v = self.vars.new(fixed)
@@ -184,7 +202,7 @@ class _Tracer:
             elif node.op in ("call_function", "call_method"):
                 self.layout[node] = self.function(node, node.target)
             elif node.op == "get_attr":
-                raise _refuse(node, "a tensor attribute used directly in forward (a learned scale or embedding)")
+                self.layout[node] = self.attribute(node)
             elif node.op == "output":
                 outs = node.args[0] if isinstance(node.args[0], (tuple, list)) else [node.args[0]]
                 self.outputs = [self.input(node, o) for o in outs]
@@ -197,6 +215,16 @@ class _Tracer:
                                     "softmax mix channels, which zipit cannot merge")
             if node.op in ("call_function", "call_method") and node.target in ATTENTION:
                 raise _refuse(node, f"{_name(node.target)!r}, which mixes channels (attention or a matrix product)")
+
+    def attribute(self, node: fx.Node) -> Layout:
+        """A tensor used in forward that broadcasts over the batch with channels last (a class token,
+        position embeddings): a variable of its own, written by the tensor."""
+        shape = _shape(node)
+        if node.target not in self.tensors or shape is None or len(shape) < 2 or shape[0] != 1 or shape[-1] < 2:
+            raise _refuse(node, "a tensor attribute used directly in forward (a learned scale or embedding)")
+        if node.target not in self.parameters:
+            self.parameters[node.target] = self.new(shape[-1]).moved(len(shape) - 1)
+        return self.parameters[node.target]
 
     def module(self, node: fx.Node, m: nn.Module) -> Layout | None:
         name = node.target
@@ -213,6 +241,8 @@ class _Tracer:
             return x
         if isinstance(m, nn.Flatten):
             return self.flatten(node, x)
+        if isinstance(m, POOL_MODULES):
+            return self.pool(node, x)
         if isinstance(m, SAME_CHANNEL_MODULES):
             return x
         raise _refuse(node, f"module type {type(m).__name__}")
@@ -227,22 +257,97 @@ class _Tracer:
             self.writes += x.members(node.target)
             return x
         self.reads += x.members(node.target)
-        out = self.new(layers.out_channels(m))
+        out = self.new(layers.out_channels(m)).moved(x.axis)
         self.writes += out.members(node.target)
         return out
 
     def refuse_problems(self, node: fx.Node, m: nn.Module) -> None:
-        """The table's reasons a layer cannot be merged, of its own or on this input's shape."""
-        why = layers.problem(m) or layers.input_problem(m, _shape(node.args[0]))
+        """The table's reasons a layer cannot be merged, of its own or on this input's shape, and an
+        input whose channels are not on the axis the layer works on."""
+        shape = _shape(node.args[0])
+        why = layers.problem(m) or layers.input_problem(m, shape)
         if why:
             raise _refuse(node, why)
+        x = self.layout.get(node.args[0])
+        if x is not None and x.head_axis is not None:
+            raise _refuse(node, f"a {type(m).__name__} applied to a tensor split into attention heads")
+        if x is not None and shape is not None and layers.channel_axis(m, shape) != x.axis:
+            raise _refuse(node, f"a {type(m).__name__} working on axis {layers.channel_axis(m, shape)} of a tensor "
+                                f"whose channels are on axis {x.axis}")
+
+    def pool(self, node: fx.Node, x: Layout) -> Layout:
+        if x.axis != 1 or x.head_axis is not None:
+            raise _refuse(node, "pooling over a tensor whose channels are not on axis 1")
+        return x
 
     def flatten(self, node: fx.Node, x: Layout) -> Layout:
-        """[B, C, H, W] -> [B, C*H*W]: channel-major, so each channel becomes a block of H*W values."""
+        """[B, C, H, W] -> [B, C*H*W]: channel-major, so each channel becomes a block of H*W values.
+        [B, C, H, W] -> [B, C, H*W] keeps the channels; tokens [B, N, H*d] <-> [B, N, H, d] split
+        the channels into attention heads or join them again."""
         src, out = _shape(node.args[0]), _shape(node)
-        if src is None or out is None or len(out) != 2 or out[0] != src[0] or out[1] != math.prod(src[1:]):
-            raise _refuse(node, "a reshape that mixes channels with the batch or spatial positions")
-        return Layout(x.segments, x.block * math.prod(src[2:]))
+        if src is not None and out is not None:
+            n = len(src)
+            if x.axis == 1 and x.head_axis is None:
+                if len(out) == 2 and out[0] == src[0] and out[1] == math.prod(src[1:]):
+                    return Layout(x.segments, x.block * math.prod(src[2:]))
+                if n > 2 and x.block == 1 and out == src[:2] + (math.prod(src[2:]),):
+                    return x
+            if x.axis == n - 1 and n > 2 and x.head_axis is None and len(x.segments) == 1 and x.block == 1 \
+                    and len(out) == n + 1 and out[:-2] == src[:-1] and out[-2] * out[-1] == src[-1]:
+                self.heads[x.segments[0][0]] = out[-2]
+                return x.moved(n, n - 1)
+            if x.head_axis == n - 2 and x.axis == n - 1 and out == src[:-2] + (src[-2] * src[-1],):
+                return x.moved(n - 2)
+        raise _refuse(node, "a reshape that mixes channels with the batch or spatial positions")
+
+    def transpose(self, node: fx.Node, x: Layout) -> Layout:
+        """Axes moved (the batch axis stays first): the channels and heads move with them."""
+        n = len(_shape(node))
+        if _name(node.target) == "transpose":
+            a, b = (list(node.args[1:3]) + [node.kwargs.get("dim0"), node.kwargs.get("dim1")])[:2]
+            order = list(range(n))
+            order[a % n], order[b % n] = order[b % n], order[a % n]
+        else:
+            dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+            order = [d % n for d in (dims or node.kwargs.get("dims"))]
+        if order[0] != 0:
+            raise _refuse(node, "a transpose that moves the batch axis")
+        return x.moved(order.index(x.axis), None if x.head_axis is None else order.index(x.head_axis))
+
+    def select(self, node: fx.Node, x: Layout) -> Layout:
+        """``x[:, 0]``: indexing axes in front of the channels (never the batch or channels) keeps them."""
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        full = slice(None, None, None)
+        ok = x.head_axis is None and x.block == 1 and len(index) > 0 and index[0] == full and all(
+            isinstance(i, (int, slice)) and (a < x.axis or i == full) for a, i in enumerate(index))
+        if not ok:
+            raise _refuse(node, "indexing into a tensor (e.g. a slice of its channels)")
+        self.selects.add(node)
+        return x.moved(x.axis - sum(isinstance(i, int) for i in index))
+
+    def attention(self, node: fx.Node) -> Layout:
+        """``scaled_dot_product_attention(q, k, v)`` on heads [B, H, N, d]: queries and keys are one
+        space (their products are summed within a head), and values keep the head order of both."""
+        names = ("query", "key", "value")
+        q, k, v = (list(node.args[:3]) + [node.kwargs.get(n) for n in names[len(node.args):]])[:3]
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        if isinstance(mask, fx.Node) or node.kwargs.get("enable_gqa"):
+            raise _refuse(node, "attention with a mask tensor or grouped queries")
+        parts = [self.input(node, t) for t in (q, k, v)]
+        heads = set()
+        for t, part in zip((q, k, v), parts):
+            n = len(_shape(t))
+            if part.head_axis is None or part.axis != n - 1 or part.head_axis >= n - 2 or len(part.segments) != 1:
+                raise _refuse(node, "attention on a tensor not split into heads [batch, heads, tokens, features]")
+            heads.add(self.heads.get(part.segments[0][0]))
+        (vq, _), (vk, _), (vv, _) = (p.segments[0] for p in parts)
+        if len(heads) != 1 or self.size[vq] != self.size[vk]:
+            raise _refuse(node, "attention whose queries, keys and values have different heads")
+        self.vars.union(vq, vk)
+        if self.vars.find(vq) == self.vars.find(vv):
+            raise _refuse(node, "attention whose values are its queries or keys")
+        self.ties.append((vq, vv))
+        return parts[2]
 
     def function(self, node: fx.Node, t) -> Layout | None:
         if _shape(node) is None and all(self.layout.get(a) is None for a in node.all_input_nodes):
@@ -253,7 +358,7 @@ class _Tracer:
                 return None
             out = self.input(node, tensors[0])
             for a in tensors[1:]:
-                if _shape(a) != _shape(tensors[0]):
+                if _shape(a) != _shape(tensors[0]) and not self.broadcasts(node, tensors[0], a):
                     raise _refuse(node, "an addition of tensors of different shapes")
                 out = self.unify(node, out, self.input(node, a))
             return out
@@ -264,22 +369,44 @@ class _Tracer:
             return self.input(node, tensors[0]) if tensors else None
         if t in CONCATS:
             return self.concat(node)
-        if t in SAME_CHANNEL_FUNCTIONS or t in SAME_CHANNEL_METHODS:
+        if t in POOL_FUNCTIONS:
+            return self.pool(node, self.input(node, node.args[0]))
+        if t in SAME_CHANNEL_FUNCTIONS or t in SAME_CHANNEL_METHODS or t == "expand":
             return self.input(node, node.args[0])
         if t in RESHAPES:
             return self.flatten(node, self.input(node, node.args[0]))
+        if t in TRANSPOSES:
+            return self.transpose(node, self.input(node, node.args[0]))
+        if t is F.scaled_dot_product_attention:
+            return self.attention(node)
         if t in REDUCTIONS:
             return self.reduction(node)
         if t in NO_TENSOR:
             if _shape(node) is not None:
+                if t is operator.getitem and self.layout.get(node.args[0]) is not None:
+                    return self.select(node, self.layout[node.args[0]])
                 raise _refuse(node, "indexing into a tensor (e.g. a slice of its channels)")
             return None
         raise _refuse(node, f"operation {_name(t)!r}")
+
+    def broadcasts(self, node: fx.Node, a: fx.Node, b: fx.Node) -> bool:
+        """Tokens plus a tensor broadcast over the batch or tokens (position embeddings), channels last."""
+        la, lb, sa, sb = self.layout.get(a), self.layout.get(b), _shape(a), _shape(b)
+        if la is None or lb is None or sa is None or sb is None or len(sa) != len(sb):
+            return False
+        if la.head_axis is not None or lb.head_axis is not None:
+            return False
+        return la.axis == lb.axis == len(sa) - 1 and sa[-1] == sb[-1] and all(
+            x == y or 1 in (x, y) for x, y in zip(sa, sb))
 
     def concat(self, node: fx.Node) -> Layout:
         parts = node.args[0]
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         shape = _shape(node)
+        if shape is not None and dim % len(shape) != 0:
+            tokens = self.token_concat(node, parts, dim % len(shape))
+            if tokens is not None:
+                return tokens
         if shape is None or dim not in (1, 1 - len(shape)):
             raise _refuse(node, f"a concatenation along axis {dim} (only the channel axis, 1, is supported)")
         layouts = [self.input(node, p) for p in parts]
@@ -287,27 +414,42 @@ class _Tracer:
             raise _refuse(node, "a concatenation of tensors flattened from maps of different sizes")
         return Layout(tuple(s for x in layouts for s in x.segments), layouts[0].block)
 
+    def token_concat(self, node: fx.Node, parts, dim: int) -> Layout | None:
+        """Tokens joined along a token axis (the class token in front of the patches): one space."""
+        layouts = [self.layout.get(p) if isinstance(p, fx.Node) else None for p in parts]
+        if any(x is None or x.axis == 1 or x.axis == dim or x.head_axis is not None or x.block != 1
+               or len(x.segments) != 1 for x in layouts):
+            return None
+        out = layouts[0]
+        for x in layouts[1:]:
+            out = self.unify(node, out, x)
+        return out
+
     def reduction(self, node: fx.Node) -> Layout:
-        """A mean/sum/max over spatial axes keeps the channels; over the channel axis it is refused."""
+        """A mean/sum/max over spatial axes or tokens keeps the channels; over the channel axis it is refused."""
         x = self.input(node, node.args[0])
         src = _shape(node.args[0])
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         dims = [dims] if isinstance(dims, int) else list(dims or [])
-        if src is None or not dims or x.block != 1 or any(d % len(src) < 2 for d in dims):
+        if src is None or not dims or x.block != 1 or x.head_axis is not None or any(
+                d % len(src) in (0, x.axis) or (x.axis == 1 and d % len(src) < 2) for d in dims):
             raise _refuse(node, f"a reduction {_name(node.target)!r} over the batch or channel axis")
-        return x
+        keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        return x if keep else x.moved(x.axis - sum(d % len(src) < x.axis for d in dims))
 
 
 def trace_spaces(model: nn.Module, example: torch.Tensor) -> dict:
     """Trace ``model`` on ``example`` (any device, the meta device too) and derive its spaces.
 
-    Returns ``spaces`` (name, writers, readers, observe; members as ``Member``), ``classifiers``
-    and ``inputs``: for each module, which traced space each slice of its input holds (coverage
-    checks observe points with it).
+    Returns ``spaces`` (name, writers, readers, observe, parameters, heads, heads_with and
+    observe_axis; members as ``Member``), ``classifiers``, and ``inputs`` and ``outputs``: for each
+    module, which traced space each slice of its input (output) holds (coverage checks observe
+    points with them).
     """
     tr = _Tracer(model, example)
     tr.run()
     find = tr.vars.find
+    attended = {find(q) for q, _ in tr.ties}
     class_vars = {find(v) for layout in tr.outputs for v, _ in layout.segments}
     classifiers = sorted({m.module for v, m in tr.writes if find(v) in class_vars
                           and isinstance(tr.modules[m.module], layers.weighted_types())}, key=tr.order.get)
@@ -319,7 +461,13 @@ def trace_spaces(model: nn.Module, example: torch.Tensor) -> dict:
             raise SpecError(f"cannot derive feature spaces: the channels written by {m.module!r} are added to the "
                             "model input", "such channels cannot be permuted")
         if root not in class_vars and not tr.vars.fixed[root]:
-            groups.setdefault(root, {"writers": [], "readers": []})["writers"].append(m)
+            groups.setdefault(root, {"writers": [], "readers": [], "parameters": []})["writers"].append(m)
+    for key, layout in tr.parameters.items():
+        root = find(layout.segments[0][0])
+        if root not in groups:
+            raise SpecError(f"cannot derive feature spaces: the channels of {key!r} are written by no layer "
+                            "of a feature space", "zipit merges tensors used in forward only within a space")
+        groups[root]["parameters"].append(key)
     for v, m in tr.reads:
         root = find(v)
         if tr.vars.fixed[root]:
@@ -331,40 +479,88 @@ def trace_spaces(model: nn.Module, example: torch.Tensor) -> dict:
     spaces = []
     for root, g in groups.items():
         first = g["writers"][0].module
-        if not g["readers"]:
+        if not g["readers"] and root not in attended:
             raise SpecError(f"cannot derive feature spaces: channels written by {first!r} are never read by a "
                             "layer", "zipit needs every feature space to end in a convolution or linear layer")
         for key in ("writers", "readers"):
             g[key].sort(key=lambda m: tr.order[m.module])
-        spaces.append({"writers": g["writers"], "readers": g["readers"], "root": root,
-                       "observe": _observe_point(tr, root, g["readers"][-1])})
+        observe, axis = _observe_point(tr, root, g["readers"][-1] if g["readers"] else None, g["writers"])
+        spaces.append({"writers": g["writers"], "readers": g["readers"], "root": root, "observe": observe,
+                       "parameters": g["parameters"], "heads": _heads(tr, root), "observe_axis": axis})
     spaces.sort(key=lambda s: tr.order[s["writers"][0].module])
-    _name_spaces(spaces, tr.modules)
+    _name_spaces(spaces, tr.modules, attended)
     name_of = {s.pop("root"): s["name"] for s in spaces}
-    inputs = {}  # what each module's input holds: [(space name or None, member)]
+    for s in spaces:
+        s["heads_with"] = _heads_with(tr, s, name_of)
+    inputs, outputs = {}, {}  # what each module's input (output) holds: [(space name or None, member)]
     for node in tr.gm.graph.nodes:
-        arg = node.args[0] if node.op == "call_module" and node.args else None
-        layout = tr.layout.get(arg) if isinstance(arg, fx.Node) else None
-        if layout is not None and tr.calls[node.target] == 1:
-            inputs[node.target] = [(name_of.get(find(v)), m) for v, m in layout.members(node.target)]
-    return {"spaces": spaces, "classifiers": classifiers, "inputs": inputs}
+        if node.op != "call_module" or tr.calls[node.target] != 1:
+            continue
+        for table, tensor in ((inputs, node.args[0] if node.args else None), (outputs, node)):
+            layout = tr.layout.get(tensor) if isinstance(tensor, fx.Node) else None
+            if layout is not None:
+                table[node.target] = [(name_of.get(find(v)), m) for v, m in layout.members(node.target)]
+    return {"spaces": spaces, "classifiers": classifiers, "inputs": inputs, "outputs": outputs}
+
+
+def _heads(tr: _Tracer, root: int) -> int | None:
+    """The number of attention heads a space is split into (None: not split)."""
+    found = {h for v, h in tr.heads.items() if tr.vars.find(v) == root}
+    if len(found) > 1:
+        counts = " and ".join(map(str, sorted(found)))
+        raise SpecError(f"cannot derive feature spaces: one space is split into {counts} attention heads",
+                        "zipit needs every attention on a space to have the same heads")
+    return found.pop() if found else None
+
+
+def _heads_with(tr: _Tracer, space: dict, name_of: dict[int, str]) -> str | None:
+    """The query/key space whose head order a value space shares."""
+    root = next(r for r, n in name_of.items() if n == space["name"])
+    find = tr.vars.find
+    partners = {name_of[find(q)] for q, v in tr.ties if find(v) == root}
+    if len(partners) > 1 or (partners and any(find(q) == root for q, _ in tr.ties)):
+        raise SpecError(f"cannot derive feature spaces: the values {space['name']} belong to more than one "
+                        "attention, or are queries too", "zipit needs each value space to belong to one attention")
+    return partners.pop() if partners else None
 
 
 def _call_node(gm: fx.GraphModule, module: str) -> fx.Node:
     return next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == module)
 
 
-def _observe_point(tr: _Tracer, root: int, last_reader: Member) -> Member:
-    """The input of the space's last reader, or of the earliest module in the chain of pooling,
-    dropout and flatten in front of it: the same channels, at more positions (more samples)."""
+def _observe_point(tr: _Tracer, root: int, last_reader: Member | None, writers: list[Member]) -> tuple[Member, int]:
+    """Where the space is observed, and the axis of its channels there (-1: the last).
+
+    The input of the space's last reader, or of the earliest module in the chain of pooling,
+    dropout and flatten in front of it: the same channels, at more positions (more samples). Where
+    the reader sees one token (a classifier on the class token), the input of the last norm that
+    sees every token instead; queries and keys, which no layer reads, at the first writer's output.
+    """
+    if last_reader is None:
+        first = writers[0]
+        return Member(first.module, first.offset, first.block, output=True), \
+            _axis_of(tr.layout[_call_node(tr.gm, first.module)], _call_node(tr.gm, first.module))
     best = last_reader
     node = _call_node(tr.gm, last_reader.module).args[0]
+    if node in tr.selects:
+        norms = [w for w in writers if w.whole and tr.calls[w.module] == 1
+                 and layers.is_per_channel(tr.modules[w.module])
+                 and _call_node(tr.gm, w.module).args[0] not in tr.selects]
+        if norms:
+            best = norms[-1]
     while isinstance(node, fx.Node) and _passes_through(tr, node):
         if node.op == "call_module" and tr.calls[node.target] == 1:
             layout = tr.layout[node.args[0]]
             best = next(m for v, m in layout.members(node.target) if tr.vars.find(v) == root)
         node = node.args[0]
-    return best
+    arg = _call_node(tr.gm, best.module).args[0]
+    return best, _axis_of(tr.layout[arg], arg)
+
+
+def _axis_of(layout: Layout, node: fx.Node) -> int:
+    """The channel axis as a spec writes it: 1 for maps and [B, C], -1 for the last axis of tokens."""
+    n = len(_shape(node))
+    return -1 if layout.axis == n - 1 and layout.axis != 1 else layout.axis
 
 
 def _passes_through(tr: _Tracer, node: fx.Node) -> bool:
@@ -374,13 +570,17 @@ def _passes_through(tr: _Tracer, node: fx.Node) -> bool:
     return node.op in ("call_function", "call_method") and node.target in OBSERVE_THROUGH_FUNCTIONS
 
 
-def _name_spaces(spaces: list[dict], modules: dict) -> None:
+def _name_spaces(spaces: list[dict], modules: dict, attended: set[int]) -> None:
     """Name single-writer spaces after their layer and residual streams after the blocks they span:
-    ``layer2.stream`` when it spans all of ``layer2``, ``features.2-3.stream`` when part of it."""
+    ``layer2.stream`` when it spans all of ``layer2``, ``features.2-3.stream`` when part of it.
+    Attention's queries and keys are named after both (``attn.qk``)."""
     used = Counter()
     for s in spaces:
         convs = [w.module for w in s["writers"] if w.whole and layers.is_weighted(modules[w.module])]
-        if len(convs) == 1:
+        parents = {c.rpartition(".")[0] for c in convs}
+        if s["root"] in attended and len(convs) > 1 and len(parents) == 1:
+            name = ".".join(filter(None, [parents.pop(), "".join(c.rpartition(".")[2] for c in convs)]))
+        elif len(convs) == 1:
             name = convs[0]
         else:
             stage = Counter(c.split(".")[0] for c in convs).most_common(1)[0][0]
