@@ -42,15 +42,19 @@ PAIRS = {
 EXTRA = {"p+q": ("r20x1_c10p_s31.pt", "r20x1_c10q_s32.pt")}     # trained in session 6, kept outside the repo
 
 
-def study_arguments(doc: str) -> tuple[argparse.Namespace, dict[str, tuple[Path, Path]]]:
-    """The options every pair study takes, and the pairs they select (the extra ones where trained)."""
+def study_arguments(doc: str, more=None,
+                    pairs: dict | None = None) -> tuple[argparse.Namespace, dict[str, tuple[Path, Path]]]:
+    """The options every pair study takes, and the pairs they select (the extra ones where trained);
+    ``more`` adds a study's own options to the parser, ``pairs`` replaces the default pairs."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if more is not None:
+        more(ap)
     ap.add_argument("--pairs", default=None, help="comma-separated names (default: all found)")
     ap.add_argument("--extra", default="/work/zoo-extra")
     ap.add_argument("--num-calib", type=int, default=512)
     ap.add_argument("--test-limit", type=int, default=None, help="test images per class (default: all 1000)")
     args = ap.parse_args()
-    pairs = dict(PAIRS)
+    pairs = dict(PAIRS if pairs is None else pairs)
     pairs.update({k: (Path(args.extra) / a, Path(args.extra) / b) for k, (a, b) in EXTRA.items()
                   if (Path(args.extra) / a).is_file() and (Path(args.extra) / b).is_file()})
     if args.pairs:

@@ -234,12 +234,13 @@ def test_permute_keeps_the_weakest_matched_pairs_apart():
 
 # --- step 2: --size, the widths spread over the spaces without labels
 
-@pytest.mark.parametrize("stop", ["layer2", "layer3"])
-def test_the_cost_model_counts_the_built_model_and_sizes_are_nested(pair, stop):
+@pytest.mark.parametrize("stop, spread", [("layer2", "greedy"), ("layer3", "greedy"), ("layer3", "weakest"),
+                                          ("layer3", "uniform")])
+def test_the_cost_model_counts_the_built_model_and_sizes_are_nested(pair, stop, spread):
     from zipcli.merged import skeleton
     previous, one = None, sizing.one_model(pair)
     for size in (1.0, 1.1, 1.25, 1.5, 2.0):
-        a = sizing.allocate(pair, stop, size)
+        a = sizing.allocate(pair, stop, size, spread)
         built = skeleton(pair.spec, stop, pair.heads(stop), dict(a.widths))
         assert a.params == sum(p.numel() for p in built.parameters())
         assert a.params <= max(size * one, a.floor)
@@ -247,7 +248,7 @@ def test_the_cost_model_counts_the_built_model_and_sizes_are_nested(pair, stop):
         if previous is not None:                     # a larger size never narrows a space
             assert all(widths.get(s, 0) >= w for s, w in previous.items())
         previous = widths
-    assert sizing.allocate(pair, stop, 2.0).reached > 1.9     # most of the way to the sources side by side
+    assert sizing.allocate(pair, stop, 2.0, spread).reached > 1.9     # most of the way to the sources side by side
 
 
 def test_below_the_full_zip_the_size_is_the_full_zip_and_says_so(pair):
@@ -277,6 +278,30 @@ def test_the_weakest_space_gets_the_width_first(pair):
                     if s in (t.out, t.into)) for s in g}                        # one more channel, all at O
     best = max(g, key=lambda s: g[s] / price[s])
     assert best in first
+
+
+def test_weakest_keeps_apart_the_least_correlated_matches_of_every_space(pair):
+    """One correlation threshold for every space: no match kept apart correlates more than one still merged."""
+    a = sizing.allocate(pair, "layer3", 1.3, "weakest")
+    o, widths = pair.graph.space_size, dict(a.widths)
+    taken = {s: widths.get(s, o[s]) - o[s] for s in sizing.resizable(pair, "layer3")}
+    kept = [g for s, k in taken.items() for g in sizing.gains(pair, s)[:k]]
+    merged = [sizing.gains(pair, s)[k] for s, k in taken.items() if k < len(sizing.gains(pair, s))]
+    assert len(kept) > 0 and min(kept) >= max(merged)
+
+
+def test_uniform_keeps_apart_the_same_share_of_every_space(pair):
+    a = sizing.allocate(pair, "layer3", 1.3, "uniform")
+    o, widths = pair.graph.space_size, dict(a.widths)
+    room = {s: int(np.count_nonzero(sizing.gains(pair, s) > sizing.MIN_GAIN)) for s in sizing.resizable(pair, "layer3")}
+    shares = [(widths.get(s, o[s]) - o[s]) / room[s] for s in room if room[s]]
+    assert max(shares) > 0 and max(shares) - min(shares) < max(1 / room[s] for s in room if room[s])
+    assert a.params <= 1.3 * a.one
+
+
+def test_an_unknown_spread_is_refused():
+    with pytest.raises(ZipitError, match="unknown spread 'even'"):
+        sizing.allocate(None, "layer3", 1.25, "even")
 
 
 @pytest.mark.parametrize("size, method, match", [(0.5, "permute", r"outside \[1, 2\]"), (2.5, "zipit", r"\[1, 2\]"),

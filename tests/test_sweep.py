@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from zipcli import MergeOptions
+from zipcli import MergeOptions, ZipitError
 from zipcli.cli import app
 
 from conftest import handled, make_images, resnet20_pair
@@ -31,6 +31,7 @@ def test_sweep_equals_separate_merge_and_eval_at_every_stop(setting, tmp_path):
     stops = ["layer1", "layer2", "layer3"] if setting else ["layer1", "layer3"]   # tuning: two stops suffice
     swept = _json(["sweep", *PAIR, *CALIB, *TEST, *setting, "--json", *[x for s in stops for x in ("--stop", s)]])
     assert [(p["stop"], p["method"]) for p in swept["points"]] == [(s, m) for s in stops for m in ("zipit", "permute")]
+    assert all("size" not in p and "frontier" not in p for p in swept["points"])    # no size axis: as before
     for point in swept["points"]:
         out = tmp_path / f"{point['stop']}_{point['method']}.safetensors"
         merged = _json(["merge", *PAIR, *CALIB, *setting, "--stop", point["stop"], "--method", point["method"],
@@ -78,6 +79,9 @@ def test_without_labels_points_get_the_divergence_and_a_plot_is_drawn(pair, tmp_
     (["--stop", "output"], "stage stops"),
     (["-p", "sweep.jpg"], "must end in .png"),
     (["--data", "nowhere"], "does not exist"),
+    (["--size", "big"], "--size 'big' is not a number in [1, 2]"),
+    (["--size", "1.25", "--size", "3"], "(--size) 3.0 is outside [1, 2]"),
+    (["--size", "1.25", "--method", "average"], "method average cannot merge at a size"),
 ])
 def test_bad_sweeps_end_in_one_error_line(pair, args, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -152,3 +156,76 @@ def test_each_points_bars_say_which_point_they_belong_to(pair, refit):
     for stop in ("layer1", "layer2"):
         assert f"{stop} permute: {own}" in seen.phases, seen.phases
     assert not {"refit", "batchnorm reset"} & set(seen.phases), seen.phases
+
+
+# --- the size axis (issue 29)
+
+def test_a_sized_sweep_point_equals_merge_at_the_size_and_eval(tmp_path):
+    fixed = ["--alpha", "0.3", "--beta", "0.125"]
+    swept = _json(["sweep", *PAIR, *CALIB, *TEST, *fixed, "--json", "--stop", "layer1", "--stop", "layer3",
+                   "--size", "1.25"])
+    # layer1's full zip is ~1.95x one model: 1.25 is out of its reach, so only layer3 has sized points
+    assert [(p["stop"], p["size"], p["method"]) for p in swept["points"]] == [
+        (stop, size, m) for stop, size in (("layer1", None), ("layer3", None), ("layer3", 1.25))
+        for m in ("zipit", "permute")]
+    sized = [p for p in swept["points"] if p["size"] is not None]
+    for point in sized:
+        out = tmp_path / f"{point['method']}.safetensors"
+        merged = _json(["merge", *PAIR, *CALIB, *fixed, "--stop", "layer3", "--size", "1.25", "--method",
+                        point["method"], "-o", str(out), "--json", "--no-card"])
+        assert merged["params"] == point["params"] and merged["params"]["size"]["asked"] == 1.25
+        assert point["parameters"] / swept["source_parameters"] * 2 == pytest.approx(merged["params"]["size"]["reached"],
+                                                                                     abs=1e-4)
+        assert point["macs"] == merged["params"]["size"]["macs"]
+        evaluated = _json(["eval", str(out), *TEST, "--json"])["results"][0]
+        for got, want in zip(point["accuracy"]["heads"], evaluated["heads"]):
+            assert got["accuracy"] == pytest.approx(want["accuracy"], abs=1e-9), point
+        assert point["accuracy"]["joint"] == pytest.approx(evaluated["joint"], abs=1e-9)
+    plain = {p["method"]: p for p in swept["points"] if p["stop"] == "layer3" and p["size"] is None}
+    assert all(p["parameters"] > plain[p["method"]]["parameters"] for p in sized)       # the size bought width
+    for p in swept["points"]:                   # the frontier mark, checked against its definition
+        beaten = any(q["macs"] <= p["macs"] and q["accuracy"]["avg_task"] >= p["accuracy"]["avg_task"] and
+                     (q["macs"] < p["macs"] or q["accuracy"]["avg_task"] > p["accuracy"]["avg_task"])
+                     for q in swept["points"])
+        assert p["frontier"] is (not beaten), p
+    assert any(p["frontier"] for p in swept["points"])
+
+
+def test_the_frontier_keeps_the_points_nothing_beats_on_cost_and_score():
+    from zipcli.sweep import frontier
+    costs = [1, 2, 2, 3, 4, 5, 4]
+    scores = [0.5, 0.7, 0.6, 0.7, 0.9, 0.9, 0.9]
+    #         kept  kept  beaten by (2, .7)  beaten: same score, dearer  kept (tie with its twin)  dearer  kept
+    assert frontier(costs, scores) == [True, True, False, False, True, False, True]
+    assert frontier([3], [0.1]) == [True]
+    assert frontier([1, 2], [0.9, 0.5]) == [True, False]      # cheaper and better: the other is beaten
+
+
+def test_a_size_out_of_a_stops_reach_is_skipped_there_and_said_once(pair, tmp_path):
+    from zipcli.report import SilentReporter
+    from zipcli.specs import load_spec
+    from zipcli.sweep import sweep
+    from zipcli.plot import plot_sweep
+
+    class Lines(SilentReporter):
+        def __init__(self):
+            self.lines = []
+
+        def info(self, message):
+            self.lines.append(message)
+
+    said = Lines()
+    options = MergeOptions(num_calib=40, refit="none", alpha=0.3, beta=0.125)
+    result = sweep([pair["a"], pair["b"]], load_spec("resnet20"), pair["calib"], methods=["permute"],
+                   stops=["layer1", "layer3"], options=options, report=said, sizes=[1.25, 1.25, None])
+    assert [(p.stop, p.size) for p in result.points] == [("layer1", None), ("layer3", 1.25), ("layer3", None)]
+    skipped = [line for line in said.lines if "1.25 is below the full zip at stop" in line]
+    assert len(skipped) == 1 and "layer1" in skipped[0] and "skipped" in skipped[0], said.lines
+    assert result.to_dict()["points"][0]["frontier"] in (True, False)       # a sized sweep carries the mark
+    plot = tmp_path / "sized.png"
+    plot_sweep(result, plot)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ZipitError, match="no size swept is within reach") as err:
+        sweep([pair["a"], pair["b"]], load_spec("resnet20"), pair["calib"], methods=["permute"], stops=["layer1"],
+              options=options, report=said, sizes=[1.25])
+    assert "--size" in err.value.hint

@@ -1,4 +1,4 @@
-"""``zipit sweep``: every stop and method from one calibration pass, as a table and a plot (parse, call, render)."""
+"""``zipit sweep``: every stop, size and method from one calibration pass, as a table and a plot (parse, call, render)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from .console import (AUGMENT, BATCH_SIZE, DEBUG, NUM_CALIB, PARAMS, QUIET, REFIT, RESET_BN, SEED, TRUST, RichReporter,
-                      auto_or_float, err, out, parse_params, print_json, shown, user_errors)
+                      auto_or_float, err, out, parse_params, parse_size, print_json, shown, user_errors)
 from .errors import ZipitError
 from .methods import METHODS
 
@@ -28,6 +28,10 @@ def sweep_cmd(
                                                f"(auto, {', '.join(METHODS)}). Default: zipit and permute."),
     stop: Optional[List[str]] = typer.Option(None, "--stop", metavar="STOP", help="Stop to sweep, repeatable. Default: "
                                              "every stage stop of the architecture."),
+    size: Optional[List[str]] = typer.Option(None, "--size", metavar="X", help="Also merge at this size, "
+                                             "repeatable: parameters as a multiple of one source model, as in "
+                                             "merge --size (1 to the number of models), at every stop whose full "
+                                             "zip is no larger. Adds a size column and marks the frontier."),
     alpha: str = typer.Option("auto", "--alpha", metavar="FLOAT|auto", help="zipit's alpha, as in merge ('auto': "
                               "chosen without labels at each stop)."),
     beta: str = typer.Option("auto", "--beta", metavar="FLOAT|auto", help="zipit's beta, as in merge."),
@@ -43,23 +47,27 @@ def sweep_cmd(
     limit: Optional[int] = typer.Option(None, "--limit", metavar="N", help="At most N test images per class, for a quick look."),
     device: str = typer.Option("cpu", "--device", metavar="cpu|cuda", help="cpu or cuda."),
     plot: Optional[Path] = typer.Option(None, "--plot", "-p", metavar="FILE", help="Also draw accuracy against compute "
-                                        "as a PNG, one line per method (needs: pip install matplotlib)."),
+                                        "as a PNG: every point, the frontier as a step line (needs: pip install "
+                                        "matplotlib)."),
     force: bool = typer.Option(False, "--force", "-f", metavar="", help="Overwrite the plot file if it exists."),
     json_out: bool = typer.Option(False, "--json", metavar="", help="Print every point as JSON on stdout (nothing else there)."),
     trust_builder: Optional[List[str]] = TRUST,
     quiet: bool = QUIET,
     debug: bool = DEBUG,
 ):
-    """Merge at every stop with each method and score every merge, to choose where to stop. The
+    """Merge at every stop (and --size) with each method and score every merge, to choose where to stop. The
     calibration images go through the sources once; each point then costs its own zip, BatchNorm
     reset and scoring. Each point is the model zipit merge writes with the same options (when alpha
     and beta are tuned in a folder with too few spare images, every method calibrates on the images
     left after the held-out ones).
 
     Example: zipit sweep a.pt b.pt --arch resnet20 --calib ./train --data ./test -p sweep.png
+             zipit sweep a.pt b.pt --arch resnet20 --calib ./train --data ./test --size 1.25 --size 1.5
 
     Columns: parameters and MACs per image as a share of running the sources side by side, accuracy
     per head (each on its own classes), their average, and joint accuracy (all classes at once).
+    With --size: the size asked (– for a stop's own merge) and a ★ column marking the frontier (no other point
+    costs no more MACs and scores no worse).
     """
     from .checkpoints import parse_classes
     from .pipeline import MergeOptions
@@ -86,8 +94,9 @@ def sweep_cmd(
                                reset_bn=reset_bn, device=device, refit=refit,
                                classes=[parse_classes(c) for c in classes] if classes else None,
                                params=parse_params(param))
+        sizes = [None, *(parse_size(x, len(checkpoints)) for x in size or ())]
         result = sweep(checkpoints, arch_spec, calib, method or DEFAULT_METHODS, stop, options, data, limit,
-                       RichReporter(quiet or json_out))
+                       RichReporter(quiet or json_out), sizes)
         if plot is not None:
             from .plot import plot_sweep
             plot_sweep(result, plot, force)
@@ -103,13 +112,16 @@ def _render_sweep(r) -> None:
     labelled = r.data is not None
     heads = [h["name"] for h in r.reference["heads"]] if labelled else []
     per_head = labelled and len(heads) <= MAX_HEAD_COLUMNS
+    sized = any(p.size is not None for p in r.points)
     table = Table(show_edge=False, pad_edge=False)
-    for col in ("stop", "method", "α/β", "params", "MACs"):
-        table.add_column(col, justify="left" if col in ("stop", "method", "α/β") else "right", no_wrap=True)
+    for col in ("stop", *(("size",) if sized else ()), "method", "α/β", "params", "MACs"):
+        table.add_column(col, justify="right" if col in ("size", "params", "MACs") else "left", no_wrap=True)
     for i in range(len(heads) if per_head else 0):
         table.add_column(f"head {i}", justify="right", no_wrap=True)
     for col in (("avg", "joint") if labelled else ("divergence",)):
         table.add_column(col, justify="right", no_wrap=True)
+    if sized:
+        table.add_column("★", justify="center", no_wrap=True)     # the frontier
 
     def figures(acc: dict) -> list[str]:
         cells = [_fraction(h["accuracy"]) for h in acc["heads"]] if per_head else []
@@ -118,12 +130,15 @@ def _render_sweep(r) -> None:
     from .merged import RECORDS
     for p in r.points:
         setting = "/".join(f"{v:g}" for k, v in p.params.items() if k not in RECORDS) or "–"
-        cells = [shown(p.stop), shown(p.method), setting, f"{p.parameters / r.source_parameters:.2f}×",
+        size = ([f"{p.size:g}" if p.size is not None else "–"] if sized else [])
+        cells = [shown(p.stop), *size, shown(p.method), setting, f"{p.parameters / r.source_parameters:.2f}×",
                  f"{p.macs / r.source_macs:.2f}×"]
-        table.add_row(*cells, *(figures(p.accuracy) if labelled else [f"{p.divergence:.4f}"]))
+        table.add_row(*cells, *(figures(p.accuracy) if labelled else [f"{p.divergence:.4f}"]),
+                      *(["★" if p.frontier else ""] if sized else []))
     if labelled:
         table.rows[-1].end_section = True
-        table.add_row("–", "ensemble", "", "1.00×", "1.00×", *figures(r.reference))
+        table.add_row("–", *(["–"] if sized else []), "ensemble", "", "1.00×", "1.00×", *figures(r.reference),
+                      *([""] if sized else []))
     out.print(table)
     if per_head:
         out.print("  ".join(f"head {i}: {shown(name)}" for i, name in enumerate(heads)) +

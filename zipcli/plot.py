@@ -1,4 +1,4 @@
-"""The sweep as a picture: accuracy (or divergence) against compute, one line per method.
+"""The sweep as a picture: accuracy (or divergence) against compute, every point and the frontier.
 
 matplotlib is optional (``pip install matplotlib``); nothing else in zipit needs it.
 """
@@ -20,7 +20,9 @@ def check_plotting() -> None:
 
 def plot_sweep(result: SweepResult, path: str | Path, force: bool = False) -> None:
     """Write a PNG: x is MACs relative to running the sources side by side, y is average per-task
-    accuracy (or the label-free divergence), each point marked with its stop."""
+    accuracy (or the label-free divergence); every point is marked by its method and labelled with its
+    stop (``layer3@1.25`` at a size), and the frontier is drawn as a step line, so one picture shows
+    what each cost buys."""
     check_plotting()
     import matplotlib
     matplotlib.use("Agg")
@@ -28,16 +30,18 @@ def plot_sweep(result: SweepResult, path: str | Path, force: bool = False) -> No
 
     labelled = result.data is not None
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    x = lambda p: p.macs / result.source_macs                                            # noqa: E731
+    y = lambda p: p.accuracy["avg_task"] if labelled else p.divergence                  # noqa: E731
     for method in dict.fromkeys(p.method for p in result.points):
-        points = sorted((p for p in result.points if p.method == method), key=lambda p: p.macs)
-        xs = [p.macs / result.source_macs for p in points]
-        ys = [p.accuracy["avg_task"] if labelled else p.divergence for p in points]
-        ax.plot(xs, ys, marker="o", label=method)
-    for stop, macs in {p.stop: p.macs for p in result.points}.items():     # every method cuts a stop alike
-        x = macs / result.source_macs
-        ax.axvline(x, linestyle=":", color="grey", linewidth=0.8)
-        ax.text(x, 0.02, f" {stop}", transform=ax.get_xaxis_transform(), rotation=90, fontsize=8, color="grey",
-                va="bottom", ha="right")
+        points = [p for p in result.points if p.method == method]
+        ax.plot([x(p) for p in points], [y(p) for p in points], marker="o", linestyle="none", label=method)
+    for p in result.points:
+        ax.annotate(p.stop if p.size is None else f"{p.stop}@{p.size:g}", (x(p), y(p)), fontsize=7, color="dimgrey",
+                    xytext=(3, 3), textcoords="offset points")
+    best = sorted((p for p in result.points if p.frontier), key=lambda p: (x(p), -y(p) if labelled else y(p)))
+    if best:
+        ax.step([x(p) for p in best], [y(p) for p in best], where="post", color="black", linewidth=1, alpha=0.6,
+                label="frontier")
     if labelled and result.reference is not None:
         ax.plot([1.0], [result.reference["avg_task"]], marker="*", markersize=12, linestyle="none", color="black",
                 label="sources side by side")

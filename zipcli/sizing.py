@@ -102,33 +102,69 @@ def gains(cal: Calibration, space: str) -> np.ndarray:
     return cal.derived[key]
 
 
-def allocate(cal: Calibration, stop: str, size: float) -> Allocation:
-    """Widths for ``size`` x one source model: greedily, the feature with the largest gain per marginal
-    parameter, until the next one does not fit or gains nothing (``MIN_GAIN``), so a larger size never
-    narrows a space. Below the full zip's own size, the full zip."""
+def full_zip(cal: Calibration, stop: str) -> float:
+    """The smallest size at ``stop``: its full zip's parameters, in one source model's."""
+    return sum(t.count({s: cal.graph.space_size[s] for s in resizable(cal, stop)}) for t in terms(cal, stop)) \
+        / one_model(cal)
+
+
+def reaches(cal: Calibration, stop: str, size: float) -> bool:
+    """Whether a merge at ``stop`` can be as small as ``size`` (within ``SLACK``); below, it is the full zip."""
+    return size >= full_zip(cal, stop) * (1 - SLACK)
+
+
+SPREADS = ("greedy", "weakest", "uniform")     # how the width is spread; the first is the default
+
+
+def allocate(cal: Calibration, stop: str, size: float, spread: str = SPREADS[0]) -> Allocation:
+    """Widths for ``size`` x one source model. ``greedy``: the feature with the largest gain per
+    marginal parameter next; ``weakest``: the least correlated match next, whatever it costs (one
+    correlation threshold for every space); both stop at the first feature that does not fit or gains
+    nothing (``MIN_GAIN``), so a larger size never narrows a space. ``uniform``: the same share of
+    each space's matches kept apart (the baseline a spread has to beat). Below the full zip's own
+    size, the full zip."""
+    if spread not in SPREADS:
+        raise ZipitError(f"unknown spread {spread!r}", f"use one of {', '.join(SPREADS)}")
     graph, one = cal.graph, one_model(cal)
     widths = {s: graph.space_size[s] for s in resizable(cal, stop)}
     all_terms = terms(cal, stop)
-    total = floor = sum(t.count(widths) for t in all_terms)
+    floor = sum(t.count(widths) for t in all_terms)
+    budget = size * one
+    if spread == "uniform":
+        widths, total = _uniform(cal, widths, all_terms, budget)
+    else:
+        total = _greedy(cal, widths, all_terms, budget, spread == "greedy")
+    if budget < floor * (1 - SLACK):
+        cal.report.warn(f"size {size:g} is below the full zip's at stop {stop} ({floor / one:.3f}x one model): "
+                        "merging at the full zip (a later stop shares more and is smaller)")
+    wider = tuple((s, w) for s, w in widths.items() if w != graph.space_size[s])
+    return Allocation(size, wider, total, floor, one)
+
+
+def _greedy(cal: Calibration, widths: dict[str, int], all_terms: list[Term], budget: float, per_cost: bool) -> int:
+    """Widen ``widths`` in place one feature at a time by gain (per marginal parameter if
+    ``per_cost``); the parameter count reached."""
+    total = sum(t.count(widths) for t in all_terms)
     by_space = {s: [t for t in all_terms if s in (t.out, t.into)] for s in widths}
 
     def cost(s: str) -> int:
         return sum(t.coef * ((widths[t.into] if t.into else 1) if t.out == s else (widths[t.out] if t.out else 1))
                    for t in by_space[s])
 
-    budget = size * one
+    def key(s: str, c: int) -> float:
+        return -gains(cal, s)[taken[s]] / (max(c, 1) if per_cost else 1)
+
     taken = {s: 0 for s in widths}
     heap = []
     for s in widths:
-        g = gains(cal, s)
-        if len(g):
+        if len(gains(cal, s)):
             c = cost(s)
-            heapq.heappush(heap, (-g[0] / max(c, 1), c, s))
+            heapq.heappush(heap, (key(s, c), c, s))
     while heap:
         _, c, s = heapq.heappop(heap)
         now = cost(s)
-        if now != c:                             # a neighbour grew since: requeue at its true price
-            heapq.heappush(heap, (-gains(cal, s)[taken[s]] / max(now, 1), now, s))
+        if now != c and per_cost:                 # a neighbour grew since: requeue at its true price
+            heapq.heappush(heap, (key(s, now), now, s))
             continue
         g = gains(cal, s)[taken[s]]
         if g <= MIN_GAIN or total + now > budget:
@@ -138,12 +174,28 @@ def allocate(cal: Calibration, stop: str, size: float) -> Allocation:
         total += now
         if taken[s] < len(gains(cal, s)):
             c = cost(s)
-            heapq.heappush(heap, (-gains(cal, s)[taken[s]] / max(c, 1), c, s))
-    if budget < floor * (1 - SLACK):
-        cal.report.warn(f"size {size:g} is below the full zip's at stop {stop} ({floor / one:.3f}x one model): "
-                        "merging at the full zip (a later stop shares more and is smaller)")
-    wider = tuple((s, w) for s, w in widths.items() if w != graph.space_size[s])
-    return Allocation(size, wider, total, floor, one)
+            heapq.heappush(heap, (key(s, c), c, s))
+    return total
+
+
+def _uniform(cal: Calibration, base: dict[str, int], all_terms: list[Term], budget: float) -> tuple[dict, int]:
+    """The largest share f (to 1e-4) such that keeping apart f of every space's matches (those that
+    gain anything) fits the budget; the widths and their parameter count."""
+    room = {s: int(np.count_nonzero(gains(cal, s) > MIN_GAIN)) for s in base}
+
+    def at(f: float) -> dict[str, int]:
+        return {s: base[s] + int(f * room[s]) for s in base}
+
+    low, high = 0.0, 1.0
+    if sum(t.count(at(high)) for t in all_terms) <= budget:
+        low = high
+    for _ in range(14):
+        if low == high:
+            break
+        mid = (low + high) / 2
+        low, high = (mid, high) if sum(t.count(at(mid)) for t in all_terms) <= budget else (low, mid)
+    widths = at(low)
+    return widths, sum(t.count(widths) for t in all_terms)
 
 
 def record(cal: Calibration, stop: str, size: float, widths: dict[str, int], params: int) -> dict:

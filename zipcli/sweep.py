@@ -1,10 +1,11 @@
-"""Every stop and method of one merge from one calibration pass, scored side by side (``zipit sweep``).
+"""Every stop, size and method of one merge from one calibration pass, scored side by side (``zipit sweep``).
 
 A space's correlations depend on the source models and the images, not on where the trunk is cut,
 and the deepest stop's spaces include every shallower stop's. So the images go through the sources
-once; each point (stop, method) then costs only its matching and zip, its BatchNorm reset, its
+once; each point (stop, size, method) then costs only its matching and zip, its BatchNorm reset, its
 tuning where alpha and beta are left open, and its scoring. Each point is the model that
-``zipit merge`` with the same options writes.
+``zipit merge`` with the same options writes. The points no other point beats on both cost (MACs)
+and score form the frontier: where a user should pick.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from .choosing import decide
 from .measured import Calibration
 from .pipeline import MergeOptions, merge_at
 from .report import LoggingReporter, Reporter
+from .sizing import full_zip, reaches
 from .specs.format import OUTPUT_STOP, Spec
 from .tuning import head_outputs, score
 
@@ -36,6 +38,8 @@ class SweepPoint:
     macs: int                   # per image at the spec's input size
     accuracy: dict | None       # ``evaluate``'s result on the labelled folder, if one was given
     divergence: float | None    # label-free: the tuning criterion on held-out images (lower is better)
+    size: float | None = None   # the size asked for (``merge --size``); None: the stop's plain merge
+    frontier: bool = False      # no other point costs no more MACs and scores no worse (one strictly)
 
 
 @dataclass
@@ -49,17 +53,23 @@ class SweepResult:
     calibration: dict
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Every field; a sweep without sizes keeps its former shape (no size, no frontier)."""
+        data = asdict(self)
+        if all(p.size is None for p in self.points):
+            for p in data["points"]:
+                del p["size"], p["frontier"]
+        return data
 
 
 def sweep(checkpoints: Sequence[str | Path], spec: Spec, calib: str | Path,
           methods: Sequence[str] = DEFAULT_METHODS, stops: Sequence[str] | None = None,
           options: MergeOptions | None = None, data: str | Path | None = None, limit: int | None = None,
-          report: Reporter | None = None) -> SweepResult:
-    """Merge at every stop (default: the spec's stage stops) with every method and score each merge:
-    accuracy on ``data`` (a labelled folder, at most ``limit`` images per class) or, without it,
-    the label-free divergence on held-out calibration images. ``options.method`` and
-    ``options.stop`` are ignored; the other options apply to every point.
+          report: Reporter | None = None, sizes: Sequence[float | None] = (None,)) -> SweepResult:
+    """Merge at every stop (default: the spec's stage stops) and size (None: the stop's plain merge)
+    with every method and score each merge: accuracy on ``data`` (a labelled folder, at most
+    ``limit`` images per class) or, without it, the label-free divergence on held-out calibration
+    images. A size below a stop's full zip is skipped there (said once). ``options.method``,
+    ``options.stop`` and ``options.size`` are ignored; the other options apply to every point.
 
     With a labelled folder and no method left to tune, every point calibrates on the whole sample,
     as ``zipit merge`` does. Otherwise images are held out as for tuning; a folder without spare
@@ -68,15 +78,16 @@ def sweep(checkpoints: Sequence[str | Path], spec: Spec, calib: str | Path,
     base = options or MergeOptions()
     report = _PointReporter(report or LoggingReporter())
     methods, stops = list(dict.fromkeys(methods)), list(dict.fromkeys(stops or spec.stops))
+    sizes = list(dict.fromkeys(sizes)) or [None]
+    base = replace(base, size=None)
     if not methods:
         raise ZipitError("no method to sweep", "name one or more (methods, --method)")
-    if base.size is not None:
-        raise ZipitError("sweep has no size axis yet (options.size)", "merge at a size with zipit merge --size")
     if OUTPUT_STOP in stops:
         raise ZipitError("sweep covers stage stops; stop 'output' merges the classifiers",
                          "merge at 'output' with zipit merge --stop output")
     for m in methods:
-        replace(base, method=m).validate(len(checkpoints), strict=False)
+        for size in sizes:
+            replace(base, method=m, size=size).validate(len(checkpoints), strict=False)
     for name in base.params:
         if not any(name in replace(base, method=m).given(replace(base, method=m).matching) for m in methods):
             raise ZipitError(f"no method swept has a parameter {name!r}", "check --param, or add the method that "
@@ -109,21 +120,42 @@ def sweep(checkpoints: Sequence[str | Path], spec: Spec, calib: str | Path,
     points = []
     for stop in stops:
         heads = cal.heads(stop)
-        for method in methods:
-            report.point = f"{stop} {method}: "
-            result = merge_at(cal, decide(cal, replace(base, method=method, stop=stop)))
-            report.point = ""
-            model = result.model
-            accuracy = divergence = None
-            if labelled is not None:
-                accuracy = labelled.score(model, [h.name for h in heads], [h.classes for h in heads], base.device,
-                                          report, f"eval {stop} {method}")
-            else:
-                divergence = score(head_outputs(model, held.images, len(heads)), held.targets)
-            points.append(SweepPoint(stop, method, result.metadata["params"], sum(p.numel() for p in model.parameters()),
-                                     count_macs(model, spec.input.shape), accuracy, divergence))
+        for size in sizes:
+            if size is not None and not reaches(cal, stop, size):
+                report.info(f"size {size:g} is below the full zip at stop {stop} ({full_zip(cal, stop):.3f}x one "
+                            "model): skipped there")
+                continue
+            for method in methods:
+                where = stop if size is None else f"{stop}@{size:g}"
+                report.point = f"{where} {method}: "
+                result = merge_at(cal, decide(cal, replace(base, method=method, stop=stop, size=size)))
+                report.point = ""
+                model = result.model
+                accuracy = divergence = None
+                if labelled is not None:
+                    accuracy = labelled.score(model, [h.name for h in heads], [h.classes for h in heads], base.device,
+                                              report, f"eval {where} {method}")
+                else:
+                    divergence = score(head_outputs(model, held.images, len(heads)), held.targets)
+                points.append(SweepPoint(stop, method, result.metadata["params"],
+                                         sum(p.numel() for p in model.parameters()),
+                                         count_macs(model, spec.input.shape), accuracy, divergence, size))
+    if not points:
+        raise ZipitError(f"no size swept is within reach of a stop swept (the smallest full zip: "
+                         f"{min(full_zip(cal, s) for s in stops):.3f}x one model)",
+                         "sweep a larger size (sizes, --size) or a later stop")
+    scores = [p.accuracy["avg_task"] if p.accuracy is not None else -p.divergence for p in points]
+    for p, best in zip(points, frontier([p.macs for p in points], scores)):
+        p.frontier = best
     return SweepResult(spec.name, points, source_params, source_macs, reference,
                        None if data is None else str(data), result.metadata["calibration"])
+
+
+def frontier(costs: Sequence[float], scores: Sequence[float]) -> list[bool]:
+    """Per point, whether no other point costs no more and scores no less, one of them strictly
+    (higher scores are better): the points worth choosing from."""
+    return [not any(c <= cost and s >= best and (c < cost or s > best) for c, s in zip(costs, scores))
+            for cost, best in zip(costs, scores)]
 
 
 def _deepest(cal: Calibration, stops: list[str]) -> str:
