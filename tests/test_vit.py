@@ -18,7 +18,7 @@ from zipcli.cli import app
 from zipcli.heads import match_heads
 from zipcli.merged import load_merged
 from zipcli.methods.permute import match_permute
-from zipcli.errors import SpecError
+from zipcli.errors import SpecError, ZipitError
 from zipcli.specs import parse_spec
 from zipcli.specs.authoring import dump_spec, spec_document
 from zipcli.specs.check import check_spec
@@ -54,7 +54,7 @@ def test_the_small_vit_traces_to_a_stream_and_per_block_heads_and_mlp(small_spec
     assert [str(m) for m in qk.writers] == ["blocks.0.attn.q", "blocks.0.attn.k"] and qk.readers == ()
     assert (qk.heads, qk.heads_with, str(qk.observe)) == (2, None, "blocks.0.attn.q>")
     assert (v.heads, v.heads_with, [str(m) for m in v.readers]) == (2, "blocks.0.attn.qk", ["blocks.0.attn.proj"])
-    assert small_spec.stops == ("norm",) and small_spec.classifiers == ("head",)
+    assert small_spec.stops == ("blocks.0", "blocks.1", "norm") and small_spec.classifiers == ("head",)
     assert "format: 2" in small_spec.text
 
 
@@ -210,7 +210,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("method", ["permute", "zipit"])
-@pytest.mark.parametrize("refit", ["none", "lsq"])
+@pytest.mark.parametrize("refit", ["none", pytest.param("lsq", marks=pytest.mark.heavy)])   # lsq: see the next tests
 def test_permuted_copies_of_a_vit_merge_back_exactly_at_every_stop(small_spec, method, refit, tmp_path, calib32):
     model, paths = _permuted_vits(small_spec, tmp_path, 2)
     x = torch.randn(4, 3, 32, 32)
@@ -224,14 +224,96 @@ def test_permuted_copies_of_a_vit_merge_back_exactly_at_every_stop(small_spec, m
         assert all(_rel(h, expected) < 1e-4 for h in heads), (method, stop)
 
 
-def test_three_permuted_vits_merge_back_and_survive_a_save(small_spec, tmp_path, calib32):
+@pytest.mark.parametrize("method", ["permute", "zipit"])
+def test_three_permuted_vits_merge_back_at_every_stop_and_survive_a_save(small_spec, method, tmp_path, calib32):
     model, paths = _permuted_vits(small_spec, tmp_path, 3)
-    result = merge(paths, small_spec, calib32, MergeOptions(method="zipit", alpha=1.0, batch_size=8))
-    result.save(tmp_path / "merged.safetensors")
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
-        expected, heads = model(x), load_merged(tmp_path / "merged.safetensors")(x)
-    assert len(heads) == 3 and all(_rel(h, expected) < 1e-4 for h in heads)
+        expected = model(x)
+    for stop in small_spec.stops:
+        result = merge(paths, small_spec, calib32,
+                       MergeOptions(method=method, alpha=1.0, stop=stop, refit="none", batch_size=8))
+        result.save(tmp_path / f"{stop}.safetensors")
+        with torch.no_grad():
+            heads = load_merged(tmp_path / f"{stop}.safetensors")(x)
+        assert len(heads) == 3 and all(_rel(h, expected) < 1e-4 for h in heads), (method, stop)
+
+
+def test_a_block_stop_merges_the_stream_in_the_trunk_and_unmerges_it_in_each_head(small_spec, tmp_path, calib32):
+    """At ``blocks.0`` the stream is merged (patch embedding, block 0) and cut: each head takes it
+    back to its own model's channels with a 0/1 matrix, then runs its model's own block 1 and
+    classifier, unchanged (no U folded into them)."""
+    graph = ModelGraph(small_spec, build_model(small_spec, 7))
+    plan = graph.plan("blocks.0")
+    assert plan.cut_spaces == ("blocks.stream",)
+    assert [(space, axis) for _, space, axis in plan.unmerges] == [("blocks.stream", 2)]
+    assert set(plan.merged_spaces) == {"blocks.stream", "blocks.0.attn.qk", "blocks.0.attn.v", "blocks.0.mlp.fc1"}
+    assert graph.plan("norm").cut_spaces == () and graph.plan("norm").unmerges == ()
+    model, paths = _permuted_vits(small_spec, tmp_path, 2)
+    result = merge(paths, small_spec, calib32, MergeOptions(method="permute", stop="blocks.0", refit="none",
+                                                            batch_size=8))
+    state = result.model.state_dict()
+    sources = [torch.load(p) for p in paths]
+    for i, source in enumerate(sources):
+        u = state[f"head_modules.{i}.unmerge.0.matrix"]
+        assert u.shape == (32, 32) and set(u.unique().tolist()) == {0.0, 1.0}
+        assert (u.sum(0) == 1).all() and (u.sum(1) == 1).all()           # a permutation
+        for key in ("blocks.1.attn.q.weight", "blocks.1.mlp.fc1.weight", "blocks.1.norm1.weight", "head.weight"):
+            assert torch.equal(state[f"head_modules.{i}.{key}"], source[key]), (i, key)
+    u = state["head_modules.1.unmerge.0.matrix"]
+    order = torch.argmax(u, 1)                     # the merged channel of each of model 1's stream channels
+    assert torch.equal(state["trunk.patch_embed.weight"][order], sources[1]["patch_embed.weight"])
+
+
+def test_a_merge_at_a_block_stop_loads_and_exports(small_spec, tmp_path, calib32):
+    """With the refit, the merge is exact; the file holds each head's unmerge
+    (``heads.<i>.unmerge.0.matrix``); ``load_merged`` and the export reproduce the model."""
+    from safetensors import safe_open
+
+    from zipcli.export import export_merged
+
+    model, paths = _permuted_vits(small_spec, tmp_path, 2)
+    result = merge(paths, small_spec, calib32, MergeOptions(method="zipit", stop="blocks.1", batch_size=8))
+    out = tmp_path / "merged.safetensors"
+    result.save(out)
+    with safe_open(str(out), framework="pt") as f:
+        assert {k for k in f.keys() if "unmerge" in k} == {"heads.0.unmerge.0.matrix", "heads.1.unmerge.0.matrix"}
+    loaded = load_merged(out)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        want, got, expected = result.model(x), loaded(x), model(x)
+    assert all(_rel(h, expected) < 1e-4 for h in want)
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    facts = export_merged(out, tmp_path / "merged.pt2")
+    program = torch.export.load(str(tmp_path / "merged.pt2")).module()
+    with torch.no_grad():
+        exported = program(x)
+    assert facts["heads"] == [h.name for h in loaded.heads]
+    assert all(_rel(a, b) < 1e-5 for a, b in zip(exported, want))
+
+
+def test_a_cut_stream_keeps_one_model_s_width(small_spec, tmp_path, calib32):
+    """The size dial never widens a space the stop cuts, and a width asked for it is refused."""
+    from zipcli.measured import Calibration
+    from zipcli.options import MergePoint
+    from zipcli.pipeline import merge_at
+    from zipcli.sizing import resizable
+    from zipcli.tuning import Setting
+
+    _, paths = _permuted_vits(small_spec, tmp_path, 2)
+    cal = Calibration(paths, small_spec, calib32, MergeOptions(method="permute", stop="blocks.0", batch_size=8))
+    assert "blocks.stream" in resizable(cal, "norm") and "blocks.stream" not in resizable(cal, "blocks.0")
+    cal.measure("blocks.0", "permute")
+    with pytest.raises(ZipitError, match="lies inside space 'blocks.stream': merging it at a size is not supported"):
+        merge_at(cal, MergePoint("blocks.0", "permute", Setting(0.3, 0.125), widths=(("blocks.stream", 40),)))
+
+
+def test_cnn_stops_still_may_not_cut_a_stage():
+    spec = parse_spec(dump_spec(spec_document("r20", "zipcli.models:cifar_resnet20", {}, CIFAR)), "r20", TRUSTED)
+    graph = ModelGraph(spec, build_model(spec, 10))
+    assert not graph.cuts_inside_spaces and spec.stops == ("layer1", "layer2", "layer3")
+    with pytest.raises(SpecError, match="cuts through feature space 'layer1.stream'"):
+        graph.cut("layer1.0")
 
 
 def test_head_matching_finds_a_permutation_of_heads_and_of_features_within_them():

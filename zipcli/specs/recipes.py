@@ -25,8 +25,9 @@ RECIPES = {
                         description="CIFAR VGG11, width x1 (the paper's appendix model: no BatchNorm, one linear "
                                     "classifier)"),
     "cifar_vit": dict(builder="zipcli.models:cifar_vit", kwargs={}, preprocess=CIFAR,
-                      description="small ViT for 32 px images (6 blocks, 192 features, 3 heads, 4x4 patches); the "
-                                  "only stop is after the final LayerNorm"),
+                      description="small ViT for 32 px images (6 blocks, 192 features, 3 heads, 4x4 patches); stops "
+                                  "after each block (the heads unmerge the residual stream) and after the final "
+                                  "LayerNorm"),
     **{name: dict(builder=f"torchvision.models:{name}", kwargs={}, preprocess=IMAGENET,
                   description=f"torchvision {name}") for name in TORCHVISION},
 }
