@@ -3,6 +3,7 @@ included), each MLP's hidden space, and per attention a query/key and a value sp
 the self-check proves it and fails when heads, their tie or the parameters are left out."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -345,3 +346,78 @@ def test_head_matching_never_splits_a_head_even_where_features_match_better_acro
             merged_head = m.assign[i].reshape(4, 4) // 4          # the merged head of each source feature
             assert (merged_head == merged_head[:, :1]).all()      # a source head goes to one merged head
             assert sorted(merged_head[:, 0]) == [0, 1, 2, 3]
+
+
+# --- torchvision's ViT-B/16, its attention split into layers ------------------------------------------------
+
+B16_SMALL = {"image_size": 32, "num_layers": 2, "hidden_dim": 64, "num_heads": 4, "mlp_dim": 128}
+B16_STOPS = ["encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_1", "encoder.ln"]
+
+
+@pytest.fixture(scope="module")
+def b16_spec():
+    doc = spec_document("b16", "zipcli.models:vit_b_16", B16_SMALL, CIFAR, stops=B16_STOPS)
+    return parse_spec(dump_spec(doc), "b16", TRUSTED)
+
+
+def test_vit_b_16_gives_torchvision_s_logits_from_torchvision_s_checkpoint(tmp_path):
+    """A checkpoint of torchvision's VisionTransformer (packed in_proj_weight/bias) loads into the
+    split model, through merge's own loader, and gives torchvision's logits."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    from zipcli.checkpoints import load_sources
+    from zipcli.specs.library import load_spec
+
+    torch.manual_seed(0)
+    kwargs = {**B16_SMALL, "patch_size": 16, "num_classes": 5}
+    reference = VisionTransformer(**kwargs).eval()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.normal_(0, 0.2)
+    assert "encoder.layers.encoder_layer_0.self_attention.in_proj_weight" in reference.state_dict()
+    path = save_checkpoint(tmp_path / "tv.pt", reference.state_dict())
+    spec = dataclasses.replace(load_spec("vit_b_16"), kwargs=B16_SMALL, stops=("encoder.ln",),
+                               default_stop="encoder.ln")
+    (source,) = load_sources([path], spec, min_models=1)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        want, got = reference(x), source.model(x)
+    assert want.abs().max() > 0.1 and _rel(got, want) < 1e-5
+
+
+def test_vit_b_16_builds_torchvision_s_model_with_split_attention():
+    from zipcli.models import SplitAttention, vit_b_16
+
+    model = vit_b_16(**B16_SMALL, num_classes=3)
+    blocks = list(model.encoder.layers)
+    assert len(blocks) == 2 and all(isinstance(b.self_attention, SplitAttention) for b in blocks)
+    assert model.encoder.pos_embedding.shape == (1, 5, 64) and model.heads.head.out_features == 3
+    full = vit_b_16()
+    assert sum(p.numel() for p in full.parameters()) == 86_567_656      # torchvision's vit_b_16, to the parameter
+
+
+def test_the_vit_b_16_spec_passes_the_check_and_a_spec_without_heads_fails(b16_spec):
+    spaces = {s.name: s for s in b16_spec.spaces}
+    stream = spaces["encoder.stream"]
+    assert stream.parameters == ("class_token", "encoder.pos_embedding") and str(stream.observe) == "encoder.ln"
+    qk = spaces["encoder.layers.encoder_layer_0.self_attention.qk"]
+    assert qk.heads == 4 and [str(m) for m in qk.writers] == [f"encoder.layers.encoder_layer_0.self_attention.{n}"
+                                                              for n in "qk"]
+    result = check_spec(b16_spec)
+    assert result.passed and result.self_check < 1e-5, result.problems
+    broken = check_spec(parse_spec(re.sub(r"  heads(_with)?: .*\n", "", b16_spec.text), "edited", TRUSTED))
+    assert not broken.passed and broken.self_check > 1e-3
+
+
+@pytest.mark.parametrize("method", ["permute", pytest.param("zipit", marks=pytest.mark.heavy)])
+def test_permuted_copies_of_vit_b_16_merge_back_exactly_at_every_stop(b16_spec, method, tmp_path, calib32):
+    model, paths = _permuted_vits(b16_spec, tmp_path, 2)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    assert expected.abs().max() > 0                 # torchvision starts its classifier at zero: drawn above
+    for stop in b16_spec.stops:
+        result = merge(paths, b16_spec, calib32, MergeOptions(method=method, stop=stop, refit="none", batch_size=8))
+        with torch.no_grad():
+            heads = result.model(x)
+        assert len(heads) == 2 and all(_rel(h, expected) < 1e-4 for h in heads), (method, stop)

@@ -28,6 +28,11 @@ RECIPES = {
                       description="small ViT for 32 px images (6 blocks, 192 features, 3 heads, 4x4 patches); stops "
                                   "after each block (the heads unmerge the residual stream) and after the final "
                                   "LayerNorm"),
+    "vit_b_16": dict(builder="zipcli.models:vit_b_16", kwargs={}, preprocess=IMAGENET,
+                     description="torchvision ViT-B/16 (12 blocks, 768 features, 12 heads, 16x16 patches) with its "
+                                 "attention split into query/key/value layers (zipcli.models:vit_b_16 reads "
+                                 "torchvision's checkpoints); stops after each block and after the final LayerNorm",
+                     stops=[f"encoder.layers.encoder_layer_{i}" for i in range(12)] + ["encoder.ln"]),
     **{name: dict(builder=f"torchvision.models:{name}", kwargs={}, preprocess=IMAGENET,
                   description=f"torchvision {name}") for name in TORCHVISION},
 }
