@@ -3,6 +3,7 @@ included), each MLP's hidden space, and per attention a query/key and a value sp
 the self-check proves it and fails when heads, their tie or the parameters are left out."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -18,7 +19,7 @@ from zipcli.cli import app
 from zipcli.heads import match_heads
 from zipcli.merged import load_merged
 from zipcli.methods.permute import match_permute
-from zipcli.errors import SpecError
+from zipcli.errors import SpecError, ZipitError
 from zipcli.specs import parse_spec
 from zipcli.specs.authoring import dump_spec, spec_document
 from zipcli.specs.check import check_spec
@@ -54,7 +55,7 @@ def test_the_small_vit_traces_to_a_stream_and_per_block_heads_and_mlp(small_spec
     assert [str(m) for m in qk.writers] == ["blocks.0.attn.q", "blocks.0.attn.k"] and qk.readers == ()
     assert (qk.heads, qk.heads_with, str(qk.observe)) == (2, None, "blocks.0.attn.q>")
     assert (v.heads, v.heads_with, [str(m) for m in v.readers]) == (2, "blocks.0.attn.qk", ["blocks.0.attn.proj"])
-    assert small_spec.stops == ("norm",) and small_spec.classifiers == ("head",)
+    assert small_spec.stops == ("blocks.0", "blocks.1", "norm") and small_spec.classifiers == ("head",)
     assert "format: 2" in small_spec.text
 
 
@@ -210,7 +211,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("method", ["permute", "zipit"])
-@pytest.mark.parametrize("refit", ["none", "lsq"])
+@pytest.mark.parametrize("refit", ["none", pytest.param("lsq", marks=pytest.mark.heavy)])   # lsq: see the next tests
 def test_permuted_copies_of_a_vit_merge_back_exactly_at_every_stop(small_spec, method, refit, tmp_path, calib32):
     model, paths = _permuted_vits(small_spec, tmp_path, 2)
     x = torch.randn(4, 3, 32, 32)
@@ -224,14 +225,96 @@ def test_permuted_copies_of_a_vit_merge_back_exactly_at_every_stop(small_spec, m
         assert all(_rel(h, expected) < 1e-4 for h in heads), (method, stop)
 
 
-def test_three_permuted_vits_merge_back_and_survive_a_save(small_spec, tmp_path, calib32):
+@pytest.mark.parametrize("method", ["permute", "zipit"])
+def test_three_permuted_vits_merge_back_at_every_stop_and_survive_a_save(small_spec, method, tmp_path, calib32):
     model, paths = _permuted_vits(small_spec, tmp_path, 3)
-    result = merge(paths, small_spec, calib32, MergeOptions(method="zipit", alpha=1.0, batch_size=8))
-    result.save(tmp_path / "merged.safetensors")
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
-        expected, heads = model(x), load_merged(tmp_path / "merged.safetensors")(x)
-    assert len(heads) == 3 and all(_rel(h, expected) < 1e-4 for h in heads)
+        expected = model(x)
+    for stop in small_spec.stops:
+        result = merge(paths, small_spec, calib32,
+                       MergeOptions(method=method, alpha=1.0, stop=stop, refit="none", batch_size=8))
+        result.save(tmp_path / f"{stop}.safetensors")
+        with torch.no_grad():
+            heads = load_merged(tmp_path / f"{stop}.safetensors")(x)
+        assert len(heads) == 3 and all(_rel(h, expected) < 1e-4 for h in heads), (method, stop)
+
+
+def test_a_block_stop_merges_the_stream_in_the_trunk_and_unmerges_it_in_each_head(small_spec, tmp_path, calib32):
+    """At ``blocks.0`` the stream is merged (patch embedding, block 0) and cut: each head takes it
+    back to its own model's channels with a 0/1 matrix, then runs its model's own block 1 and
+    classifier, unchanged (no U folded into them)."""
+    graph = ModelGraph(small_spec, build_model(small_spec, 7))
+    plan = graph.plan("blocks.0")
+    assert plan.cut_spaces == ("blocks.stream",)
+    assert [(space, axis) for _, space, axis in plan.unmerges] == [("blocks.stream", 2)]
+    assert set(plan.merged_spaces) == {"blocks.stream", "blocks.0.attn.qk", "blocks.0.attn.v", "blocks.0.mlp.fc1"}
+    assert graph.plan("norm").cut_spaces == () and graph.plan("norm").unmerges == ()
+    model, paths = _permuted_vits(small_spec, tmp_path, 2)
+    result = merge(paths, small_spec, calib32, MergeOptions(method="permute", stop="blocks.0", refit="none",
+                                                            batch_size=8))
+    state = result.model.state_dict()
+    sources = [torch.load(p) for p in paths]
+    for i, source in enumerate(sources):
+        u = state[f"head_modules.{i}.unmerge.0.matrix"]
+        assert u.shape == (32, 32) and set(u.unique().tolist()) == {0.0, 1.0}
+        assert (u.sum(0) == 1).all() and (u.sum(1) == 1).all()           # a permutation
+        for key in ("blocks.1.attn.q.weight", "blocks.1.mlp.fc1.weight", "blocks.1.norm1.weight", "head.weight"):
+            assert torch.equal(state[f"head_modules.{i}.{key}"], source[key]), (i, key)
+    u = state["head_modules.1.unmerge.0.matrix"]
+    order = torch.argmax(u, 1)                     # the merged channel of each of model 1's stream channels
+    assert torch.equal(state["trunk.patch_embed.weight"][order], sources[1]["patch_embed.weight"])
+
+
+def test_a_merge_at_a_block_stop_loads_and_exports(small_spec, tmp_path, calib32):
+    """With the refit, the merge is exact; the file holds each head's unmerge
+    (``heads.<i>.unmerge.0.matrix``); ``load_merged`` and the export reproduce the model."""
+    from safetensors import safe_open
+
+    from zipcli.export import export_merged
+
+    model, paths = _permuted_vits(small_spec, tmp_path, 2)
+    result = merge(paths, small_spec, calib32, MergeOptions(method="zipit", stop="blocks.1", batch_size=8))
+    out = tmp_path / "merged.safetensors"
+    result.save(out)
+    with safe_open(str(out), framework="pt") as f:
+        assert {k for k in f.keys() if "unmerge" in k} == {"heads.0.unmerge.0.matrix", "heads.1.unmerge.0.matrix"}
+    loaded = load_merged(out)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        want, got, expected = result.model(x), loaded(x), model(x)
+    assert all(_rel(h, expected) < 1e-4 for h in want)
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    facts = export_merged(out, tmp_path / "merged.pt2")
+    program = torch.export.load(str(tmp_path / "merged.pt2")).module()
+    with torch.no_grad():
+        exported = program(x)
+    assert facts["heads"] == [h.name for h in loaded.heads]
+    assert all(_rel(a, b) < 1e-5 for a, b in zip(exported, want))
+
+
+def test_a_cut_stream_keeps_one_model_s_width(small_spec, tmp_path, calib32):
+    """The size dial never widens a space the stop cuts, and a width asked for it is refused."""
+    from zipcli.measured import Calibration
+    from zipcli.options import MergePoint
+    from zipcli.pipeline import merge_at
+    from zipcli.sizing import resizable
+    from zipcli.tuning import Setting
+
+    _, paths = _permuted_vits(small_spec, tmp_path, 2)
+    cal = Calibration(paths, small_spec, calib32, MergeOptions(method="permute", stop="blocks.0", batch_size=8))
+    assert "blocks.stream" in resizable(cal, "norm") and "blocks.stream" not in resizable(cal, "blocks.0")
+    cal.measure("blocks.0", "permute")
+    with pytest.raises(ZipitError, match="lies inside space 'blocks.stream': merging it at a size is not supported"):
+        merge_at(cal, MergePoint("blocks.0", "permute", Setting(0.3, 0.125), widths=(("blocks.stream", 40),)))
+
+
+def test_cnn_stops_still_may_not_cut_a_stage():
+    spec = parse_spec(dump_spec(spec_document("r20", "zipcli.models:cifar_resnet20", {}, CIFAR)), "r20", TRUSTED)
+    graph = ModelGraph(spec, build_model(spec, 10))
+    assert not graph.cuts_inside_spaces and spec.stops == ("layer1", "layer2", "layer3")
+    with pytest.raises(SpecError, match="cuts through feature space 'layer1.stream'"):
+        graph.cut("layer1.0")
 
 
 def test_head_matching_finds_a_permutation_of_heads_and_of_features_within_them():
@@ -263,3 +346,78 @@ def test_head_matching_never_splits_a_head_even_where_features_match_better_acro
             merged_head = m.assign[i].reshape(4, 4) // 4          # the merged head of each source feature
             assert (merged_head == merged_head[:, :1]).all()      # a source head goes to one merged head
             assert sorted(merged_head[:, 0]) == [0, 1, 2, 3]
+
+
+# --- torchvision's ViT-B/16, its attention split into layers ------------------------------------------------
+
+B16_SMALL = {"image_size": 32, "num_layers": 2, "hidden_dim": 64, "num_heads": 4, "mlp_dim": 128}
+B16_STOPS = ["encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_1", "encoder.ln"]
+
+
+@pytest.fixture(scope="module")
+def b16_spec():
+    doc = spec_document("b16", "zipcli.models:vit_b_16", B16_SMALL, CIFAR, stops=B16_STOPS)
+    return parse_spec(dump_spec(doc), "b16", TRUSTED)
+
+
+def test_vit_b_16_gives_torchvision_s_logits_from_torchvision_s_checkpoint(tmp_path):
+    """A checkpoint of torchvision's VisionTransformer (packed in_proj_weight/bias) loads into the
+    split model, through merge's own loader, and gives torchvision's logits."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    from zipcli.checkpoints import load_sources
+    from zipcli.specs.library import load_spec
+
+    torch.manual_seed(0)
+    kwargs = {**B16_SMALL, "patch_size": 16, "num_classes": 5}
+    reference = VisionTransformer(**kwargs).eval()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.normal_(0, 0.2)
+    assert "encoder.layers.encoder_layer_0.self_attention.in_proj_weight" in reference.state_dict()
+    path = save_checkpoint(tmp_path / "tv.pt", reference.state_dict())
+    spec = dataclasses.replace(load_spec("vit_b_16"), kwargs=B16_SMALL, stops=("encoder.ln",),
+                               default_stop="encoder.ln")
+    (source,) = load_sources([path], spec, min_models=1)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        want, got = reference(x), source.model(x)
+    assert want.abs().max() > 0.1 and _rel(got, want) < 1e-5
+
+
+def test_vit_b_16_builds_torchvision_s_model_with_split_attention():
+    from zipcli.models import SplitAttention, vit_b_16
+
+    model = vit_b_16(**B16_SMALL, num_classes=3)
+    blocks = list(model.encoder.layers)
+    assert len(blocks) == 2 and all(isinstance(b.self_attention, SplitAttention) for b in blocks)
+    assert model.encoder.pos_embedding.shape == (1, 5, 64) and model.heads.head.out_features == 3
+    full = vit_b_16()
+    assert sum(p.numel() for p in full.parameters()) == 86_567_656      # torchvision's vit_b_16, to the parameter
+
+
+def test_the_vit_b_16_spec_passes_the_check_and_a_spec_without_heads_fails(b16_spec):
+    spaces = {s.name: s for s in b16_spec.spaces}
+    stream = spaces["encoder.stream"]
+    assert stream.parameters == ("class_token", "encoder.pos_embedding") and str(stream.observe) == "encoder.ln"
+    qk = spaces["encoder.layers.encoder_layer_0.self_attention.qk"]
+    assert qk.heads == 4 and [str(m) for m in qk.writers] == [f"encoder.layers.encoder_layer_0.self_attention.{n}"
+                                                              for n in "qk"]
+    result = check_spec(b16_spec)
+    assert result.passed and result.self_check < 1e-5, result.problems
+    broken = check_spec(parse_spec(re.sub(r"  heads(_with)?: .*\n", "", b16_spec.text), "edited", TRUSTED))
+    assert not broken.passed and broken.self_check > 1e-3
+
+
+@pytest.mark.parametrize("method", ["permute", pytest.param("zipit", marks=pytest.mark.heavy)])
+def test_permuted_copies_of_vit_b_16_merge_back_exactly_at_every_stop(b16_spec, method, tmp_path, calib32):
+    model, paths = _permuted_vits(b16_spec, tmp_path, 2)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    assert expected.abs().max() > 0                 # torchvision starts its classifier at zero: drawn above
+    for stop in b16_spec.stops:
+        result = merge(paths, b16_spec, calib32, MergeOptions(method=method, stop=stop, refit="none", batch_size=8))
+        with torch.no_grad():
+            heads = result.model(x)
+        assert len(heads) == 2 and all(_rel(h, expected) < 1e-4 for h in heads), (method, stop)

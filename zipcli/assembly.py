@@ -35,6 +35,10 @@ def match(cal: Calibration, stop: str, method: str, setting: Setting,
     if unknown:
         raise ZipitError(f"space {unknown[0]!r} is not merged at stop {stop!r}",
                          f"merged spaces: {', '.join(plan.merged_spaces)}")
+    cut = [s for s in widths if s in plan.cut_spaces and widths[s] != cal.graph.space_size[s]]
+    if cut:
+        raise ZipitError(f"stop {stop!r} lies inside space {cut[0]!r}: merging it at a size is not supported yet",
+                         f"merge without --size, or at a stop after the last block ({cal.spec.stops[-1]})")
     for name, width in widths.items():
         check_width(cal.graph, name, width, n)
     values = {"alpha": setting.alpha, "beta": setting.beta, **dict(params)}

@@ -260,6 +260,9 @@ def load_sources(paths: list[str | Path], spec: Spec, classes: list[list[str]] |
         if k == 0:
             raise ZipitError(f"{ckpt.path}: its classifier {key!r} has 0 outputs", "merge models with 1 or more classes")
         model = build_model(spec, k)
+        translate = getattr(model, "translate_state_dict", None)     # a checkpoint of the model it stands for
+        if callable(translate):
+            ckpt.state_dict = translate(ckpt.state_dict)
         check_against(ckpt, model.state_dict())
         names = (classes[i] if classes else None) or ckpt.classes or [f"class_{c}" for c in range(k)]
         if len(names) != k:

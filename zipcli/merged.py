@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 
@@ -57,7 +58,9 @@ class MergedModel(nn.Module):
             if self.widths:
                 if trunk is None:
                     _resize(t, graph, self.widths, writers=True)
-                _resize(h, graph, self.widths, writers=False)
+                _resize(h, graph, {s: w for s, w in self.widths.items() if s not in plan.cut_spaces}, writers=False)
+            if plan.unmerges:
+                _add_unmerges(h, plan, self.widths)
             trunk = trunk or t
             modules.append(h)
         self.trunk = trunk
@@ -86,6 +89,40 @@ class MergedModel(nn.Module):
             return [head(*shared) for head in self.head_modules]
         return [head(*[_select(s, r, len(x)) for s in shared]) if len(r) else None
                 for head, r in zip(self.head_modules, rows)]
+
+
+class Unmerge(nn.Module):
+    """U_i where the stop cuts a space that the head writes too (a transformer's residual stream):
+    the head's own layers after the stop add to its model's channels, and the skip path has no
+    weight to fold U_i into, so the merged channels are taken back to them here, explicitly.
+    ``matrix`` is (model channels, merged channels); a grouping's is 0/1, exact in any float type."""
+
+    def __init__(self, size: int, width: int, axis: int):
+        super().__init__()
+        self.axis = axis
+        self.register_buffer("matrix", torch.zeros(size, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.movedim(self.axis, -1) @ self.matrix.T).movedim(-1, self.axis)
+
+
+UNMERGE = "unmerge"          # a head's Unmerge modules: ``unmerge.<j>`` for the plan's j-th unmerge
+
+
+def _add_unmerges(head: fx.GraphModule, plan: StopPlan, widths: dict[str, int]) -> None:
+    """Put an ``Unmerge`` in front of every use of each trunk output that holds a cut space."""
+    if hasattr(head, UNMERGE):
+        raise ZipitError(f"the model has a module named {UNMERGE!r}, which zipit needs in the heads of a stop "
+                         f"inside a space (stop {plan.stop})", "choose a stop at a stage boundary")
+    head.add_module(UNMERGE, nn.ModuleList(
+        Unmerge(plan.sizes[space], widths.get(space, plan.sizes[space]), axis) for _, space, axis in plan.unmerges))
+    inputs = {n.name: n for n in head.graph.nodes if n.op == "placeholder"}
+    last = list(inputs.values())[-1]
+    for j, (name, _, _) in enumerate(plan.unmerges):
+        with head.graph.inserting_after(last):
+            last = head.graph.call_module(f"{UNMERGE}.{j}", (inputs[name],))
+        inputs[name].replace_all_uses_with(last, delete_user_cb=lambda user, node=last: user is not node)
+    head.recompile()
 
 
 def _select(value, rows: torch.Tensor, batch: int):

@@ -1,9 +1,12 @@
-"""zipit's own architectures: the CIFAR ResNet-20 of the model zoo, the paper's CIFAR VGG11 and a small ViT.
+"""zipit's own architectures: the CIFAR ResNet-20 of the model zoo, the paper's CIFAR VGG11, a small ViT,
+and torchvision's ViT-B/16 with its attention split into layers zipit can see.
 
 Built-in specs name these functions as builders (``zipcli.models:cifar_resnet20``);
 merged files store that name, so it must not move.
 """
 from __future__ import annotations
+
+from functools import cache
 
 import torch
 import torch.nn as nn
@@ -162,3 +165,74 @@ class CifarViT(nn.Module):
 def cifar_vit(depth: int = 6, dim: int = 192, heads: int = 3, mlp_ratio: int = 2, patch: int = 4,
               num_classes: int = 10) -> nn.Module:
     return CifarViT(depth=depth, dim=dim, heads=heads, mlp_ratio=mlp_ratio, patch=patch, num_classes=num_classes)
+
+
+class SplitAttention(nn.Module):
+    """``nn.MultiheadAttention`` (batch first, no mask, no weights returned) with its packed
+    query/key/value projection split into three Linear children and its output projection called
+    as a module: the same maths, but tracing, hooks and the refit see each projection."""
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"hidden_dim {dim} is not a multiple of num_heads {heads}")
+        self.heads, self.dropout = heads, dropout
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    @torch.no_grad()
+    def copy_from(self, mha: nn.MultiheadAttention) -> "SplitAttention":
+        """Take ``mha``'s weights (its initialisation, for a model built with random weights)."""
+        for name, w, b in zip("qkv", mha.in_proj_weight.chunk(3), mha.in_proj_bias.chunk(3)):
+            getattr(self, name).weight.copy_(w)
+            getattr(self, name).bias.copy_(b)
+        self.out_proj.load_state_dict(mha.out_proj.state_dict())
+        return self
+
+    def forward(self, query, key, value, need_weights: bool = False):
+        b, n, d = query.shape
+        split = lambda t: t.reshape(b, n, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        out = F.scaled_dot_product_attention(split(self.q(query)), split(self.k(key)), split(self.v(value)),
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, d)), None
+
+
+@cache
+def _vision_transformer():
+    """The class, made once on first use: importing torchvision costs a second that merges of
+    other models need not pay."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    class SplitViT(VisionTransformer):
+        """torchvision's VisionTransformer whose attention is ``SplitAttention``; reads checkpoints of
+        torchvision's own (packed ``in_proj_weight``/``in_proj_bias``) through ``translate_state_dict``."""
+
+        def translate_state_dict(self, state: dict) -> dict:
+            """torchvision's keys -> this model's: each packed projection split into q, k and v."""
+            out = {}
+            for key, t in state.items():
+                prefix, _, attr = key.rpartition(".")
+                if attr in ("in_proj_weight", "in_proj_bias") and prefix.endswith("self_attention"):
+                    for name, part in zip("qkv", t.chunk(3)):
+                        out[f"{prefix}.{name}.{attr[len('in_proj_'):]}"] = part
+                else:
+                    out[key] = t
+            return out
+
+    return SplitViT
+
+
+def vit_b_16(image_size: int = 224, patch_size: int = 16, num_layers: int = 12, num_heads: int = 12,
+             hidden_dim: int = 768, mlp_dim: int = 3072, num_classes: int = 1000, **kwargs) -> nn.Module:
+    """torchvision's ``vit_b_16`` (its defaults; any other ``VisionTransformer`` argument in ``kwargs``),
+    with random weights as torchvision initialises them, each attention as ``SplitAttention``."""
+    model = _vision_transformer()(image_size=image_size, patch_size=patch_size, num_layers=num_layers,
+                                  num_heads=num_heads, hidden_dim=hidden_dim, mlp_dim=mlp_dim,
+                                  num_classes=num_classes, **kwargs)
+    for block in model.encoder.layers:
+        mha = block.self_attention
+        block.self_attention = SplitAttention(hidden_dim, num_heads, mha.dropout).to(
+            mha.in_proj_weight.device).copy_from(mha)
+    return model

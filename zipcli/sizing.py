@@ -58,9 +58,13 @@ def one_model(cal: Calibration) -> float:
 
 
 def resizable(cal: Calibration, stop: str) -> list[str]:
-    """The spaces merged at ``stop`` that can change width (not a slice of a concatenation)."""
+    """The spaces merged at ``stop`` that can change width (not a slice of a concatenation, not a
+    space the stop cuts: its unmerge in the heads is at one model's width)."""
     out = []
-    for s in cal.plan(stop).merged_spaces:
+    plan = cal.plan(stop)
+    for s in plan.merged_spaces:
+        if s in plan.cut_spaces:
+            continue
         try:
             check_width(cal.graph, s, cal.graph.space_size[s] + 1, len(cal.sources))
         except ZipitError:

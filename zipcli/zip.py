@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from .errors import ZipitError
+from .merged import UNMERGE
 from .methods import Match
 from .specs import layers
 from .specs.format import Member
@@ -137,11 +138,20 @@ class Zipper:
         return out
 
     def head(self, keys: list[str], state_dict: dict, i: int) -> dict[str, torch.Tensor]:
-        """Model i's own layers after the stop, reading the merged features through U_i."""
+        """Model i's own layers after the stop, reading the merged features through U_i: folded into
+        the layers that read a merged space, explicit (an ``Unmerge``) where the stop cuts a space,
+        whose readers after the stop then see model i's own channels."""
         out = {}
+        dtype = next((v.dtype for v in state_dict.values() if v.is_floating_point()), torch.float32)
         for key in keys:
+            if key.startswith(UNMERGE + "."):
+                space = self.plan.unmerges[int(key.split(".")[1])][1]
+                eye = torch.eye(self.graph.space_size[space], dtype=torch.float64)
+                out[key] = self.spaces[space].unmerge_in(eye, i).to(dtype)
+                continue
             t = state_dict[key]
             _, ins, attr = self._members(key)
+            ins = [(s, m) for s, m in ins if s not in self.plan.cut_spaces]
             if ins and t.is_floating_point() and t.dim() >= 2:
                 t = self._unmerge_inputs(t.double(), ins, i).to(t.dtype)
             out[key] = t

@@ -14,7 +14,9 @@ from .tracing import build_and_trace
 def suggest_stops(graph: ModelGraph) -> list[str]:
     """Stage boundaries: top-level modules and the children of top-level containers after which
     the graph can be cut (no feature space is split). Of the candidates that share the same layers,
-    the last one with parameters is named (``layer4`` rather than ``avgpool``)."""
+    the last one with parameters is named (``layer4`` rather than ``avgpool``). In a transformer
+    the children of top-level containers (its blocks) may also cut the residual stream, which each
+    head then takes back to its own model's channels (``ModelGraph.cuts_inside_spaces``)."""
     model = graph.model
     candidates = []
     for name, child in model.named_children():
@@ -28,18 +30,19 @@ def suggest_stops(graph: ModelGraph) -> list[str]:
         if inside and graph.call_count.get(c, 1) == 1:
             ends[c] = max(inside)
     ordered = sorted(ends, key=lambda c: (ends[c], -c.count(".")))
-    runs: list[tuple[frozenset, list[str]]] = []
+    runs: list[tuple[tuple[frozenset, frozenset], list[str]]] = []   # (merged, cut spaces), candidates
     for c in ordered:
         try:
-            merged = frozenset(graph.cut(c).merged_spaces)
+            plan = graph.cut(c, inside=graph.cuts_inside_spaces and "." in c)
         except SpecError:
             continue
-        if not merged:
+        if not plan.merged_spaces:
             continue
-        if runs and runs[-1][0] == merged:
+        key = (frozenset(plan.merged_spaces), frozenset(plan.cut_spaces))
+        if runs and runs[-1][0] == key:
             runs[-1][1].append(c)
         else:
-            runs.append((merged, [c]))
+            runs.append((key, [c]))
     stops = []
     for _, run in runs:
         with_params = [c for c in run if any(True for _ in graph.modules[c].parameters())]

@@ -78,9 +78,12 @@ class StopPlan:
 
     stop: str
     trunk_nodes: frozenset[str]      # fx node names computed once, in the trunk
-    merged_spaces: tuple[str, ...]   # spaces whose writers are all in the trunk
+    merged_spaces: tuple[str, ...]   # spaces written in the trunk
     trunk_modules: frozenset[str]    # modules with parameters in the trunk
     sizes: dict[str, int] = field(default_factory=dict, compare=False)  # width of each merged space
+    cut_spaces: tuple[str, ...] = ()  # merged spaces also written after the stop (a transformer's stream)
+    unmerges: tuple[tuple[str, str, int], ...] = ()   # (trunk output node, cut space it holds, channel axis):
+                                                      # each head takes it back to its own model's channels
 
 
 class ModelGraph:
@@ -104,6 +107,7 @@ class ModelGraph:
         self.reads: dict[str, list[tuple[str, Member]]] = {}    # module -> (space, member) on its inputs
         self.space_size: dict[str, int] = {}
         self.param_writes: dict[str, str] = {}                  # parameter key -> space (its last axis)
+        self._layouts: dict | None = None                       # traced channel layouts, for cuts inside a space
         self._check_spaces()
 
     def _module(self, name: str, where: str, types=None) -> nn.Module:
@@ -204,8 +208,17 @@ class ModelGraph:
             raise SpecError(f"unknown stop {stop!r} for architecture {self.spec.name!r}", f"valid: {', '.join(valid)}")
         return self.cut(stop)
 
-    def cut(self, stop: str) -> StopPlan:
-        """Plan a cut after any module (the tracer tries candidates with this); see ``plan``."""
+    @property
+    def cuts_inside_spaces(self) -> bool:
+        """Whether stops may lie inside a space: in a transformer (a spec with attention heads) the
+        residual stream runs through every block, so without such stops the only one would be at
+        the end. CNNs keep their stage boundaries (the paper's stops), where no space is split."""
+        return any(s.heads is not None for s in self.spec.spaces)
+
+    def cut(self, stop: str, inside: bool | None = None) -> StopPlan:
+        """Plan a cut after any module (the tracer tries candidates with this); see ``plan``.
+        ``inside``: whether the cut may split a space (default: ``cuts_inside_spaces``); such a
+        space is merged in the trunk, and each head takes it back to its own model's channels."""
         nodes = list(self.gm.graph.nodes)
         if stop == OUTPUT_STOP:
             trunk = {n for n in nodes if n.op != "output"}
@@ -225,33 +238,79 @@ class ModelGraph:
                 if c in trunk_modules:
                     raise SpecError(f"stop {stop!r} would share classifier {c!r}",
                                     f"use --stop {OUTPUT_STOP} to merge classifiers of models with identical classes")
-        merged = []
+        merged, cut = [], []
+        allowed = self.cuts_inside_spaces if inside is None else inside
         for space in self.spec.spaces:
-            inside = [w.module for w in space.writers if w.module in trunk_modules]
-            if inside and len(inside) != len(space.writers):
-                outside = [w.module for w in space.writers if w.module not in trunk_modules]
-                raise SpecError(f"stop {stop!r} cuts through feature space {space.name!r} "
-                                f"({inside[0]} is shared, {outside[0]} is not)",
-                                "stops must lie on stage boundaries; fix the spec's stops")
-            if inside:
+            shared = [w.module for w in space.writers if w.module in trunk_modules]
+            if shared and len(shared) != len(space.writers):
+                if not allowed:
+                    outside = [w.module for w in space.writers if w.module not in trunk_modules]
+                    raise SpecError(f"stop {stop!r} cuts through feature space {space.name!r} "
+                                    f"({shared[0]} is shared, {outside[0]} is not)",
+                                    "stops must lie on stage boundaries; fix the spec's stops")
+                cut.append(space.name)
+            if shared:
                 merged.append(space.name)
         with_params = {m for m in trunk_modules if any(True for _ in self.modules[m].parameters(recurse=False))}
-        return StopPlan(stop, frozenset(n.name for n in trunk), tuple(merged), frozenset(with_params),
-                        {name: self.space_size[name] for name in merged})
+        trunk_names = frozenset(n.name for n in trunk)
+        return StopPlan(stop, trunk_names, tuple(merged), frozenset(with_params),
+                        {name: self.space_size[name] for name in merged}, tuple(cut),
+                        self._unmerges(stop, trunk_names, cut) if cut else ())
+
+    def _unmerges(self, stop: str, trunk_nodes: frozenset[str], cut: list[str]) -> tuple[tuple[str, str, int], ...]:
+        """Which trunk outputs hold a cut space, and on which axis: each must hold it whole (not
+        concatenated with other channels, flattened or split into heads), to be unmerged there."""
+        if self._layouts is None:
+            self._layouts = _traced_layouts(self)
+        space_of = {(m.module, m.start): s for module, entries in self.writes.items() for s, m in entries}
+        found = []
+        for node in boundary(self.gm.graph, trunk_nodes):
+            writers, axis, plain = self._layouts.get(node.name, ((), 1, True))
+            spaces = [space_of.get((w.module, w.start)) if w is not None else None for w in writers]
+            for space in (s for s in spaces if s in cut):
+                if not plain:
+                    raise SpecError(f"stop {stop!r} cuts feature space {space!r} where its channels are "
+                                    "concatenated, flattened or split into heads",
+                                    f"choose another stop: {', '.join(self.spec.stops)}")
+                found.append((node.name, space, axis))
+        return tuple(found)
+
+
+def _traced_layouts(graph: ModelGraph) -> dict:
+    """The channel layout of every node of ``graph``'s model, traced on the meta device (no memory,
+    no work) where the model allows, else on the model itself."""
+    from .builders import build_model
+    from .tracing import ShapeError, node_layouts
+
+    shape = graph.spec.input.shape
+    classes = layers.out_channels(graph.modules[graph.spec.classifiers[0]])
+    try:
+        with torch.device("meta"):
+            model = build_model(graph.spec, classes)
+        return node_layouts(model, torch.zeros(1, *shape, device="meta"))
+    except ShapeError:
+        device = next((t.device for t in graph.model.parameters()), torch.device("cpu"))
+        return node_layouts(graph.model, torch.zeros(1, *shape, device=device))
+
+
+def boundary(graph: fx.Graph, trunk_nodes: frozenset[str]) -> list[fx.Node]:
+    """The trunk's outputs: its nodes that a node after the cut uses, in graph order."""
+    in_trunk = {n for n in graph.nodes if n.name in trunk_nodes}
+    return [n for n in graph.nodes if n in in_trunk and any(u not in in_trunk for u in n.users)]
 
 
 def split(gm: fx.GraphModule, trunk_nodes: frozenset[str]) -> tuple[fx.GraphModule, fx.GraphModule]:
     """Split a traced model into a trunk (input -> boundary tuple) and a head (boundary -> output)."""
     graph = gm.graph
     in_trunk = {n for n in graph.nodes if n.name in trunk_nodes}
-    boundary = [n for n in graph.nodes if n in in_trunk and any(u not in in_trunk for u in n.users)]
+    boundary_nodes = boundary(graph, trunk_nodes)
     trunk_graph, env = fx.Graph(), {}
     for n in graph.nodes:
         if n in in_trunk:
             env[n] = trunk_graph.node_copy(n, lambda a: env[a])
-    trunk_graph.output(tuple(env[b] for b in boundary))
+    trunk_graph.output(tuple(env[b] for b in boundary_nodes))
     head_graph, env = fx.Graph(), {}
-    for b in boundary:
+    for b in boundary_nodes:
         env[b] = head_graph.placeholder(b.name)
     for n in graph.nodes:
         if n not in in_trunk:

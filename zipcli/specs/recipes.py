@@ -25,8 +25,14 @@ RECIPES = {
                         description="CIFAR VGG11, width x1 (the paper's appendix model: no BatchNorm, one linear "
                                     "classifier)"),
     "cifar_vit": dict(builder="zipcli.models:cifar_vit", kwargs={}, preprocess=CIFAR,
-                      description="small ViT for 32 px images (6 blocks, 192 features, 3 heads, 4x4 patches); the "
-                                  "only stop is after the final LayerNorm"),
+                      description="small ViT for 32 px images (6 blocks, 192 features, 3 heads, 4x4 patches); stops "
+                                  "after each block (the heads unmerge the residual stream) and after the final "
+                                  "LayerNorm"),
+    "vit_b_16": dict(builder="zipcli.models:vit_b_16", kwargs={}, preprocess=IMAGENET,
+                     description="torchvision ViT-B/16 (12 blocks, 768 features, 12 heads, 16x16 patches) with its "
+                                 "attention split into query/key/value layers (zipcli.models:vit_b_16 reads "
+                                 "torchvision's checkpoints); stops after each block and after the final LayerNorm",
+                     stops=[f"encoder.layers.encoder_layer_{i}" for i in range(12)] + ["encoder.ln"]),
     **{name: dict(builder=f"torchvision.models:{name}", kwargs={}, preprocess=IMAGENET,
                   description=f"torchvision {name}") for name in TORCHVISION},
 }

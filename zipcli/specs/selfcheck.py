@@ -85,8 +85,10 @@ def randomize_spec_tensors(graph: ModelGraph, traced: dict | None = None, seed: 
     """Give tensors used in forward (a class token may start at zero) distinct values, and draw the
     weights of attention's layers (queries, keys, values, output) at a trained model's scale (std
     1/sqrt(inputs)): at a fresh model's small scale attention is nearly uniform and adds little to
-    the stream, so a head order mixed up would hardly show. Where the spec and tracing (``traced``)
-    disagree, both are drawn, so that a spec that forgot heads fails."""
+    the stream, so a head order mixed up would hardly show. Weights of a space's layers that start
+    at zero (torchvision's ViT classifier) are drawn at that scale too: a zero layer hides every
+    permutation before it. Where the spec and tracing (``traced``) disagree, both are drawn, so that
+    a spec that forgot heads fails."""
     gen = torch.Generator().manual_seed(seed)
     spaces = [(list(s.writers) + list(s.readers), s.parameters, s.heads) for s in graph.spec.spaces]
     spaces += [(s["writers"] + s["readers"], s["parameters"], s["heads"]) for s in (traced or {}).get("spaces", [])]
@@ -99,6 +101,11 @@ def randomize_spec_tensors(graph: ModelGraph, traced: dict | None = None, seed: 
         weight = getattr(graph.modules.get(name), "weight", None)
         if isinstance(weight, torch.Tensor) and weight.dim() == 2:
             weight.copy_(torch.randn(weight.shape, generator=gen, dtype=weight.dtype) / weight.shape[1] ** 0.5)
+    for name in dict.fromkeys(m.module for members, _, _ in spaces for m in members):
+        weight = getattr(graph.modules.get(name), "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() >= 2 and not weight.any():
+            fan_in = weight[0].numel()
+            weight.copy_(torch.randn(weight.shape, generator=gen, dtype=weight.dtype) / fan_in ** 0.5)
 
 
 @torch.no_grad()

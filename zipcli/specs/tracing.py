@@ -503,6 +503,25 @@ def trace_spaces(model: nn.Module, example: torch.Tensor) -> dict:
     return {"spaces": spaces, "classifiers": classifiers, "inputs": inputs, "outputs": outputs}
 
 
+def node_layouts(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[tuple[Member | None, ...], int, bool]]:
+    """How each fx node of ``model`` holds channels, for cutting a graph inside a space: per
+    channel segment a layer that writes its space (None: the model input, the outputs), the
+    channels' axis, and whether they are plain (one segment, not flattened, not split into heads).
+    Nodes without channels (sizes) are left out."""
+    tr = _Tracer(model, example)
+    tr.run()
+    writer: dict[int, Member] = {}
+    for v, m in tr.writes:
+        writer.setdefault(tr.vars.find(v), m)
+    out = {}
+    for node, layout in tr.layout.items():
+        if layout is not None:
+            writers = tuple(writer.get(tr.vars.find(v)) for v, _ in layout.segments)
+            plain = len(layout.segments) == 1 and layout.block == 1 and layout.head_axis is None
+            out[node.name] = (writers, layout.axis, plain)
+    return out
+
+
 def _heads(tr: _Tracer, root: int) -> int | None:
     """The number of attention heads a space is split into (None: not split)."""
     found = {h for v, h in tr.heads.items() if tr.vars.find(v) == root}

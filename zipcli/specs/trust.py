@@ -14,7 +14,8 @@ from typing import Iterable
 
 from ..errors import SpecError
 
-ZIPIT_BUILDERS = frozenset({"zipcli.models:cifar_resnet20", "zipcli.models:cifar_vgg11", "zipcli.models:cifar_vit"})
+ZIPIT_BUILDERS = frozenset({"zipcli.models:cifar_resnet20", "zipcli.models:cifar_vgg11", "zipcli.models:cifar_vit",
+                            "zipcli.models:vit_b_16"})
 TORCHVISION_MODULE = "torchvision.models"
 DOWNLOAD_KWARGS = frozenset({"weights", "weights_backbone", "pretrained", "pretrained_backbone"})
 
