@@ -87,3 +87,25 @@ def test_eval_limit_draws_from_each_class_rather_than_taking_the_first_names(sor
     first = sorted(p.name for p in sorted((root / "x").iterdir()))[:5]
     assert len(names) == 5 and names != first
     assert labelled_images(root, limit=5) == items
+
+
+def test_the_listing_is_the_sorted_recursive_glob_it_replaced(tmp_path):
+    """The sample is drawn from the listing's order, so the faster listing (directory entries, no
+    stat per file) must give exactly what ``sorted(root.rglob("*"))`` gave, in the same order:
+    Paths sort by parts ("a/b" before "a-b", unlike their strings), links to folders are not
+    entered, links to files are kept, a folder named like an image is not a file."""
+    from zipcli.calibration import IMAGE_SUFFIXES
+
+    root = tmp_path / "imgs"
+    for rel in ["a/b/x.jpg", "a-b/y.JPG", "A/z.png", ".hidden/h.jpg", "a/.q.jpg", "a/..jpg", "a/k.",
+                "a/t.txt", "real/sub/r.jpg", "a/b/c/d/deep.webp"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"")
+    (root / "folder.jpg").mkdir()
+    (root / "linked").symlink_to(root / "real")
+    (root / "a" / "link.png").symlink_to(root / "A" / "z.png")
+    (root / "a" / "broken.jpg").symlink_to(tmp_path / "nowhere")
+    glob = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    listed = list_images(root)
+    assert listed == glob and len(listed) == 9
+    assert [str(p) for p in listed] != sorted(str(p) for p in listed)       # parts order, not string order
