@@ -30,8 +30,9 @@ from zipcli.report import SilentReporter
 from zipcli.sizing import SPREADS, allocate
 from zipcli.specs import load_spec
 
-SIZE_PAIRS = {**PAIRS, "vgg11": (HERE / "vgg11_c10a_s71.safetensors", HERE / "vgg11_c10b_s72.safetensors")}
-ARCH = {"vgg11": "cifar_vgg11"}                           # else resnet20
+SIZE_PAIRS = {**PAIRS, "vgg11": (HERE / "vgg11_c10a_s71.safetensors", HERE / "vgg11_c10b_s72.safetensors"),
+              "vit": (HERE / "vit_c10a_s81.pt", HERE / "vit_c10b_s82.pt")}
+ARCH = {"vgg11": "cifar_vgg11", "vit": "cifar_vit"}      # else resnet20
 STOPS = {"cifar_vgg11": ("features.8", "features.13", "features.16", "features")}   # eight in all: the later half
 
 

@@ -303,10 +303,35 @@ def test_a_cut_stream_keeps_one_model_s_width(small_spec, tmp_path, calib32):
 
     _, paths = _permuted_vits(small_spec, tmp_path, 2)
     cal = Calibration(paths, small_spec, calib32, MergeOptions(method="permute", stop="blocks.0", batch_size=8))
-    assert "blocks.stream" in resizable(cal, "norm") and "blocks.stream" not in resizable(cal, "blocks.0")
+    assert "blocks.stream" not in resizable(cal, "blocks.0")
+    assert "blocks.stream" not in resizable(cal, "norm")        # the class token and position embeddings write it
     cal.measure("blocks.0", "permute")
     with pytest.raises(ZipitError, match="lies inside space 'blocks.stream': merging it at a size is not supported"):
         merge_at(cal, MergePoint("blocks.0", "permute", Setting(0.3, 0.125), widths=(("blocks.stream", 40),)))
+
+
+@pytest.mark.parametrize("method", ["permute", "zipit"])
+def test_a_vit_at_a_size_widens_only_its_mlps_and_comes_back_exactly(small_spec, method, tmp_path, calib32):
+    """Heads are matched whole and the stream carries the class token and position embeddings, so
+    the size dial spends its width on the MLPs' hidden spaces; permuted copies still come back."""
+    from zipcli.measured import Calibration
+    from zipcli.options import MergePoint
+    from zipcli.pipeline import merge_at
+    from zipcli.sizing import resizable
+    from zipcli.tuning import Setting
+
+    model, paths = _permuted_vits(small_spec, tmp_path, 2)
+    cal = Calibration(paths, small_spec, calib32, MergeOptions(method=method, stop="norm", batch_size=8))
+    mlps = resizable(cal, "norm")
+    assert mlps and all(name.endswith("mlp.fc1") for name in mlps), mlps
+    cal.measure("norm", method)
+    rng = np.random.default_rng(3)
+    widths = tuple((s, int(rng.integers(cal.graph.space_size[s] + 1, 2 * cal.graph.space_size[s] + 1))) for s in mlps)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        heads = merge_at(cal, MergePoint("norm", method, Setting(1.0, 0.125), widths=widths)).model(x)
+    assert all(_rel(h, expected) < 1e-4 for h in heads), widths
 
 
 def test_cnn_stops_still_may_not_cut_a_stage():

@@ -69,16 +69,20 @@ class MergedModel(nn.Module):
             self._check_forward()
 
     def _check_forward(self) -> None:
-        """One forward on the meta device (no memory, no work): a forward that fixes a channel count
-        (a reshape to 512*7*7, a padded shortcut) cannot run at other widths, and is refused here."""
-        state = {k: torch.empty_like(v, device="meta") for k, v in self.state_dict(keep_vars=True).items()}
-        x = torch.empty(1, *self.spec.input.shape, device="meta")
+        """One forward of one blank image in eval mode: a forward that fixes a channel count (a
+        reshape to 512*7*7, a padded shortcut) cannot run at other widths, and is refused here. A real
+        batch of one costs milliseconds; the meta device's first forward costs a second of set-up."""
+        training = self.training
+        x = torch.zeros(1, *self.spec.input.shape)
         try:
-            torch.func.functional_call(self, state, (x,))
+            with torch.no_grad():
+                self.eval()(x)
         except (RuntimeError, ValueError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ZipitError(f"spec {self.spec.name} fixes a channel count in its forward ({first}): it cannot be "
                              "merged at a size", "merge without a size") from None
+        finally:
+            self.train(training)
 
     def forward(self, x: torch.Tensor, rows: list[torch.Tensor] | None = None) -> list[torch.Tensor | None]:
         """Each head's logits on ``x``; with ``rows``, head i's on the images ``rows[i]`` only (None
