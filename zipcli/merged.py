@@ -22,7 +22,8 @@ from . import __version__
 from .errors import MergedFileError, OutputError, ZipitError
 from .specs import layers
 from .specs.builders import build_model
-from .specs.graph import ModelGraph, StopPlan, split, trace
+from .specs.fxgraph import trace
+from .specs.graph import ModelGraph, StopPlan, split
 from .safetensors_io import save_deterministic
 from .specs.format import OUTPUT_STOP, Spec, parse_spec
 

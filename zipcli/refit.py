@@ -37,7 +37,8 @@ from .distributed import SINGLE, Ranks
 from .methods import Match
 from .report import Reporter, SilentReporter
 from .specs import layers
-from .specs.graph import ModelGraph, StopPlan, trace
+from .specs.fxgraph import trace
+from .specs.graph import ModelGraph, StopPlan
 from .streaming import SegmentRunner, SpillStore
 from .zip import SpaceMerge
 

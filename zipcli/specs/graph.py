@@ -16,22 +16,7 @@ import torch.nn as nn
 from ..errors import SpecError
 from . import layers
 from .format import OUTPUT_STOP, Member, Spec
-
-
-class _Tracer(fx.Tracer):
-    """fx's tracer, keeping every layer type of the table as one call (a type added to the table
-    need not live in torch.nn, where fx stops by default)."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return type(m) in layers.KINDS or super().is_leaf_module(m, qualname)
-
-
-def trace(model: nn.Module, origin: str = "model") -> fx.GraphModule:
-    try:
-        return fx.GraphModule(model, _Tracer().trace(model), model.__class__.__name__)
-    except Exception as exc:  # fx raises many types for untraceable code
-        raise SpecError(f"{origin} cannot be traced with torch.fx: {exc.__class__.__name__}: {exc}",
-                        "zipit needs a model whose forward has no data-dependent control flow") from None
+from .fxgraph import trace
 
 
 def observed_channels(x: torch.Tensor, member: Member, size: int, axis: int = 1) -> torch.Tensor | None:

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 import operator
 from collections import Counter
-from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -32,7 +30,9 @@ from ..errors import SpecError
 from . import layers
 from .builders import build
 from .format import Member
-from .graph import trace
+from .fxgraph import trace
+from .layouts import (Layout, Vars, attention_inputs, broadcasts, channels_joined, check_layer, op_name, pooled,
+                      reduced, refuse, reshaped, selected, shape_of, transposed)
 
 SAME_CHANNEL_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.ELU, nn.Tanh, nn.Sigmoid,
@@ -65,82 +65,8 @@ OBSERVE_THROUGH_FUNCTIONS = RESHAPES | {F.dropout, F.max_pool2d, F.avg_pool2d, F
                                         F.adaptive_max_pool2d}
 
 
-class _Vars:
-    """Union-find over channel variables; a variable tied to the model input is fixed."""
-
-    def __init__(self):
-        self.parent: list[int] = []
-        self.fixed: list[bool] = []
-
-    def new(self, fixed: bool = False) -> int:
-        self.parent.append(len(self.parent))
-        self.fixed.append(fixed)
-        return len(self.parent) - 1
-
-    def find(self, v: int) -> int:
-        while self.parent[v] != v:
-            self.parent[v] = self.parent[self.parent[v]]
-            v = self.parent[v]
-        return v
-
-    def union(self, a: int, b: int) -> int:
-        a, b = self.find(a), self.find(b)
-        if a != b:
-            self.parent[b] = a
-            self.fixed[a] = self.fixed[a] or self.fixed[b]
-        return a
-
-
-@dataclass(frozen=True)
-class Layout:
-    """A tensor's channel axis: consecutive ``(variable, channels)`` segments; after a flatten
-    each channel is a run of ``block`` values. The channels are on tensor axis ``axis`` (1 for
-    maps, the last for tokens); split into attention heads, the head is on ``head_axis``."""
-
-    segments: tuple[tuple[int, int], ...]
-    block: int = 1
-    axis: int = 1
-    head_axis: int | None = None
-
-    def moved(self, axis: int, head_axis: int | None = None) -> "Layout":
-        return Layout(self.segments, self.block, axis, head_axis)
-
-    def members(self, module: str) -> list[tuple[int, Member]]:
-        """How ``module`` sees each variable of this layout: whole, or at an offset."""
-        if len(self.segments) == 1 and self.block == 1:
-            return [(self.segments[0][0], Member(module))]
-        out, offset = [], 0
-        for var, size in self.segments:
-            out.append((var, Member(module, offset, self.block)))
-            offset += size
-        return out
-
-
-def _shape(node) -> tuple | None:
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
-
-
-def _name(target) -> str:
-    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
-
-
-def _where(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    layer = next(reversed(stack)) if stack else "the top-level forward"
-    if node.op == "call_module":
-        return f"layer {node.target!r}"
-    return f"{node.op} {_name(node.target)!r} (in {layer!r})"
-
-
 class ShapeError(SpecError):
     """The model does not run on the example input (or not on the meta device)."""
-
-
-def _refuse(node: fx.Node, why: str) -> SpecError:
-    return SpecError(f"cannot derive feature spaces: {why} at {_where(node)}",
-                     "the tracer does not support this operation; see 'Supported operations' in specs/README.md "
-                     "(installed as zipcli/specs/README.md)")
 
 
 class _Tracer:
@@ -158,7 +84,7 @@ class _Tracer:
                              f"{cause.__class__.__name__}: {str(cause)[:200]}",
                              "check the input size (--size) and the builder's arguments") from None
         self.modules = dict(model.named_modules())
-        self.vars = _Vars()
+        self.vars = Vars()
         self.size: dict[int, int] = {}
         self.layout: dict[fx.Node, Layout | None] = {}
         self.writes: list[tuple[int, Member]] = []
@@ -180,22 +106,22 @@ class _Tracer:
     def input(self, node: fx.Node, arg) -> Layout:
         layout = self.layout.get(arg) if isinstance(arg, fx.Node) else None
         if layout is None:
-            raise _refuse(node, "an input without a channel axis")
+            raise refuse(node, "an input without a channel axis")
         return layout
 
     def unify(self, node: fx.Node, a: Layout, b: Layout) -> Layout:
         if [s for _, s in a.segments] != [s for _, s in b.segments] or a.block != b.block:
-            raise _refuse(node, "an addition of tensors whose channels are concatenated differently")
+            raise refuse(node, "an addition of tensors whose channels are concatenated differently")
         for (va, _), (vb, _) in zip(a.segments, b.segments):
             self.vars.union(va, vb)
         return a
 
     def run(self) -> None:
-        self.refuse_attention()
+        _refuse_attention(self.gm, self.modules)
         for idx, node in enumerate(self.gm.graph.nodes):
             self.order.setdefault(node.target if node.op == "call_module" else node.name, idx)
             if node.op == "placeholder":
-                shape = _shape(node)
+                shape = shape_of(node)
                 self.layout[node] = self.new(shape[1], fixed=True) if shape and len(shape) > 1 else None
             elif node.op == "call_module":
                 self.layout[node] = self.module(node, self.modules[node.target])
@@ -207,21 +133,12 @@ class _Tracer:
                 outs = node.args[0] if isinstance(node.args[0], (tuple, list)) else [node.args[0]]
                 self.outputs = [self.input(node, o) for o in outs]
 
-    def refuse_attention(self) -> None:
-        """Attention is refused up front: its reshapes would otherwise be reported first."""
-        for node in self.gm.graph.nodes:
-            if node.op == "call_module" and isinstance(self.modules[node.target], ATTENTION_MODULES):
-                raise _refuse(node, f"attention ({type(self.modules[node.target]).__name__}): its heads and "
-                                    "softmax mix channels, which zipit cannot merge")
-            if node.op in ("call_function", "call_method") and node.target in ATTENTION:
-                raise _refuse(node, f"{_name(node.target)!r}, which mixes channels (attention or a matrix product)")
-
     def attribute(self, node: fx.Node) -> Layout:
         """A tensor used in forward that broadcasts over the batch with channels last (a class token,
         position embeddings): a variable of its own, written by the tensor."""
-        shape = _shape(node)
+        shape = shape_of(node)
         if node.target not in self.tensors or shape is None or len(shape) < 2 or shape[0] != 1 or shape[-1] < 2:
-            raise _refuse(node, "a tensor attribute used directly in forward (a learned scale or embedding)")
+            raise refuse(node, "a tensor attribute used directly in forward (a learned scale or embedding)")
         if node.target not in self.parameters:
             self.parameters[node.target] = self.new(shape[-1]).moved(len(shape) - 1)
         return self.parameters[node.target]
@@ -229,30 +146,30 @@ class _Tracer:
     def module(self, node: fx.Node, m: nn.Module) -> Layout | None:
         name = node.target
         if any(True for _ in m.parameters()) and self.calls[name] > 1:
-            raise _refuse(node, "a layer whose weights are used more than once")
+            raise refuse(node, "a layer whose weights are used more than once")
         kind = layers.kind_of(m)
         if kind is not None and kind.in_channels is not None:
             return self.weighted(node, m)
         x = self.input(node, node.args[0])
         if kind is not None:                            # a per-channel layer (a norm)
-            self.refuse_problems(node, m)
+            check_layer(node, m, self.layout.get(node.args[0]))
             if any(True for _ in m.parameters()) or getattr(m, "running_mean", None) is not None:
                 self.writes += x.members(name)
             return x
         if isinstance(m, nn.Flatten):
-            return self.flatten(node, x)
+            return self.reshape(node, x)
         if isinstance(m, POOL_MODULES):
-            return self.pool(node, x)
+            return pooled(node, x)
         if isinstance(m, SAME_CHANNEL_MODULES):
             return x
-        raise _refuse(node, f"module type {type(m).__name__}")
+        raise refuse(node, f"module type {type(m).__name__}")
 
     def weighted(self, node: fx.Node, m: nn.Module) -> Layout:
         """Convolutions and linear layers read one space and write a new one; depthwise ones keep it."""
         x = self.input(node, node.args[0])
-        self.refuse_problems(node, m)
-        if len(_shape(node.args[0]) or ()) > 2 and x.block != 1:
-            raise _refuse(node, f"a {type(m).__name__} applied to a flattened tensor")
+        check_layer(node, m, self.layout.get(node.args[0]))
+        if len(shape_of(node.args[0]) or ()) > 2 and x.block != 1:
+            raise refuse(node, f"a {type(m).__name__} applied to a flattened tensor")
         if layers.is_per_channel(m):
             self.writes += x.members(node.target)
             return x
@@ -261,158 +178,86 @@ class _Tracer:
         self.writes += out.members(node.target)
         return out
 
-    def refuse_problems(self, node: fx.Node, m: nn.Module) -> None:
-        """The table's reasons a layer cannot be merged, of its own or on this input's shape, and an
-        input whose channels are not on the axis the layer works on."""
-        shape = _shape(node.args[0])
-        why = layers.problem(m) or layers.input_problem(m, shape)
-        if why:
-            raise _refuse(node, why)
-        x = self.layout.get(node.args[0])
-        if x is not None and x.head_axis is not None:
-            raise _refuse(node, f"a {type(m).__name__} applied to a tensor split into attention heads")
-        if x is not None and shape is not None and layers.channel_axis(m, shape) != x.axis:
-            raise _refuse(node, f"a {type(m).__name__} working on axis {layers.channel_axis(m, shape)} of a tensor "
-                                f"whose channels are on axis {x.axis}")
-
-    def pool(self, node: fx.Node, x: Layout) -> Layout:
-        if x.axis != 1 or x.head_axis is not None:
-            raise _refuse(node, "pooling over a tensor whose channels are not on axis 1")
-        return x
-
-    def flatten(self, node: fx.Node, x: Layout) -> Layout:
-        """[B, C, H, W] -> [B, C*H*W]: channel-major, so each channel becomes a block of H*W values.
-        [B, C, H, W] -> [B, C, H*W] keeps the channels; tokens [B, N, H*d] <-> [B, N, H, d] split
-        the channels into attention heads or join them again."""
-        src, out = _shape(node.args[0]), _shape(node)
-        if src is not None and out is not None:
-            n = len(src)
-            if x.axis == 1 and x.head_axis is None:
-                if len(out) == 2 and out[0] == src[0] and out[1] == math.prod(src[1:]):
-                    return Layout(x.segments, x.block * math.prod(src[2:]))
-                if n > 2 and x.block == 1 and out == src[:2] + (math.prod(src[2:]),):
-                    return x
-            if x.axis == n - 1 and n > 2 and x.head_axis is None and len(x.segments) == 1 and x.block == 1 \
-                    and len(out) == n + 1 and out[:-2] == src[:-1] and out[-2] * out[-1] == src[-1]:
-                self.heads[x.segments[0][0]] = out[-2]
-                return x.moved(n, n - 1)
-            if x.head_axis == n - 2 and x.axis == n - 1 and out == src[:-2] + (src[-2] * src[-1],):
-                return x.moved(n - 2)
-        raise _refuse(node, "a reshape that mixes channels with the batch or spatial positions")
-
-    def transpose(self, node: fx.Node, x: Layout) -> Layout:
-        """Axes moved (the batch axis stays first): the channels and heads move with them."""
-        n = len(_shape(node))
-        if _name(node.target) == "transpose":
-            a, b = (list(node.args[1:3]) + [node.kwargs.get("dim0"), node.kwargs.get("dim1")])[:2]
-            order = list(range(n))
-            order[a % n], order[b % n] = order[b % n], order[a % n]
-        else:
-            dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
-            order = [d % n for d in (dims or node.kwargs.get("dims"))]
-        if order[0] != 0:
-            raise _refuse(node, "a transpose that moves the batch axis")
-        return x.moved(order.index(x.axis), None if x.head_axis is None else order.index(x.head_axis))
-
-    def select(self, node: fx.Node, x: Layout) -> Layout:
-        """``x[:, 0]``: indexing axes in front of the channels (never the batch or channels) keeps them."""
-        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
-        full = slice(None, None, None)
-        ok = x.head_axis is None and x.block == 1 and len(index) > 0 and index[0] == full and all(
-            isinstance(i, (int, slice)) and (a < x.axis or i == full) for a, i in enumerate(index))
-        if not ok:
-            raise _refuse(node, "indexing into a tensor (e.g. a slice of its channels)")
-        self.selects.add(node)
-        return x.moved(x.axis - sum(isinstance(i, int) for i in index))
+    def reshape(self, node: fx.Node, x: Layout) -> Layout:
+        """A flatten or view (``layouts.reshaped``), noting the heads where it splits them."""
+        out, heads = reshaped(node, x)
+        if heads is not None:
+            self.heads[x.segments[0][0]] = heads
+        return out
 
     def attention(self, node: fx.Node) -> Layout:
         """``scaled_dot_product_attention(q, k, v)`` on heads [B, H, N, d]: queries and keys are one
         space (their products are summed within a head), and values keep the head order of both."""
-        names = ("query", "key", "value")
-        q, k, v = (list(node.args[:3]) + [node.kwargs.get(n) for n in names[len(node.args):]])[:3]
-        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
-        if isinstance(mask, fx.Node) or node.kwargs.get("enable_gqa"):
-            raise _refuse(node, "attention with a mask tensor or grouped queries")
+        q, k, v = attention_inputs(node)
         parts = [self.input(node, t) for t in (q, k, v)]
         heads = set()
         for t, part in zip((q, k, v), parts):
-            n = len(_shape(t))
+            n = len(shape_of(t))
             if part.head_axis is None or part.axis != n - 1 or part.head_axis >= n - 2 or len(part.segments) != 1:
-                raise _refuse(node, "attention on a tensor not split into heads [batch, heads, tokens, features]")
+                raise refuse(node, "attention on a tensor not split into heads [batch, heads, tokens, features]")
             heads.add(self.heads.get(part.segments[0][0]))
         (vq, _), (vk, _), (vv, _) = (p.segments[0] for p in parts)
         if len(heads) != 1 or self.size[vq] != self.size[vk]:
-            raise _refuse(node, "attention whose queries, keys and values have different heads")
+            raise refuse(node, "attention whose queries, keys and values have different heads")
         self.vars.union(vq, vk)
         if self.vars.find(vq) == self.vars.find(vv):
-            raise _refuse(node, "attention whose values are its queries or keys")
+            raise refuse(node, "attention whose values are its queries or keys")
         self.ties.append((vq, vv))
         return parts[2]
 
     def function(self, node: fx.Node, t) -> Layout | None:
-        if _shape(node) is None and all(self.layout.get(a) is None for a in node.all_input_nodes):
+        if shape_of(node) is None and all(self.layout.get(a) is None for a in node.all_input_nodes):
             return None  # arithmetic on sizes and other plain values
-        tensors = [a for a in node.args if isinstance(a, fx.Node) and _shape(a) is not None]
+        tensors = [a for a in node.args if isinstance(a, fx.Node) and shape_of(a) is not None]
         if t in ADDS:
             if not tensors:
                 return None
             out = self.input(node, tensors[0])
             for a in tensors[1:]:
-                if _shape(a) != _shape(tensors[0]) and not self.broadcasts(node, tensors[0], a):
-                    raise _refuse(node, "an addition of tensors of different shapes")
+                if shape_of(a) != shape_of(tensors[0]) and not broadcasts(tensors[0], a, self.layout.get(tensors[0]),
+                                                                          self.layout.get(a)):
+                    raise refuse(node, "an addition of tensors of different shapes")
                 out = self.unify(node, out, self.input(node, a))
             return out
         if t in PRODUCTS:
             if len(tensors) > 1:
-                raise _refuse(node, "a product of two feature maps (a multiplicative gate such as "
+                raise refuse(node, "a product of two feature maps (a multiplicative gate such as "
                                     "squeeze-and-excitation)")
             return self.input(node, tensors[0]) if tensors else None
         if t in CONCATS:
             return self.concat(node)
         if t in POOL_FUNCTIONS:
-            return self.pool(node, self.input(node, node.args[0]))
+            return pooled(node, self.input(node, node.args[0]))
         if t in SAME_CHANNEL_FUNCTIONS or t in SAME_CHANNEL_METHODS or t == "expand":
             return self.input(node, node.args[0])
         if t in RESHAPES:
-            return self.flatten(node, self.input(node, node.args[0]))
+            return self.reshape(node, self.input(node, node.args[0]))
         if t in TRANSPOSES:
-            return self.transpose(node, self.input(node, node.args[0]))
+            return transposed(node, self.input(node, node.args[0]))
         if t is F.scaled_dot_product_attention:
             return self.attention(node)
         if t in REDUCTIONS:
-            return self.reduction(node)
+            return reduced(node, self.input(node, node.args[0]))
         if t in NO_TENSOR:
-            if _shape(node) is not None:
+            if shape_of(node) is not None:
                 if t is operator.getitem and self.layout.get(node.args[0]) is not None:
-                    return self.select(node, self.layout[node.args[0]])
-                raise _refuse(node, "indexing into a tensor (e.g. a slice of its channels)")
+                    self.selects.add(node)
+                    return selected(node, self.layout[node.args[0]])
+                raise refuse(node, "indexing into a tensor (e.g. a slice of its channels)")
             return None
-        raise _refuse(node, f"operation {_name(t)!r}")
-
-    def broadcasts(self, node: fx.Node, a: fx.Node, b: fx.Node) -> bool:
-        """Tokens plus a tensor broadcast over the batch or tokens (position embeddings), channels last."""
-        la, lb, sa, sb = self.layout.get(a), self.layout.get(b), _shape(a), _shape(b)
-        if la is None or lb is None or sa is None or sb is None or len(sa) != len(sb):
-            return False
-        if la.head_axis is not None or lb.head_axis is not None:
-            return False
-        return la.axis == lb.axis == len(sa) - 1 and sa[-1] == sb[-1] and all(
-            x == y or 1 in (x, y) for x, y in zip(sa, sb))
+        raise refuse(node, f"operation {op_name(t)!r}")
 
     def concat(self, node: fx.Node) -> Layout:
         parts = node.args[0]
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-        shape = _shape(node)
+        shape = shape_of(node)
         if shape is not None and dim % len(shape) != 0:
             tokens = self.token_concat(node, parts, dim % len(shape))
             if tokens is not None:
                 return tokens
         if shape is None or dim not in (1, 1 - len(shape)):
-            raise _refuse(node, f"a concatenation along axis {dim} (only the channel axis, 1, is supported)")
-        layouts = [self.input(node, p) for p in parts]
-        if len({x.block for x in layouts}) != 1:
-            raise _refuse(node, "a concatenation of tensors flattened from maps of different sizes")
-        return Layout(tuple(s for x in layouts for s in x.segments), layouts[0].block)
+            raise refuse(node, f"a concatenation along axis {dim} (only the channel axis, 1, is supported)")
+        return channels_joined(node, [self.input(node, p) for p in parts])
 
     def token_concat(self, node: fx.Node, parts, dim: int) -> Layout | None:
         """Tokens joined along a token axis (the class token in front of the patches): one space."""
@@ -425,17 +270,14 @@ class _Tracer:
             out = self.unify(node, out, x)
         return out
 
-    def reduction(self, node: fx.Node) -> Layout:
-        """A mean/sum/max over spatial axes or tokens keeps the channels; over the channel axis it is refused."""
-        x = self.input(node, node.args[0])
-        src = _shape(node.args[0])
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        dims = [dims] if isinstance(dims, int) else list(dims or [])
-        if src is None or not dims or x.block != 1 or x.head_axis is not None or any(
-                d % len(src) in (0, x.axis) or (x.axis == 1 and d % len(src) < 2) for d in dims):
-            raise _refuse(node, f"a reduction {_name(node.target)!r} over the batch or channel axis")
-        keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-        return x if keep else x.moved(x.axis - sum(d % len(src) < x.axis for d in dims))
+def _refuse_attention(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> None:
+    """Attention is refused up front: its reshapes would otherwise be reported first."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(modules[node.target], ATTENTION_MODULES):
+            raise refuse(node, f"attention ({type(modules[node.target]).__name__}): its heads and "
+                               "softmax mix channels, which zipit cannot merge")
+        if node.op in ("call_function", "call_method") and node.target in ATTENTION:
+            raise refuse(node, f"{op_name(node.target)!r}, which mixes channels (attention or a matrix product)")
 
 
 def trace_spaces(model: nn.Module, example: torch.Tensor) -> dict:
@@ -578,7 +420,7 @@ def _observe_point(tr: _Tracer, root: int, last_reader: Member | None, writers: 
 
 def _axis_of(layout: Layout, node: fx.Node) -> int:
     """The channel axis as a spec writes it: 1 for maps and [B, C], -1 for the last axis of tokens."""
-    n = len(_shape(node))
+    n = len(shape_of(node))
     return -1 if layout.axis == n - 1 and layout.axis != 1 else layout.axis
 
 
