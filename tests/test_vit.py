@@ -332,6 +332,11 @@ def test_a_vit_at_a_size_widens_only_its_mlps_and_comes_back_exactly(small_spec,
         expected = model(x)
         heads = merge_at(cal, MergePoint("norm", method, Setting(1.0, 0.125), widths=widths)).model(x)
     assert all(_rel(h, expected) < 1e-4 for h in heads), widths
+    for space, why in (("blocks.0.attn.qk", "split into attention heads"),
+                       ("blocks.stream", "written by cls_token, pos_embed")):    # a width asked anyway
+        wider = ((space, cal.graph.space_size[space] + 4),)
+        with pytest.raises(ZipitError, match=why):
+            merge_at(cal, MergePoint("norm", method, Setting(1.0, 0.125), widths=wider))
 
 
 def test_cnn_stops_still_may_not_cut_a_stage():

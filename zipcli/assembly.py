@@ -50,10 +50,6 @@ def match(cal: Calibration, stop: str, method: str, setting: Setting,
             tied.setdefault(space.heads_with or name, []).append(name)
     found = {}
     for names in tied.values():
-        sized = [s for s in names if s in widths and widths[s] != cal.graph.space_size[s]]
-        if sized:
-            raise ZipitError(f"space {sized[0]!r} is split into attention heads: merging it at a size is not "
-                             "supported yet", "merge without --size")
         heads = cal.spec.space(names[0]).heads
         found.update(zip(names, match_heads([corr[s] for s in names], n, heads, method, **values)))
     return {name: found[name] if name in found else methods.match(method, corr[name], n, widths.get(name), **values)

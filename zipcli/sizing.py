@@ -58,15 +58,12 @@ def one_model(cal: Calibration) -> float:
 
 
 def resizable(cal: Calibration, stop: str) -> list[str]:
-    """The spaces merged at ``stop`` that can change width (not a slice of a concatenation, not a
-    space the stop cuts: its unmerge in the heads is at one model's width; not a space split into
-    attention heads: heads are matched whole, so a head is merged or not, never half widened; not a
-    space that loose tensors write, a class token or position embeddings, which keep one width)."""
+    """The spaces merged at ``stop`` that can change width (``zip.check_width``), less those the stop
+    cuts: their unmerge in the heads is at one model's width."""
     out = []
     plan = cal.plan(stop)
     for s in plan.merged_spaces:
-        space = cal.spec.space(s)
-        if s in plan.cut_spaces or space.heads is not None or space.parameters:
+        if s in plan.cut_spaces:
             continue
         try:
             check_width(cal.graph, s, cal.graph.space_size[s] + 1, len(cal.sources))

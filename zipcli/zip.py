@@ -159,13 +159,22 @@ class Zipper:
 
 
 def check_width(graph: ModelGraph, space: str, width: int, n_models: int) -> None:
-    """Refuse a merged width outside [O, n*O], or one other than O where a member of the space is a
-    slice of its module's channels (a concatenation: DenseNet), which cannot change width yet."""
+    """Refuse a merged width outside [O, n*O], or one other than O for a space that cannot change
+    width yet: a member is a slice of its module's channels (a concatenation: DenseNet), it is split
+    into attention heads (heads are matched whole, never half widened), or tensors used directly in
+    forward write it (a class token, position embeddings)."""
     o = graph.space_size[space]
     if not o <= width <= n_models * o:
         raise ValueError(f"space {space}: merged width {width} is outside [{o}, {n_models * o}]")
     if width == o:
         return
+    declared = graph.spec.space(space)
+    if declared.heads is not None:
+        raise ZipitError(f"space {space!r} is split into attention heads: merging it at a size is not supported yet",
+                         "merge without a size")
+    if declared.parameters:
+        raise ZipitError(f"space {space!r} is written by {', '.join(declared.parameters)} (tensors used directly "
+                         "in forward): merging it at a size is not supported yet", "merge without a size")
     for role, table, channels in (("writer", graph.writes, layers.out_channels),
                                   ("reader", graph.reads, layers.in_channels)):
         for module, entries in table.items():

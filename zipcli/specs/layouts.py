@@ -1,5 +1,6 @@
 """A tensor's channel layout, and how shape operations move it: the tracer's rules that need
-nothing but the operation's node and its input's layout (no walk over the graph, no state).
+nothing but the operation's node and its input's layout (no walk over the graph, no state of
+their own), and the union-find over channel variables that the tracer keeps.
 
 A rule returns the output's layout or raises a ``SpecError`` naming the operation and the layer:
 an operation the rules cannot reason about is refused, never guessed.
