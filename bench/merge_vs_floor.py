@@ -1,7 +1,7 @@
 """Benchmark 1 (and 3): whole `zipit merge` processes against the forward-pass floor, same run.
 
 Usage: python bench/merge_vs_floor.py [--arch resnet50] [--num-calib 256] [--batch-size 64]
-           [--calib DIR] [--zoo] [--plain] [--skip-default]
+           [--calib DIR] [--zoo] [--plain] [--skip-default] [--skip-fixed]
 
 Without --zoo, two randomly initialised models of --arch are written to a temporary folder (timing
 does not depend on the weights). With --zoo, the zoo's ResNet-20 pair is used. Prints the phase
@@ -49,6 +49,7 @@ def main() -> None:
     p.add_argument("--no-reset-bn", action="store_true")
     p.add_argument("--plain", action="store_true", help="also time the fixed-value merge with --refit none")
     p.add_argument("--skip-default", action="store_true", help="time only the fixed-value merges")
+    p.add_argument("--skip-fixed", action="store_true", help="skip the fixed-value merge with the refit")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as d:
         if a.zoo:
@@ -74,7 +75,8 @@ def main() -> None:
         fixed_cmd = merge_cmd + ["--method", "zipit", "--alpha", "0.3", "--beta", "0.125"]
         floor_wall, floor_mem, floor_out = timed(floor_cmd)
         runs = [] if a.skip_default else [("default", *timed(merge_cmd))]
-        runs.append(("fixed", *timed(fixed_cmd)))
+        if not a.skip_fixed:
+            runs.append(("fixed", *timed(fixed_cmd)))
         if a.plain:
             runs.append(("fixed, --refit none", *timed(fixed_cmd + ["--refit", "none"])))
     floor = json.loads(floor_out)

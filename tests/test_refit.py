@@ -84,6 +84,27 @@ def test_patches_at_sampled_positions_equal_the_unfolded_input():
         torch.testing.assert_close(CONV_ROWS.patches(conv, x, where, y.shape), full.transpose(1, 2))
 
 
+def test_positions_sampled_per_image_follow_the_layers_shape():
+    # A narrowing layer (O <= D) samples O / D of its positions; a widening one (a 1x1 expansion)
+    # samples D / O, not every one; never fewer than MIN_POSITIONS, never more than all.
+    count = zipcli.refit._position_count
+    narrow, widen = nn.Conv2d(64, 64, 3), nn.Conv2d(64, 256, 1, bias=False)
+    assert count(3136, narrow, 4096) == -(-3136 * 64 // 576)
+    assert count(3136, widen, 4096) == 3136 * 64 // 256
+    assert count(49, widen, 4096) == 49
+    assert count(3136, nn.Conv2d(256, 4, 1, bias=False), 4096) == zipcli.refit.MIN_POSITIONS
+    assert count(3136, nn.Conv2d(512, 64, 3), 2) == 3136       # two images: every position, for the guard
+
+
+def test_the_statistics_sum_the_same_products_as_a_plain_matrix_product():
+    torch.manual_seed(0)
+    layer = _Layer("l", nn.Linear(599, 3), (0,), None)
+    x, y = torch.randn(50, 600), torch.randn(50, 3)
+    layer.add(0, x, y)
+    torch.testing.assert_close(layer.gram[0], (x.T @ x).double(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(layer.cross[0], (y.T @ x).double())
+
+
 def _distance_to_sources(result, models, x) -> float:
     with torch.no_grad():
         return sum(float((h - m(x)).square().sum()) for h, m in zip(result.model(x), models))

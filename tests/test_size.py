@@ -395,3 +395,23 @@ def test_tuning_at_a_size_scores_every_candidate_at_the_same_widths(tmp_path, ca
     assert result.metadata["params"]["tuning"]["candidates"] and len(seen) > 2
     widths = tuple(sorted((s["space"], s["width"]) for s in result.metadata["spaces"]))
     assert set(seen) == {widths} and any(s["width"] > s["size"] for s in result.metadata["spaces"])
+
+
+def test_tuning_at_a_size_plans_with_the_sized_models_cost(tmp_path, calib32, monkeypatch):
+    # Each tuning candidate of a sized merge runs the wider model: its plan must count that cost,
+    # or a sized merge tunes for longer than the budget the default keeps to.
+    import zipcli.measured
+    from zipcli.choosing import decide
+
+    seen = []
+    real = zipcli.measured.plan_tuning
+    monkeypatch.setattr(zipcli.measured, "plan_tuning",
+                        lambda budget, source, merged, *a, **k: seen.append(merged) or real(budget, source, merged, *a, **k))
+    options = MergeOptions(stop="layer3", size=1.5, refit="none", batch_size=8)
+    cal = Calibration(list(resnet20_pair(tmp_path, calib32)), small_spec("resnet20"), calib32, options)
+    cal.measure("layer3")
+    seen.clear()
+    decision = decide(cal, options)
+    sized = cal.merged_macs("layer3", dict(decision.point.widths))
+    assert decision.point.widths and sized > cal.merged_macs("layer3")
+    assert seen and all(m == sized for m in seen)

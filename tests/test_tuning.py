@@ -166,9 +166,9 @@ def test_auto_never_reads_labels_or_held_out_images_for_correlations(pair, monke
     seen = {}
     real = zipcli.measured.collect_correlations
 
-    def spy(models, spec, plan, stream, device, report):
+    def spy(models, spec, plan, stream, device, report, within):
         seen["files"] = list(stream.files)
-        return real(models, spec, plan, stream, device, report)
+        return real(models, spec, plan, stream, device, report, within)
 
     monkeypatch.setattr(zipcli.measured, "collect_correlations", spy)
     result = merge(pair["paths"], pair["spec"], pair["calib"],

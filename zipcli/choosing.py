@@ -43,6 +43,16 @@ def candidate(cal: Calibration, stop: str, matches: dict[str, Match], bn_images:
     return lambda x, rows=None: torch.func.functional_call(template.eval(), state, (x,), {"rows": rows})
 
 
+def reads(cal: Calibration, options: MergeOptions) -> str:
+    """The method whose correlations the merge of ``options`` will read: the matching searched, but
+    permute where auto must choose it before any image is read (no held-out image can be scored
+    within the tuning budget, or none was held out), so that the calibration measures only what
+    permute reads."""
+    if options.method == AUTO and (cal.over_budget or not cal.held_files):
+        return "permute"
+    return options.matching
+
+
 def decide(cal: Calibration, options: MergeOptions) -> Decision:
     """The point for ``options``: theirs where they fix everything; else the best setting within the
     tuning budget on held-out images, and for auto, zipit's best only if the held-out evidence that
@@ -56,11 +66,11 @@ def decide(cal: Calibration, options: MergeOptions) -> Decision:
         return Decision(point(o.fixed_setting, o.method))
     t = time.perf_counter()
     settings = candidate_settings(len(cal.sources), o.alpha, o.beta)
-    plan = cal.tuning_plan(o, stop, available=HOLDOUT if cal.over_budget else len(cal.held_files))
+    plan = cal.tuning_plan(o, stop, available=HOLDOUT if cal.over_budget else len(cal.held_files), widths=widths)
     held = cal.held_out(plan.looks[0]) if plan.held else None      # the rest only if the comparison needs it
     more = lambda: cal.held_out(plan.held)                          # noqa: E731
     if held is not None and len(held.images) < plan.looks[0]:       # some were unreadable
-        plan = cal.tuning_plan(o, stop, available=len(held.images))
+        plan = cal.tuning_plan(o, stop, available=len(held.images), widths=widths)
         held = held.first(plan.held) if plan.held else None
         more = lambda: held                                          # noqa: E731
     if held is None and cal.held_files and plan.held:

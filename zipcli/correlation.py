@@ -12,6 +12,10 @@ sums of x x^T, of x and the sample count together. Only the upper block
 triangle is multiplied (about half the work of a full product), and NaN or Inf
 anywhere shows up in the small Gram matrix, so the large activations are read
 exactly once.
+
+A method that reads only how features of different models correlate (permute) gets
+``within=False``: the blocks between models, each feature's own sums, and no
+products within one model, half the products for two models.
 """
 from __future__ import annotations
 
@@ -45,8 +49,9 @@ def symmetric_gram(x: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
 class CorrelationAccumulator:
     """Running float64 sums over the concatenated features of n models for one feature space."""
 
-    def __init__(self, sizes: list[int], device="cpu"):
+    def __init__(self, sizes: list[int], device="cpu", within: bool = True):
         self.sizes = list(sizes)
+        self.within = within            # False: no products of two features of one model (see the module)
         self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
         self.num_features = sum(self.sizes)
         self.device = device
@@ -80,11 +85,27 @@ class CorrelationAccumulator:
     def end(self) -> bool:
         """Fold the chunk into the running sums; False if it held NaN or Inf."""
         assert len(self.filled) == len(self.sizes), "every model must add its features"
-        gram = symmetric_gram(self.buffer.T)
+        gram = symmetric_gram(self.buffer.T) if self.within else self._between_models()
         if not torch.isfinite(gram.diagonal()).all():     # a NaN or Inf anywhere shows in its sum of squares
             return False
         self.moments += gram
         return True
+
+    def _between_models(self) -> torch.Tensor:
+        """The chunk's sums of products as ``symmetric_gram`` gives them, less the products of two
+        features of one model (left 0): the blocks between models, squares, sums, the count."""
+        x, f = self.buffer, self.num_features
+        gram = x.new_zeros(f + 1, f + 1)
+        for i, (lo, c) in enumerate(zip(self.offsets, self.sizes)):
+            for lo2, c2 in zip(self.offsets[i + 1:], self.sizes[i + 1:]):
+                block = x[:, lo:lo + c].T @ x[:, lo2:lo2 + c2]
+                gram[lo:lo + c, lo2:lo2 + c2] = block
+                gram[lo2:lo2 + c2, lo:lo + c] = block.T
+        features = x[:, :f]
+        gram.diagonal()[:f] = torch.linalg.vector_norm(features, dim=0).square()
+        gram[:f, f] = gram[f, :f] = features.sum(0)
+        gram[f, f] = len(x)
+        return gram
 
     def update(self, features: list[torch.Tensor]) -> bool:
         """One chunk in one call: ``features[i]`` is model i's ``[B, C, ...]`` activation."""
@@ -111,9 +132,15 @@ class CorrelationAccumulator:
         self.shift = shift.to(self.shift.dtype).to(self.shift.device)
 
     def correlation(self) -> torch.Tensor:
+        """Pearson correlation of all features; without ``within``, 0 between two features of one
+        model (never measured)."""
         cov = self.covariance()
         raw_mean = self.moments[:-1, -1] / self.moments[-1, -1] + self.shift.double()
-        return correlation_from_covariance(cov, cov.diagonal() + raw_mean ** 2)
+        corr = correlation_from_covariance(cov, cov.diagonal() + raw_mean ** 2)
+        if not self.within:
+            for lo, c in zip(self.offsets, self.sizes):
+                corr[lo:lo + c, lo:lo + c] = torch.eye(c, dtype=corr.dtype, device=corr.device)
+        return corr
 
 
 def correlation_from_covariance(cov: torch.Tensor, second_moment: torch.Tensor | None = None) -> torch.Tensor:
@@ -137,8 +164,9 @@ CHUNK_BYTES = 256 * 2**20   # bound on the activations held for one chunk of ima
 
 @torch.no_grad()
 def collect_correlations(models: list[nn.Module], spec: Spec, plan: StopPlan, stream: ImageStream,
-                         device: str, report) -> dict[str, CorrelationAccumulator]:
-    """Stream the images once through all models; one accumulator per merged space.
+                         device: str, report, within: bool = True) -> dict[str, CorrelationAccumulator]:
+    """Stream the images once through all models; one accumulator per merged space (``within``:
+    see ``CorrelationAccumulator``).
 
     Each batch is cut into chunks small enough that the observed activations of
     every space fit in ``CHUNK_BYTES``, so memory does not grow with the batch
@@ -163,7 +191,7 @@ def collect_correlations(models: list[nn.Module], spec: Spec, plan: StopPlan, st
                                      f"{plan.sizes[space.name]} channels",
                                      "fix the spec's observe point ('zipit specs check' tests it)")
                 if space.name not in acc:
-                    acc[space.name] = CorrelationAccumulator([x.shape[1]] * len(models), device=device)
+                    acc[space.name] = CorrelationAccumulator([x.shape[1]] * len(models), device, within)
                 if state["model"] == 0:
                     acc[space.name].begin(x.numel() // x.shape[1])
                 acc[space.name].add_model(state["model"], x)

@@ -59,6 +59,7 @@ class Calibration:
         self.source_macs = sum(count_macs(s.model, spec.input.shape) for s in self.sources)
         self._templates: dict[tuple, tuple[MergedModel, int]] = {}   # by (stop, widths)
         self.correlations: dict[str, np.ndarray] = {}
+        self._between_only: set[str] = set()       # spaces whose correlations within a model were not measured
         self._split_images(list_images(calib), hold_out)
         self._warned_skips = 0
         self._held: HeldOut | None = None          # every held-out image read so far, in file order
@@ -136,17 +137,22 @@ class Calibration:
     def measure(self, stop: str, method: str = "zipit") -> None:
         """Stream the (fit) calibration images once through every model: one correlation per space
         merged at ``stop``, if ``method`` needs them (plain averaging does not: its images are read
-        by the BatchNorm reset only). Correlations measured for a deeper stop serve a shallower
-        one: a space's correlation does not depend on where the trunk is cut."""
-        plan = self.plan(stop)
+        by the BatchNorm reset only), and within each model only if it reads them (permute does not).
+        Correlations measured for a deeper stop serve a shallower one: a space's correlation does
+        not depend on where the trunk is cut."""
+        plan, wanted = self.plan(stop), methods.get(method)
         t = time.perf_counter()
-        if not methods.get(method).needs_correlation or all(n in self.correlations for n in plan.merged_spaces):
+        within = wanted.reads_within
+        if not wanted.needs_correlation or all(n in self.correlations and not (within and n in self._between_only)
+                                               for n in plan.merged_spaces):
             self.timings.setdefault("calibration", time.perf_counter() - t)
             return
         acc = self.ranks.together(lambda: collect_correlations(
-            [s.model for s in self.sources], self.spec, plan, self.shard, self.options.device, self.report))
+            [s.model for s in self.sources], self.spec, plan, self.shard, self.options.device, self.report, within))
         sum_over_ranks(acc, plan.merged_spaces, self.ranks)
         self.correlations.update({name: acc.pop(name).correlation().cpu().numpy() for name in plan.merged_spaces})
+        self._between_only = (self._between_only | set(plan.merged_spaces)) if not within else \
+            self._between_only - set(plan.merged_spaces)
         self.images_read = True
         self.warn_skipped()
         self.timings["calibration"] = self.timings.get("calibration", 0.0) + time.perf_counter() - t
@@ -199,11 +205,12 @@ class Calibration:
         return 0 if self._held is None else len(self._held.images)
 
     def tuning_plan(self, options: MergeOptions, stop: str, fit_images: int | None = None,
-                    available: int | None = None) -> TuningPlan:
-        """What tuning may score at ``stop``, from multiply-accumulates: a budget that grows with
-        the calibration pass, held-out images first (the evidence against permute), then search."""
+                    available: int | None = None, widths: dict[str, int] | None = None) -> TuningPlan:
+        """What tuning may score at ``stop`` (its spaces of ``widths`` widened: each candidate costs
+        the sized model's forward), from multiply-accumulates: a budget that grows with the
+        calibration pass, held-out images first (the evidence against permute), then search."""
         fit = len(self.stream) if fit_images is None else fit_images
-        return plan_tuning(tuning_budget(fit * self.source_macs), self.source_macs, self.merged_macs(stop),
+        return plan_tuning(tuning_budget(fit * self.source_macs), self.source_macs, self.merged_macs(stop, widths),
                            HOLDOUT if available is None else available,
                            screened_count(candidate_settings(len(self.sources), options.alpha, options.beta)),
                            compare=options.method == AUTO)

@@ -23,7 +23,7 @@ from . import methods
 from .assembly import build, match
 from .bn import BatchStatistics, reset_batchnorm
 from .card import card_files
-from .choosing import Decision, decide
+from .choosing import Decision, decide, reads
 from .distributed import SINGLE, Ranks
 from .measured import Calibration
 from .merged import MergedModel, merge_metadata, save_merged
@@ -59,7 +59,7 @@ def merge(checkpoints: list[str | Path], spec, calib: str | Path, options: Merge
     this and gets the same result; let rank 0 alone save it."""
     options = options or MergeOptions()
     cal = Calibration(checkpoints, spec, calib, options, report, ranks=ranks)
-    cal.measure(options.stop or spec.default_stop, options.matching)
+    cal.measure(options.stop or spec.default_stop, reads(cal, options))
     result = merge_at(cal, decide(cal, options))
     for line in decision_lines(result.metadata["params"]):
         cal.report.info(line)

@@ -33,6 +33,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .bn import BatchStatistics
+from .correlation import symmetric_gram
 from .distributed import SINGLE, Ranks
 from .methods import Match
 from .report import Reporter, SilentReporter
@@ -78,7 +79,7 @@ class _Layer:
             self.gram = [x.new_zeros(d, d, dtype=torch.float64) for _ in range(2)]
             self.cross = [x.new_zeros(o, d, dtype=torch.float64) for _ in range(2)]
             self.energy = [x.new_zeros((), dtype=torch.float64) for _ in range(2)]
-        self.gram[fold] += (x.T @ x).double()
+        self.gram[fold] += symmetric_gram(x.T).double()
         self.cross[fold] += (y.T @ x).double()
         self.energy[fold] += torch.linalg.vector_norm(y).double() ** 2
         self.samples += len(x)
@@ -115,13 +116,18 @@ def plan_layers(graph: ModelGraph, plan: StopPlan, merged: nn.Module, matches: d
 
 
 def _position_count(length: int, module: nn.Module, images: int) -> int:
-    """Output positions sampled per image: about out channels / unknowns of them (so the statistics
-    cost about what the layer does), at least ``MIN_POSITIONS``, and at least what ``images``
-    images need to reach ``MIN_SAMPLES`` per unknown (few images are sampled more densely); at
-    most all."""
+    """Output positions sampled per image: a share min(O, D) / max(O, D) of them, for O output
+    channels and D unknowns per row, at least ``MIN_POSITIONS``, and at least what ``images`` images
+    need to reach ``MIN_SAMPLES`` per unknown (few images are sampled more densely); at most all.
+
+    A narrowing layer (O <= D) takes O / D of its positions, so its statistics (rows x D x D) cost
+    about what the layer does. A widening one (O > D, e.g. a bottleneck's 1x1 expansion) would take
+    every position by that rule, though its few unknowns need far fewer rows, and each row it keeps
+    holds O target values: D / O of them keeps its stored targets at the size of its input."""
     d = layers.refit_rows(module).unknowns(module)
+    o = layers.out_channels(module)
     unknowns = d + (module.bias is not None)
-    return min(length, max(MIN_POSITIONS, -(-length * layers.out_channels(module) // d),
+    return min(length, max(MIN_POSITIONS, -(-length * min(o, d) // max(o, d)),
                            -(-MIN_SAMPLES * unknowns // max(1, images))))
 
 

@@ -138,12 +138,15 @@ class Method:
     a grid are ``tunable``: the default may choose them on held-out images when left open.
     ``extra_check(values, n_models)`` refuses what ranges cannot (before any image is read).
     A ``partial`` method also takes ``width`` (O <= W <= n*O: merge only the best-matched features).
+    Without ``reads_within``, ``match`` reads only how features of different models correlate, and
+    the calibration leaves out the products within one model.
     """
 
     name: str
     summary: str                                       # one line for --help and the docs
     match: Callable[..., Match]
     needs_correlation: bool = True
+    reads_within: bool = True        # reads correlations between two features of one model
     params: tuple[Param, ...] = ()
     partial: bool = False            # ``match`` takes ``width=W``: keeps W - O features apart (the size dial)
     extra_check: Callable[[dict, int], None] = lambda values, n_models: None

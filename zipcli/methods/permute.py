@@ -57,4 +57,5 @@ def _keep_apart(assign: np.ndarray, corr: np.ndarray, k: int) -> None:
 
 
 METHOD = Method("permute", "match every model one-to-one onto the first (a permutation per model)",
-                lambda corr, n_models, width=None: match_permute(corr, n_models, width), partial=True)
+                lambda corr, n_models, width=None: match_permute(corr, n_models, width), partial=True,
+                reads_within=False)
