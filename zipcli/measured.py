@@ -151,8 +151,10 @@ class Calibration:
             [s.model for s in self.sources], self.spec, plan, self.shard, self.options.device, self.report, within))
         sum_over_ranks(acc, plan.merged_spaces, self.ranks)
         self.correlations.update({name: acc.pop(name).correlation().cpu().numpy() for name in plan.merged_spaces})
-        self._between_only = (self._between_only | set(plan.merged_spaces)) if not within else \
-            self._between_only - set(plan.merged_spaces)
+        if within:
+            self._between_only -= set(plan.merged_spaces)
+        else:
+            self._between_only |= set(plan.merged_spaces)
         self.images_read = True
         self.warn_skipped()
         self.timings["calibration"] = self.timings.get("calibration", 0.0) + time.perf_counter() - t
